@@ -1,0 +1,159 @@
+"""Features: the units of a transformer that icp_lens scores, intervenes on and prunes.
+
+A *feature* is one unit at one TransformerLens hook point:
+
+==========  ================================  =======================  ====================
+kind        hook point                        activation shape         the feature is
+==========  ================================  =======================  ====================
+``neuron``  ``blocks.L.mlp.hook_post``        ``[batch, pos, d_mlp]``  one neuron (scalar)
+``head``    ``blocks.L.attn.hook_z``          ``[batch, pos, h, d]``   one head's output z
+``resid``   ``blocks.L.hook_resid_pre``       ``[batch, pos, d_model]``one residual dim
+``value``   ``blocks.L.attn.hook_v``          ``[batch, pos, h_kv, d]``one head's value v
+==========  ================================  =======================  ====================
+
+In every case the feature is a slice along dimension 2 of the activation: a scalar per
+position for neurons and residual dimensions, a ``d_head`` vector per position for heads
+and value vectors. ``Feature.select`` takes that slice, so interventions are written once
+for all kinds. For grouped-query attention models the ``value`` index runs over the
+key/value heads (``n_key_value_heads``), the ``head`` index over the query heads.
+
+Features are frozen, hashable and ordered, so they can key dictionaries, live in sets and
+be sorted into a stable (kind, layer, index) order. ``str(feature)`` is a compact label
+(``"neuron L1.37"``) that ``Feature.parse`` reads back, which is how score tables and
+prune plans store them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, get_args
+
+from jaxtyping import Float
+from torch import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from icp_lens.model import HookedModel
+
+__all__ = [
+    "FeatureKind",
+    "FEATURE_KINDS",
+    "Feature",
+    "hook_name_for",
+    "feature_count",
+    "enumerate_features",
+    "validate_feature",
+]
+
+FeatureKind = Literal["neuron", "head", "resid", "value"]
+FEATURE_KINDS: tuple[str, ...] = get_args(FeatureKind)
+
+_HOOK_TEMPLATES: dict[str, str] = {
+    "neuron": "blocks.{layer}.mlp.hook_post",
+    "head": "blocks.{layer}.attn.hook_z",
+    "resid": "blocks.{layer}.hook_resid_pre",
+    "value": "blocks.{layer}.attn.hook_v",
+}
+_LABEL = re.compile(r"^\s*(?P<kind>[a-z]+)\s+L(?P<layer>\d+)\.(?P<index>\d+)\s*$")
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in FEATURE_KINDS:
+        close = difflib.get_close_matches(str(kind), FEATURE_KINDS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"Unknown feature kind {kind!r}; valid kinds: {list(FEATURE_KINDS)}.{hint}")
+
+
+def hook_name_for(kind: FeatureKind, layer: int) -> str:
+    """The TransformerLens hook name that carries features of ``kind`` in ``layer``."""
+    _check_kind(kind)
+    return _HOOK_TEMPLATES[kind].format(layer=layer)
+
+
+@dataclass(frozen=True, order=True)
+class Feature:
+    """One unit at one hook point: ``Feature("neuron", layer=1, index=37)``."""
+
+    kind: FeatureKind
+    layer: int
+    index: int
+
+    def __post_init__(self) -> None:
+        _check_kind(self.kind)
+        for name in ("layer", "index"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"Feature {name} must be a non-negative int, got {value!r}")
+
+    @property
+    def hook_name(self) -> str:
+        """The hook point whose activation holds this feature."""
+        return hook_name_for(self.kind, self.layer)
+
+    def select(self, activation: Float[Tensor, "batch pos n ..."]) -> Float[Tensor, "batch pos ..."]:
+        """This feature's slice of its hook's activation (a view, dimension 2 removed)."""
+        return activation.select(2, self.index)
+
+    def __str__(self) -> str:
+        return f"{self.kind} L{self.layer}.{self.index}"
+
+    @classmethod
+    def parse(cls, label: str) -> Feature:
+        """Read back ``str(feature)``, e.g. ``Feature.parse("head L0.3")``."""
+        match = _LABEL.match(label)
+        if match is None:
+            raise ValueError(
+                f"Cannot parse feature label {label!r}; expected '<kind> L<layer>.<index>' "
+                f"with kind in {list(FEATURE_KINDS)}, e.g. 'neuron L1.37'."
+            )
+        return cls(match["kind"], int(match["layer"]), int(match["index"]))  # type: ignore[arg-type]
+
+
+def feature_count(model: HookedModel, kind: FeatureKind) -> int:
+    """How many features of ``kind`` one layer of ``model`` has."""
+    from icp_lens.model import model_dims
+
+    _check_kind(kind)
+    dims = model_dims(model)
+    return {
+        "neuron": dims.d_mlp,
+        "head": dims.n_heads,
+        "resid": dims.d_model,
+        "value": dims.n_kv_heads,
+    }[kind]
+
+
+def validate_feature(model: HookedModel, feature: Feature) -> None:
+    """Raise ``IndexError`` naming the valid range if ``feature`` does not exist in ``model``."""
+    from icp_lens.model import model_dims
+
+    n_layers = model_dims(model).n_layers
+    if feature.layer >= n_layers:
+        raise IndexError(f"{feature}: layer {feature.layer} out of range; valid layers 0..{n_layers - 1}")
+    count = feature_count(model, feature.kind)
+    if feature.index >= count:
+        raise IndexError(f"{feature}: index {feature.index} out of range; valid {feature.kind} indices 0..{count - 1}")
+
+
+def enumerate_features(
+    model: HookedModel,
+    kind: FeatureKind,
+    *,
+    layers: int | list[int] | range | None = None,
+) -> list[Feature]:
+    """All features of ``kind`` in ``model``, optionally restricted to some layers, in order."""
+    from icp_lens.model import model_dims
+
+    n_layers = model_dims(model).n_layers
+    if layers is None:
+        layer_list = list(range(n_layers))
+    elif isinstance(layers, int):
+        layer_list = [layers]
+    else:
+        layer_list = list(layers)
+    for layer in layer_list:
+        if not 0 <= layer < n_layers:
+            raise IndexError(f"layer {layer} out of range; valid layers 0..{n_layers - 1}")
+    count = feature_count(model, kind)
+    return [Feature(kind, layer, i) for layer in layer_list for i in range(count)]

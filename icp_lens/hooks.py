@@ -1,0 +1,123 @@
+"""The only module that touches hook state.
+
+Every icp_lens intervention, cache and gradient capture goes through ``hooked``, a context
+manager that adds hook functions to named hook points on entry and removes exactly those
+(and no others) on exit, in a ``try/finally``: an exception inside the block, or a
+``KeyboardInterrupt`` in a notebook, leaves no hook behind, and nested contexts remove
+only their own hooks. This guards against the classic TransformerLens failure where a
+crashed ``run_with_hooks`` or ``model.hooks()`` leaves hooks that silently corrupt every
+later forward pass.
+
+Hooks are added through ``HookPoint.add_hook`` so that TransformerBridge's hook
+conversions apply (for example ``blocks.L.attn.hook_z`` is reshaped to
+``[batch, pos, n_heads, d_head]`` on the bridge), and are removed by their own handle,
+which works on TransformerLens 3.x (``add_hook`` returns nothing) and 4.x alike.
+
+A hook function takes ``(activation, hook)`` and returns a replacement activation or
+``None`` (read only), exactly as in TransformerLens.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+from torch import Tensor
+
+from icp_lens.model import HookedModel, resolve_hook_point
+
+__all__ = ["HookFn", "hooked", "capturing", "active_hook_count"]
+
+HookFn = Callable[..., "Tensor | None"]
+Direction = Literal["fwd", "bwd"]
+
+
+def _handles(point: Any, direction: Direction) -> list[Any]:
+    return point.fwd_hooks if direction == "fwd" else point.bwd_hooks
+
+
+def _add(model: HookedModel, name: str, fn: HookFn, direction: Direction) -> tuple[Any, Direction, Any]:
+    point = resolve_hook_point(model, name)
+    checker = getattr(model, "check_hooks_to_add", None)  # raises on hook points gated off
+    if checker is not None:
+        if "hook_point" in inspect.signature(checker).parameters:
+            checker(point, name, fn, dir=direction)
+        else:  # TransformerBridge in TransformerLens 3.x
+            checker(name)
+    before = {id(h) for h in _handles(point, direction)}
+    returned = point.add_hook(fn, dir=direction)
+    if returned is not None:
+        return point, direction, returned
+    new = [h for h in _handles(point, direction) if id(h) not in before]
+    if len(new) != 1:  # pragma: no cover - would mean TransformerLens changed add_hook
+        raise RuntimeError(f"Could not identify the hook handle added to {name!r}")
+    return point, direction, new[0]
+
+
+def _remove(point: Any, direction: Direction, handle: Any) -> None:
+    handle.hook.remove()
+    handles = _handles(point, direction)
+    for i, h in enumerate(handles):
+        if h is handle:
+            del handles[i]
+            break
+
+
+@contextmanager
+def hooked(
+    model: HookedModel,
+    fwd_hooks: Sequence[tuple[str, HookFn]] = (),
+    bwd_hooks: Sequence[tuple[str, HookFn]] = (),
+) -> Iterator[HookedModel]:
+    """Add hooks for the duration of a ``with`` block; remove exactly these on exit.
+
+    >>> with hooked(model, [("blocks.0.mlp.hook_post", lambda act, hook: act * 0)]):
+    ...     logits = model(tokens)
+    """
+    added: list[tuple[Any, Direction, Any]] = []
+    try:
+        for name, fn in fwd_hooks:
+            added.append(_add(model, name, fn, "fwd"))
+        for name, fn in bwd_hooks:
+            added.append(_add(model, name, fn, "bwd"))
+        yield model
+    finally:
+        for point, direction, handle in reversed(added):
+            _remove(point, direction, handle)
+
+
+@contextmanager
+def capturing(
+    model: HookedModel,
+    names: Sequence[str],
+    *,
+    detach: bool = True,
+) -> Iterator[dict[str, Tensor]]:
+    """Record the activations at ``names`` during forward passes in the block.
+
+    Yields a dict that is filled as the model runs (each forward overwrites it).
+    """
+    store: dict[str, Tensor] = {}
+
+    def make(name: str) -> HookFn:
+        def record(activation: Tensor, hook: Any) -> None:
+            store[name] = activation.detach() if detach else activation
+
+        return record
+
+    with hooked(model, [(name, make(name)) for name in dict.fromkeys(names)]):
+        yield store
+
+
+def active_hook_count(model: HookedModel) -> int:
+    """How many hook functions are attached to the model's hook points (for hygiene checks).
+
+    Counts both TransformerLens's handle lists and PyTorch's own hook registries, so a
+    handle that was dropped from one but not the other is still counted.
+    """
+    points = {id(p): p for p in model.hook_dict.values()}.values()
+    return sum(
+        max(len(p.fwd_hooks), len(p._forward_hooks)) + max(len(p.bwd_hooks), len(p._backward_hooks)) for p in points
+    )
