@@ -1,0 +1,235 @@
+"""Probe sets: the prompts on which spurious features are measured.
+
+A probe file is JSON Lines, one example per line::
+
+    {"prompt": "The nurse said that", "answer": " she", "alternatives": [" he"],
+     "spurious_counterfactual": "The carpenter said that",
+     "causal_counterfactual": "The man said that", "causal_answer": " he",
+     "group": "female-stereotyped"}
+
+- ``prompt``: the text the model reads; its next token should be ``answer``.
+- ``answer``: the right next token, written exactly as it is appended after the
+  prompt (``" she"`` with a leading space for GPT-2-style tokenizers).
+- ``alternatives``: the wrong next tokens it competes with (at least one; the answer
+  is not among them).
+- ``spurious_counterfactual`` (optional): the prompt with only the spurious attribute
+  changed; the right answer stays ``answer``.
+- ``causal_counterfactual`` (optional): the prompt with the true cause changed; the
+  right answer becomes ``causal_answer`` (which requires a causal counterfactual).
+- ``group`` (optional): a label for group-wise metrics (e.g. worst-group accuracy).
+
+Every reader error is a :class:`ProbeFormatError` naming the file, the 1-based line
+and what is wrong. With a tokenizer, :func:`read_probes` also checks that every answer
+is exactly one token (``tokenizer(text, add_special_tokens=False)``), since metrics
+compare next-token logits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = [
+    "ProbeExample",
+    "ProbeFormatError",
+    "FIELDS",
+    "REQUIRED_FIELDS",
+    "read_probes",
+    "write_probes",
+    "probes_to_frame",
+    "probes_from_frame",
+    "single_token_id",
+]
+
+REQUIRED_FIELDS: tuple[str, ...] = ("prompt", "answer", "alternatives")
+_OPTIONAL_FIELDS: tuple[str, ...] = (
+    "spurious_counterfactual",
+    "causal_counterfactual",
+    "causal_answer",
+    "group",
+)
+FIELDS: tuple[str, ...] = REQUIRED_FIELDS + _OPTIONAL_FIELDS
+
+
+class ProbeFormatError(ValueError):
+    """A probe example or file that does not follow the probe format."""
+
+
+def _where(path: str | Path | None, line: int | None) -> str:
+    if path is None and line is None:
+        return ""
+    place = str(path) if path is not None else "<probes>"
+    return f"{place}, line {line}: " if line is not None else f"{place}: "
+
+
+@dataclass(frozen=True)
+class ProbeExample:
+    """One probe: after ``prompt`` the model should say ``answer``, not ``alternatives``."""
+
+    prompt: str
+    answer: str
+    alternatives: tuple[str, ...]
+    spurious_counterfactual: str | None = None
+    causal_counterfactual: str | None = None
+    causal_answer: str | None = None
+    group: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.alternatives, list):
+            object.__setattr__(self, "alternatives", tuple(self.alternatives))
+        problem = _problem(self)
+        if problem is not None:
+            raise ProbeFormatError(problem)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; optional fields that are ``None`` are omitted."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            out[f.name] = list(value) if f.name == "alternatives" else value
+        return out
+
+    @classmethod
+    def from_dict(
+        cls, d: Mapping[str, Any], *, line: int | None = None, path: str | Path | None = None
+    ) -> ProbeExample:
+        """Validate and build an example; errors name ``path`` and ``line`` when given."""
+        where = _where(path, line)
+        if not isinstance(d, Mapping):
+            raise ProbeFormatError(f"{where}expected a JSON object, got {type(d).__name__}")
+        unknown = sorted(set(d) - set(FIELDS))
+        if unknown:
+            raise ProbeFormatError(f"{where}unknown field(s) {unknown}; valid fields: {list(FIELDS)}")
+        missing = [name for name in REQUIRED_FIELDS if name not in d]
+        if missing:
+            raise ProbeFormatError(f"{where}missing required field(s) {missing}")
+        for name in FIELDS:
+            value = d.get(name)
+            if name == "alternatives":
+                ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+                if not ok:
+                    raise ProbeFormatError(f"{where}field 'alternatives' must be a list of strings, got {value!r}")
+            elif value is not None and not isinstance(value, str):
+                raise ProbeFormatError(f"{where}field {name!r} must be a string, got {type(value).__name__} {value!r}")
+            elif value is None and name in REQUIRED_FIELDS:
+                raise ProbeFormatError(f"{where}field {name!r} must be a string, got null")
+        try:
+            return cls(**{name: d.get(name) for name in FIELDS})
+        except ProbeFormatError as err:
+            raise ProbeFormatError(f"{where}{err}") from None
+
+
+def _problem(ex: ProbeExample) -> str | None:
+    """What is wrong with an example's contents, or ``None``."""
+    if not isinstance(ex.prompt, str) or not isinstance(ex.answer, str):
+        return "'prompt' and 'answer' must be strings"
+    if not isinstance(ex.alternatives, tuple) or not all(isinstance(a, str) for a in ex.alternatives):
+        return f"'alternatives' must be strings, got {ex.alternatives!r}"
+    if len(ex.alternatives) == 0:
+        return "'alternatives' is empty; give at least one wrong answer"
+    if ex.answer in ex.alternatives:
+        return f"answer {ex.answer!r} is listed among alternatives {list(ex.alternatives)}"
+    if ex.causal_answer is not None and ex.causal_counterfactual is None:
+        return "'causal_answer' is given without 'causal_counterfactual'"
+    return None
+
+
+def single_token_id(tokenizer: Any, text: str) -> int:
+    """The id of ``text`` as one token appended after a prompt.
+
+    ``text`` is tokenized as given (``add_special_tokens=False``), so write it the way
+    it follows the prompt (``" she"`` for GPT-2-style tokenizers). Raises
+    ``ValueError`` (showing the tokens) unless it is exactly one token that is not the
+    unknown token.
+    """
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if len(ids) != 1:
+        tokens = tokenizer.convert_ids_to_tokens(ids)
+        raise ValueError(f"{text!r} is not a single token: it tokenizes to {len(ids)} tokens {tokens} (ids {ids})")
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and ids[0] == unk and text.strip() != tokenizer.unk_token:
+        raise ValueError(f"{text!r} is not in the vocabulary: it tokenizes to the unknown token")
+    return int(ids[0])
+
+
+def read_probes(path: str | Path, *, tokenizer: Any = None) -> list[ProbeExample]:
+    """Read and validate a probe JSONL file (blank lines are skipped).
+
+    With ``tokenizer``, every ``answer``, alternative and ``causal_answer`` must be
+    exactly one token. Raises :class:`ProbeFormatError` naming the file and line.
+    """
+    path = Path(path)
+    examples: list[ProbeExample] = []
+    cache: dict[str, str | None] = {}
+    with path.open(encoding="utf-8") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except json.JSONDecodeError as err:
+                raise ProbeFormatError(f"{path}, line {lineno}: invalid JSON: {err}") from None
+            ex = ProbeExample.from_dict(record, line=lineno, path=path)
+            if tokenizer is not None:
+                for text in (ex.answer, *ex.alternatives, ex.causal_answer):
+                    if text is None:
+                        continue
+                    if text not in cache:
+                        try:
+                            single_token_id(tokenizer, text)
+                            cache[text] = None
+                        except ValueError as err:
+                            cache[text] = str(err)
+                    if cache[text] is not None:
+                        raise ProbeFormatError(f"{path}, line {lineno}: {cache[text]}")
+            examples.append(ex)
+    if not examples:
+        raise ProbeFormatError(f"{path}: the probe file is empty")
+    return examples
+
+
+def write_probes(path: str | Path, examples: Iterable[ProbeExample]) -> Path:
+    """Write examples as JSON Lines (UTF-8, one object per line); returns the path."""
+    path = Path(path)
+    lines = [json.dumps(ex.to_dict(), ensure_ascii=False) for ex in examples]
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def probes_to_frame(examples: Sequence[ProbeExample]) -> pd.DataFrame:
+    """One row per example, one column per field (``alternatives`` holds lists)."""
+    import pandas as pd
+
+    rows = []
+    for ex in examples:
+        row = {name: getattr(ex, name) for name in FIELDS}
+        row["alternatives"] = list(ex.alternatives)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=list(FIELDS))
+
+
+def probes_from_frame(df: pd.DataFrame) -> list[ProbeExample]:
+    """Examples from a frame with at least the required columns (None/NaN = missing)."""
+    examples = []
+    for i, (index, row) in enumerate(df.iterrows(), start=1):
+        record = {}
+        for key, value in row.items():
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                continue
+            if key == "alternatives" and not isinstance(value, str):
+                value = list(value)
+            record[key] = value
+        try:
+            examples.append(ProbeExample.from_dict(record))
+        except ProbeFormatError as err:
+            raise ProbeFormatError(f"DataFrame row {i} (index {index!r}): {err}") from None
+    return examples

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from icp_lens.cli import main
+
+pytestmark = pytest.mark.slow
+
+SPLITS = ["train", "probe", "test_id", "test_balanced", "test_no_shortcut"]
+
+
+@pytest.fixture(scope="module")
+def organism_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cli") / "org"
+
+
+def test_organism_command_writes_checkpoint_splits_and_report(organism_out: Path, capsys) -> None:
+    out = organism_out
+    assert main(["organism", "--out", str(out), "--seed", "0", "--arch", "gpt2", "--json", "--strict"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["passed"] is True
+    assert payload["spec"] == {"variant": "lexical", "arch": "gpt2", "seed": 0, "steps": None}
+    report = payload["report"]
+    assert report["id_accuracy"] >= 0.95 and report["balanced_accuracy"] <= 0.65
+    assert report["worst_group_accuracy"] <= 0.25 and report["no_shortcut_accuracy"] >= 0.85
+    assert report["oracle_balanced_accuracy"] >= 0.85
+    assert (out / "model" / "config.json").is_file() and (out / "model" / "model.safetensors").is_file()
+    assert all((out / f"{split}.jsonl").is_file() for split in SPLITS)
+    # a second call reuses the organism and prints the human-readable table
+    assert main(["organism", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "all acceptance checks passed" in text and "worst_group_accuracy" in text
+
+
+def test_checkpoint_loads_in_a_python_without_icp_lens(organism_out: Path) -> None:
+    out = organism_out
+    assert main(["organism", "--out", str(out)]) == 0
+    code = (
+        "import sys; sys.modules['icp_lens'] = None\n"  # importing icp_lens would now fail
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(out / 'model')!r})\n"
+        f"t = AutoTokenizer.from_pretrained({str(out / 'model')!r})\n"
+        "ids = t('the movie was great wow ->', return_tensors='pt').input_ids\n"
+        "print(t.convert_ids_to_tokens([int(m(ids).logits[0, -1].argmax())])[0])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "pos"
+
+
+def test_bad_arguments_fail_with_the_valid_choices(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["organism", "--out", "x", "--arch", "bert"])
+    assert "invalid choice: 'bert' (choose from gpt2, llama, neox)" in capsys.readouterr().err.replace(
+        "'gpt2'", "gpt2"
+    ).replace("'llama'", "llama").replace("'neox'", "neox")
+
+
+def test_demo_prints_the_default_organism_report(capsys) -> None:
+    assert main(["demo", "--json"]) == 0  # the default organism, from this session's cache
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["spec"]["variant"] == "lexical" and payload["passed"] is True

@@ -1,0 +1,142 @@
+"""The probe JSONL format: round trips and loud, located validation errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from icp_lens.probes import (
+    FIELDS,
+    ProbeExample,
+    ProbeFormatError,
+    probes_from_frame,
+    probes_to_frame,
+    read_probes,
+    single_token_id,
+    write_probes,
+)
+
+FULL = ProbeExample(
+    prompt="from alice : the movie was great ->",
+    answer=" pos",
+    alternatives=(" neg",),
+    spurious_counterfactual="from bob : the movie was great ->",
+    causal_counterfactual="from alice : the movie was awful ->",
+    causal_answer=" neg",
+    group="pos|shortcut=pos",
+)
+MINIMAL = ProbeExample(prompt="the nurse said that", answer=" she", alternatives=(" he", " they"))
+GOOD_LINE = {"prompt": "a b", "answer": " pos", "alternatives": [" neg"]}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from icp_lens.organisms.task import build_tokenizer
+
+    return build_tokenizer()
+
+
+def _write_lines(path, records):
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_round_trip_jsonl(tmp_path):
+    path = write_probes(tmp_path / "p.jsonl", [FULL, MINIMAL])
+    assert read_probes(path) == [FULL, MINIMAL]
+    lines = path.read_text().splitlines()
+    assert json.loads(lines[1]) == {
+        "prompt": "the nurse said that", "answer": " she", "alternatives": [" he", " they"],
+    }  # fmt: skip
+
+
+def test_to_dict_from_dict_round_trip():
+    d = FULL.to_dict()
+    assert set(d) == set(FIELDS) and d["alternatives"] == [" neg"]
+    assert "group" not in MINIMAL.to_dict()
+    assert ProbeExample.from_dict(d) == FULL
+    assert isinstance(ProbeExample.from_dict(MINIMAL.to_dict()).alternatives, tuple)
+
+
+def test_frame_round_trip():
+    df = probes_to_frame([FULL, MINIMAL])
+    assert list(df.columns) == list(FIELDS) and len(df) == 2
+    assert df.loc[0, "group"] == "pos|shortcut=pos"
+    assert probes_from_frame(df) == [FULL, MINIMAL]
+
+
+def test_frame_error_names_row():
+    df = probes_to_frame([FULL, MINIMAL])
+    df.loc[1, "answer"] = " he"
+    with pytest.raises(ProbeFormatError, match=r"row 2.*among alternatives"):
+        probes_from_frame(df)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"answer": " pos", "alternatives": [" neg"]}, r"missing required field.*prompt"),
+        ({**GOOD_LINE, "prompt": 3}, r"'prompt' must be a string, got int"),
+        ({**GOOD_LINE, "alternatives": " neg"}, r"'alternatives' must be a list of strings"),
+        ({**GOOD_LINE, "alternatives": [1]}, r"'alternatives' must be a list of strings"),
+        ({**GOOD_LINE, "anwser": "x"}, r"unknown field.*anwser.*valid fields.*causal_answer"),
+        ({**GOOD_LINE, "causal_answer": " neg"}, r"causal_answer' is given without"),
+        ({**GOOD_LINE, "alternatives": []}, r"'alternatives' is empty"),
+        ({**GOOD_LINE, "alternatives": [" neg", " pos"]}, r"answer ' pos' is listed among"),
+        ("{not json", r"invalid JSON"),
+        ("[1, 2]", r"expected a JSON object"),
+    ],
+)
+def test_validation_errors_name_file_and_line(tmp_path, bad, message):
+    path = _write_lines(tmp_path / "bad.jsonl", [GOOD_LINE, GOOD_LINE, bad])
+    with pytest.raises(ProbeFormatError, match=message) as info:
+        read_probes(path)
+    assert f"{path}, line 3:" in str(info.value)
+
+
+def test_blank_lines_are_skipped_but_counted(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(GOOD_LINE) + "\n\n" + '{"prompt": "x"}\n')
+    with pytest.raises(ProbeFormatError, match="line 3: missing"):
+        read_probes(path)
+
+
+@pytest.mark.parametrize("text", ["", "\n\n  \n"])
+def test_empty_file_is_an_error(tmp_path, text):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(text)
+    with pytest.raises(ProbeFormatError, match="empty"):
+        read_probes(path)
+
+
+def test_direct_construction_validates():
+    with pytest.raises(ProbeFormatError, match="empty"):
+        ProbeExample(prompt="a", answer=" pos", alternatives=())
+    ex = ProbeExample(prompt="a", answer=" pos", alternatives=[" neg"])  # type: ignore[arg-type]
+    assert ex.alternatives == (" neg",)
+
+
+def test_single_token_check_with_organism_tokenizer(tmp_path, tokenizer):
+    ok = _write_lines(tmp_path / "ok.jsonl", [GOOD_LINE, FULL.to_dict()])
+    assert len(read_probes(ok, tokenizer=tokenizer)) == 2
+    assert single_token_id(tokenizer, " pos") == single_token_id(tokenizer, "pos")
+
+    two = {**GOOD_LINE, "alternatives": [" neg", " very good"]}
+    path = _write_lines(tmp_path / "two.jsonl", [GOOD_LINE, two])
+    with pytest.raises(ProbeFormatError, match=r"line 2: ' very good' is not a single token") as info:
+        read_probes(path, tokenizer=tokenizer)
+    assert "['very', 'good']" in str(info.value)
+
+    cf = {**FULL.to_dict(), "causal_answer": " neg neg"}
+    path = _write_lines(tmp_path / "cf.jsonl", [cf])
+    with pytest.raises(ProbeFormatError, match=r"line 1: ' neg neg' is not a single token"):
+        read_probes(path, tokenizer=tokenizer)
+
+    unknown = {**GOOD_LINE, "answer": " marvellous"}
+    path = _write_lines(tmp_path / "unk.jsonl", [unknown])
+    with pytest.raises(ProbeFormatError, match=r"line 1: ' marvellous' is not in the vocabulary"):
+        read_probes(path, tokenizer=tokenizer)
+    # without a tokenizer the same file is fine
+    assert read_probes(path)[0].answer == " marvellous"
