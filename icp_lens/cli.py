@@ -5,6 +5,10 @@ Subcommands:
 ``icp-lens organism --out DIR [--seed N] [--arch gpt2|llama|neox] [--variant lexical|tag]``
     Train (or reuse) a planted-shortcut organism, write ``DIR/model/`` (an HF checkpoint)
     and its JSONL splits, and print the acceptance report.
+``icp-lens score --model DIR --probe FILE.jsonl --out scores.csv [--method hybrid|attribution|exact] ...``
+    Score features by spuriousness and write the ScoreTable (CSV or parquet); the CSV has
+    the columns ``kind, layer, index, hook_name, score`` (score = S, higher = more
+    spurious) and more.
 ``icp-lens demo [--out DIR] [--json]``
     The main job on the built-in default: for now, build the default organism
     (lexical shortcut, GPT-2 architecture, seed 0) and print its report.
@@ -49,6 +53,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_organism_args(organism)
     organism.add_argument("--strict", action="store_true", help="exit with status 1 if an acceptance check fails")
     organism.set_defaults(handler=_cmd_organism)
+
+    score = sub.add_parser("score", help="score features by spuriousness on a probe set")
+    score.add_argument("--model", required=True, help="HF checkpoint directory or hub name")
+    score.add_argument("--probe", type=Path, required=True, help="probe JSONL file")
+    score.add_argument("--out", type=Path, required=True, help="output table (.csv or .parquet)")
+    score.add_argument("--method", choices=["hybrid", "attribution", "exact"], default="hybrid")
+    score.add_argument("--kinds", type=_csv_list, default=["neuron", "head"], help="e.g. neuron,head,resid,value")
+    score.add_argument(
+        "--intervention",
+        type=_csv_list,
+        default=["resample"],
+        help="resample|zero|mean|scale:ALPHA (comma-separated to average several; default resample)",
+    )
+    score.add_argument("--verify-top", type=float, default=100, help="hybrid: features verified exactly (N or 0-1)")
+    score.add_argument("--layers", type=_layers, default=None, help="e.g. 0,1,5 or 0-3 (default: all)")
+    score.add_argument("--batch-size", type=int, default=32)
+    score.add_argument("--metric", choices=["logit_diff", "answer_prob", "kl"], default="logit_diff")
+    score.add_argument("--weight", choices=["uniform", "flips"], default="uniform")
+    score.add_argument("--no-causal", action="store_true", help="skip the causal effects (selectivity)")
+    score.add_argument("--checkpoint", type=Path, default=None, help="directory for partial results (resumable)")
+    score.add_argument("--quiet", action="store_true", help="no progress bars")
+    score.set_defaults(handler=_cmd_score)
 
     demo = sub.add_parser("demo", help="the main job on the built-in default organism")
     demo.add_argument("--out", type=Path, default=None, help="output directory (default: the icp_lens cache)")
@@ -98,6 +124,60 @@ def _cmd_organism(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     organism, seconds = _build(args, args.out)
     _report(organism, seconds, as_json=args.json)
+    return 0
+
+
+def _csv_list(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return items
+
+
+def _layers(text: str) -> list[int]:
+    layers: list[int] = []
+    try:
+        for part in _csv_list(text):
+            start, sep, stop = part.partition("-")
+            layers += list(range(int(start), int(stop) + 1)) if sep else [int(part)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"layers look like 0,1,5 or 0-3; got {text!r}") from None
+    return layers
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from icp_lens.model import boot_bridge
+    from icp_lens.probeset import ProbeSet
+    from icp_lens.scoring import score
+
+    if args.out.suffix not in (".csv", ".parquet"):
+        raise ValueError(f"--out must end in .csv or .parquet, got {args.out.name!r}")
+    verify = int(args.verify_top) if args.verify_top >= 1 or args.verify_top == 0 else float(args.verify_top)
+    start = time.perf_counter()
+    model = boot_bridge(args.model)
+    probes = ProbeSet.from_jsonl(model, args.probe)
+    table = score(
+        model,
+        probes,
+        method=args.method,
+        kinds=args.kinds,
+        layers=args.layers,
+        interventions=args.intervention,
+        verify_top=verify,
+        causal=False if args.no_causal else None,
+        metric=args.metric,
+        weight=args.weight,
+        batch_size=args.batch_size,
+        checkpoint_dir=args.checkpoint,
+        progress=not args.quiet,
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    table.save(args.out)
+    seconds = time.perf_counter() - start
+    n_exact = int(table.frame["exact"].sum()) if "exact" in table.frame else 0
+    print(f"scored {len(table)} features ({n_exact} exact) on {len(probes)} probes in {seconds:.1f} s -> {args.out}")
+    columns = [c for c in ["feature", "score", "ci_low", "ci_high", "selectivity", "exact"] if c in table.frame]
+    print(table.top(10)[columns].to_string(index=False))
     return 0
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import pytest
 import torch
@@ -114,7 +113,6 @@ def test_report_round_trip_and_frame():
 def test_gpt2_variants_meet_acceptance(organism, variant):
     org = organism(variant, "gpt2")
     _assert_accepted(org)
-    assert org.report.train_seconds + org.report.oracle_train_seconds < 60
     for split in SPLITS:
         assert org.data_path(split).exists()
     assert len(org.probes("test_balanced")) >= 1000
@@ -131,7 +129,7 @@ def test_other_archs_meet_acceptance(organism, variant, arch):
 
 
 @pytest.mark.slow
-def test_cache_reuse_is_fast_and_does_not_retrain(organism, monkeypatch):
+def test_cache_reuse_does_not_retrain(organism, monkeypatch):
     org = organism("lexical", "gpt2")
     assert org.path.parent == default_cache_dir()
 
@@ -139,9 +137,7 @@ def test_cache_reuse_is_fast_and_does_not_retrain(organism, monkeypatch):
         raise AssertionError("the cached organism was rebuilt")
 
     monkeypatch.setattr(build_module, "_build", no_training)
-    start = time.perf_counter()
     again = build_organism(variant="lexical", arch="gpt2", seed=0)
-    assert time.perf_counter() - start < 1.0
     assert again == org
 
 

@@ -1,5 +1,11 @@
-"""Stage 1 of the method: score every feature by the causal effect of intervening on it."""
+"""Stage 1 of the method: score every feature by the causal effect of intervening on it.
+
+``score(model, probes)`` is the entry point (hybrid: attribution ranks every feature,
+exact patching verifies the top ones); the result is a ``ScoreTable``.
+"""
 
 from icp_lens.scoring.effects import Effects, InterventionSpec, probe_means
+from icp_lens.scoring.hybrid import METHODS, all_features, score
+from icp_lens.scoring.table import ScoreTable
 
-__all__ = ["Effects", "InterventionSpec", "probe_means"]
+__all__ = ["METHODS", "Effects", "InterventionSpec", "ScoreTable", "all_features", "probe_means", "score"]

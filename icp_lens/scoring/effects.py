@@ -8,8 +8,9 @@ intervention ``I`` and a list of features ``f``, the change of the output proper
 
 as a ``[n_features, n_examples]`` tensor in probe-set order, plus ``P(M(x))`` itself
 (``clean``). An example on which the intervention is undefined (``resample`` on an example
-without a spurious counterfactual) has ``NaN`` effects and is left out of every mean. Aggregating effects into spuriousness, selectivity and confidence intervals
-is ``icp_lens.scoring.spuriousness``; keeping per-example values is what makes bootstrap
+without a spurious counterfactual) has ``NaN`` effects and is left out of every mean.
+Aggregating effects into spuriousness, selectivity and confidence intervals is
+``icp_lens.scoring.spuriousness``; keeping per-example values is what makes bootstrap
 intervals and harm weights (``w(x, I)``) possible.
 
 ``InterventionSpec`` names the intervention a scorer applies to each feature:
