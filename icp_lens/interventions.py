@@ -23,7 +23,7 @@ an intervention to a feature, positions and batch rows, and running the model wi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Union
 
@@ -45,6 +45,7 @@ __all__ = [
     "Swap",
     "Intervention",
     "fit_means",
+    "means_over",
     "resample_from",
 ]
 
@@ -217,6 +218,39 @@ def _as_tokens(model: HookedModel, inputs: Tensor | str | Sequence[str]) -> Tens
 
 
 @torch.no_grad()
+def means_over(
+    model: HookedModel,
+    features: Sequence[Feature],
+    batches: Iterable[Int[Tensor, "batch pos"]],
+    *,
+    per_position: bool = False,
+) -> dict[Feature, Mean]:
+    """``Mean`` interventions averaged over token batches, keeping only running sums.
+
+    Pooled over examples and positions, or per position (then all batches must have the
+    same length). ``fit_means`` and ``icp_lens.scoring.probe_means`` are built on it.
+    """
+    for f in features:
+        validate_feature(model, f)
+    names = sorted({f.hook_name for f in features})
+    sums: dict[str, Tensor] = {}
+    count = 0
+    with capturing(model, names) as store:
+        for tokens in batches:
+            model(tokens)
+            for name in names:
+                act = store[name].double()
+                total = act.sum(0) if per_position else act.sum((0, 1))
+                sums[name] = sums[name] + total if name in sums else total
+            count += tokens.shape[0] if per_position else tokens.numel()
+    if count == 0:
+        raise ValueError("Cannot fit means on an empty reference set")
+    return {
+        f: Mean((sums[f.hook_name] / count).float().select(1 if per_position else 0, f.index), per_position)
+        for f in features
+    }
+
+
 def fit_means(
     model: HookedModel,
     features: Sequence[Feature],
@@ -231,24 +265,8 @@ def fit_means(
     ``per_position`` the mean is taken per position (equal-length inputs).
     """
     tokens = _as_tokens(model, reference)
-    for f in features:
-        validate_feature(model, f)
-    names = sorted({f.hook_name for f in features})
-    sums: dict[str, Tensor] = {}
-    count = 0
-    with capturing(model, names) as store:
-        for start in range(0, tokens.shape[0], batch_size):
-            chunk = tokens[start : start + batch_size]
-            model(chunk)
-            for name in names:
-                act = store[name].double()
-                total = act.sum(0) if per_position else act.sum((0, 1))
-                sums[name] = sums[name] + total if name in sums else total
-            count += chunk.shape[0] if per_position else chunk.numel()
-    return {
-        f: Mean((sums[f.hook_name] / count).float().select(1 if per_position else 0, f.index), per_position)
-        for f in features
-    }
+    chunks = (tokens[start : start + batch_size] for start in range(0, tokens.shape[0], batch_size))
+    return means_over(model, features, chunks, per_position=per_position)
 
 
 @torch.no_grad()

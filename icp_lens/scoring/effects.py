@@ -32,9 +32,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from icp_lens.features import Feature, validate_feature
-from icp_lens.hooks import capturing
-from icp_lens.interventions import Mean
+from icp_lens.features import Feature
+from icp_lens.interventions import Mean, means_over
 from icp_lens.model import HookedModel
 from icp_lens.probeset import ProbeBatch, ProbeSet
 
@@ -122,21 +121,8 @@ def counterfactual_tokens(batch: ProbeBatch, which: Literal["spurious", "causal"
     return tokens
 
 
-@torch.no_grad()
 def probe_means(
     model: HookedModel, probes: ProbeSet, features: Sequence[Feature], *, batch_size: int = 32
 ) -> dict[Feature, Mean]:
     """Mean-ablation values: each feature's mean over all probe prompts and positions (streamed)."""
-    for f in features:
-        validate_feature(model, f)
-    names = sorted({f.hook_name for f in features})
-    sums: dict[str, Tensor] = {}
-    count = 0
-    with capturing(model, names) as store:
-        for batch in probes.batches(batch_size):
-            model(batch.tokens)
-            for name in names:
-                total = store[name].double().sum((0, 1))
-                sums[name] = sums[name] + total if name in sums else total
-            count += batch.tokens.numel()
-    return {f: Mean((sums[f.hook_name] / count).float().select(0, f.index)) for f in features}
+    return means_over(model, features, (batch.tokens for batch in probes.batches(batch_size)))
