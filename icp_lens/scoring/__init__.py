@@ -4,8 +4,20 @@
 exact patching verifies the top ones); the result is a ``ScoreTable``.
 """
 
+from icp_lens.scoring.attribution import attribution_effects
 from icp_lens.scoring.effects import Effects, InterventionSpec, probe_means
+from icp_lens.scoring.exact import exact_effects
 from icp_lens.scoring.hybrid import METHODS, all_features, score
 from icp_lens.scoring.table import ScoreTable
 
-__all__ = ["METHODS", "Effects", "InterventionSpec", "ScoreTable", "all_features", "probe_means", "score"]
+__all__ = [
+    "METHODS",
+    "Effects",
+    "InterventionSpec",
+    "ScoreTable",
+    "all_features",
+    "attribution_effects",
+    "exact_effects",
+    "probe_means",
+    "score",
+]
