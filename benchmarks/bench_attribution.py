@@ -87,12 +87,13 @@ def agreement(name: str, atp: np.ndarray, exact: np.ndarray, labels: list[str]) 
     order = np.argsort(-exact)
     top200 = order[:200]
     rho200 = spearman(atp[top200], exact[top200])
+    rho20 = spearman(atp[order[:20]], exact[order[:20]])
     rho_all = spearman(atp, exact)
     atp_top100 = set(np.argsort(-atp)[:100].tolist())
     top20 = order[:20].tolist()
     inside = sum(i in atp_top100 for i in top20)
     print(
-        f"{name:>11}: Spearman top-200 (by exact) {rho200:.3f}   all {rho_all:.3f}   "
+        f"{name:>11}: Spearman top-200 (by exact) {rho200:.3f}   top-20 {rho20:.3f}   all {rho_all:.3f}   "
         f"exact top-20 in attribution top-100: {inside}/20"
     )
     missing = [labels[i] for i in top20 if i not in atp_top100]
