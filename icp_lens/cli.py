@@ -9,6 +9,10 @@ Subcommands:
     Score features by spuriousness and write the ScoreTable (CSV or parquet); the CSV has
     the columns ``kind, layer, index, hook_name, score`` (score = S, higher = more
     spurious) and more.
+``icp-lens prune --model DIR --scores scores.csv --out DIR2 (--top-k K | --threshold T) ...``
+    Prune the selected features into a new HF checkpoint and verify it
+    (``icp-lens apply-plan --model DIR --plan plan.json --out DIR2`` applies a saved
+    plan); see ``icp_lens.cli_prune``.
 ``icp-lens demo [--out DIR] [--json]``
     The main job on the built-in default: for now, build the default organism
     (lexical shortcut, GPT-2 architecture, seed 0) and print its report.
@@ -75,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--checkpoint", type=Path, default=None, help="directory for partial results (resumable)")
     score.add_argument("--quiet", action="store_true", help="no progress bars")
     score.set_defaults(handler=_cmd_score)
+
+    from icp_lens.cli_prune import add_prune_parsers
+
+    add_prune_parsers(sub)
 
     demo = sub.add_parser("demo", help="the main job on the built-in default organism")
     demo.add_argument("--out", type=Path, default=None, help="output directory (default: the icp_lens cache)")
@@ -186,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args))
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as err:
         print(f"icp-lens {args.command}: error: {err}", file=sys.stderr)
         return 2
 

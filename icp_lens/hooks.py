@@ -28,7 +28,7 @@ from torch import Tensor
 
 from icp_lens.model import HookedModel, resolve_hook_point
 
-__all__ = ["HookFn", "hooked", "capturing", "active_hook_count"]
+__all__ = ["HookFn", "hooked", "capturing", "active_hook_count", "module_hooks"]
 
 HookFn = Callable[..., "Tensor | None"]
 Direction = Literal["fwd", "bwd"]
@@ -109,6 +109,30 @@ def capturing(
 
     with hooked(model, [(name, make(name)) for name in dict.fromkeys(names)]):
         yield store
+
+
+@contextmanager
+def module_hooks(
+    pre: Sequence[tuple[Any, Callable[..., Any]]] = (),
+    post: Sequence[tuple[Any, Callable[..., Any]]] = (),
+) -> Iterator[None]:
+    """Plain PyTorch hooks on ``torch.nn.Module`` objects, for models without hook points.
+
+    ``pre`` pairs get ``register_forward_pre_hook`` (``fn(module, args) -> new args``),
+    ``post`` pairs ``register_forward_hook`` (``fn(module, args, output) -> new output``).
+    The pruner uses them to ablate a Hugging Face model directly (e.g. BERT, which no
+    hooked model wraps). All are removed on exit, also after an exception.
+    """
+    handles: list[Any] = []
+    try:
+        for module, fn in pre:
+            handles.append(module.register_forward_pre_hook(fn))
+        for module, fn in post:
+            handles.append(module.register_forward_hook(fn))
+        yield
+    finally:
+        for handle in reversed(handles):
+            handle.remove()
 
 
 def active_hook_count(model: HookedModel) -> int:

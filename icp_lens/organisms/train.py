@@ -87,6 +87,26 @@ class TrainConfig:
             raise ValueError(f"steps, batch_size and lr must be positive: {self}")
 
 
+def _hf_config(config_cls: Any, c: ModelConfig, special: dict[str, Any], **extra: Any) -> Any:
+    """A Llama/NeoX-style HF config (``num_hidden_layers``, ``hidden_size``, ... naming) of size ``c``.
+
+    The fields both architectures share: sizes from ``c``, attention dropout 0, untied
+    embeddings and the tokenizer's ``special`` ids; ``extra`` adds the per-architecture
+    ones (Llama's key/value heads, NeoX's other dropouts).
+    """
+    return config_cls(
+        num_hidden_layers=c.n_layers,
+        hidden_size=c.d_model,
+        num_attention_heads=c.n_heads,
+        intermediate_size=c.d_mlp,
+        max_position_embeddings=c.n_ctx,
+        attention_dropout=0.0,
+        tie_word_embeddings=False,
+        **extra,
+        **special,
+    )
+
+
 def make_model(arch: Arch, tokenizer: Any, *, seed: int, config: ModelConfig | None = None):
     """A freshly initialised (seeded) HF causal LM of ``arch`` for ``tokenizer``'s vocab."""
     import transformers as tf
@@ -106,20 +126,10 @@ def make_model(arch: Arch, tokenizer: Any, *, seed: int, config: ModelConfig | N
         )  # fmt: skip
         model_cls = tf.GPT2LMHeadModel
     elif arch == "llama":
-        cfg = tf.LlamaConfig(
-            num_hidden_layers=c.n_layers, hidden_size=c.d_model,
-            num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
-            intermediate_size=c.d_mlp, max_position_embeddings=c.n_ctx,
-            attention_dropout=0.0, tie_word_embeddings=False, **special,
-        )  # fmt: skip
+        cfg = _hf_config(tf.LlamaConfig, c, special, num_key_value_heads=c.n_kv_heads)
         model_cls = tf.LlamaForCausalLM
     elif arch == "neox":
-        cfg = tf.GPTNeoXConfig(
-            num_hidden_layers=c.n_layers, hidden_size=c.d_model,
-            num_attention_heads=c.n_heads, intermediate_size=c.d_mlp,
-            max_position_embeddings=c.n_ctx, hidden_dropout=0.0, attention_dropout=0.0,
-            classifier_dropout=0.0, tie_word_embeddings=False, **special,
-        )  # fmt: skip
+        cfg = _hf_config(tf.GPTNeoXConfig, c, special, hidden_dropout=0.0, classifier_dropout=0.0)
         model_cls = tf.GPTNeoXForCausalLM
     else:
         raise ValueError(f"unknown arch {arch!r}; valid: {ARCHS}")

@@ -70,7 +70,7 @@ from icp_lens.interventions import Mean
 from icp_lens.metrics import Metric, get_metric
 from icp_lens.model import HookedModel
 from icp_lens.probeset import ProbeBatch, ProbeSet
-from icp_lens.scoring.effects import Effects, InterventionSpec, counterfactual_tokens, probe_means
+from icp_lens.scoring.effects import Effects, InterventionSpec, check_batches, counterfactual_tokens, probe_means
 
 __all__ = ["AttributionMethod", "IGPaths", "attribution_effects"]
 
@@ -368,18 +368,8 @@ def attribution_effects(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = _device(model)
     batch_list = list(probes.batches(batch_size, device=device))
-    if positions is not None:
-        positions = tuple(int(p) for p in positions)
-        min_len = min(b.tokens.shape[1] for b in batch_list)
-        out = [p for p in positions if not -min_len <= p < min_len]
-        if out:
-            raise IndexError(f"positions {out} out of range: the shortest probe prompt has {min_len} tokens")
+    positions = check_batches(batch_list, spec, positions)
     which = spec.counterfactual
-    if which is not None and not any(getattr(b, which) is not None for b in batch_list):
-        raise ValueError(
-            f"Intervention {spec.label!r} patches from the {which} counterfactual, but no probe example "
-            f"has a '{which}_counterfactual'; use another intervention (zero, mean, scale:ALPHA) or other probes"
-        )
     metric_fn = get_metric(metric)
     metric_name = metric if isinstance(metric, str) else getattr(metric, "__name__", "custom")
     if method == "atp" and metric_name == "kl":

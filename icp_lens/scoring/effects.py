@@ -37,7 +37,14 @@ from icp_lens.interventions import Mean, means_over
 from icp_lens.model import HookedModel
 from icp_lens.probeset import ProbeBatch, ProbeSet
 
-__all__ = ["InterventionKind", "InterventionSpec", "Effects", "probe_means", "counterfactual_tokens"]
+__all__ = [
+    "InterventionKind",
+    "InterventionSpec",
+    "Effects",
+    "probe_means",
+    "counterfactual_tokens",
+    "check_batches",
+]
 
 InterventionKind = Literal["resample", "resample_causal", "zero", "mean", "scale"]
 INTERVENTION_KINDS: tuple[str, ...] = get_args(InterventionKind)
@@ -119,6 +126,32 @@ def counterfactual_tokens(batch: ProbeBatch, which: Literal["spurious", "causal"
             f"{batch.index.tolist()[:5]} have no '{which}_counterfactual'"
         )
     return tokens
+
+
+def check_batches(
+    batches: Sequence[ProbeBatch], spec: InterventionSpec, positions: Sequence[int] | None
+) -> tuple[int, ...] | None:
+    """Check that ``spec`` at ``positions`` can be applied to the probe ``batches``; the positions as ints.
+
+    Every position (negative counts from the end) must lie within the *shortest* probe
+    prompt, so it means a position in every prompt (``IndexError`` otherwise). A
+    ``resample`` intervention needs its counterfactual (spurious or causal) on at least
+    one probe example (``ValueError`` otherwise); examples without it are the scorer's to
+    skip (``NaN`` effects). Returns ``positions`` as a tuple of ints (None: all positions).
+    """
+    if positions is not None:
+        positions = tuple(int(p) for p in positions)
+        min_len = min(b.tokens.shape[1] for b in batches)
+        out = [p for p in positions if not -min_len <= p < min_len]
+        if out:
+            raise IndexError(f"positions {out} out of range: the shortest probe prompt has {min_len} tokens")
+    which = spec.counterfactual
+    if which is not None and not any(getattr(b, which) is not None for b in batches):
+        raise ValueError(
+            f"Intervention {spec.label!r} patches from the {which} counterfactual, but no probe example "
+            f"has a '{which}_counterfactual'; use another intervention (zero, mean, scale:ALPHA) or other probes"
+        )
+    return positions
 
 
 def probe_means(

@@ -44,20 +44,16 @@ passes. A shortcut can cost speed, never correctness.
 
 Long runs show a progress bar and, with ``checkpoint=path``, save partial results
 (safetensors, no pickling) every half minute and when interrupted; calling again with the
-same arguments resumes, skipping the (feature chunk, probe batch) passes already done.
+same arguments resumes, skipping the (feature chunk, probe batch) passes already done
+(``icp_lens.scoring.checkpoint`` describes the file and how other runs are refused).
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import math
-import os
-import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +68,11 @@ from icp_lens.interventions import Intervention, Mean, Resample, Scale, Zero
 from icp_lens.metrics import Metric, get_metric
 from icp_lens.model import HookedModel, is_bridge, model_dims
 from icp_lens.probeset import ProbeBatch, ProbeSet
-from icp_lens.scoring.effects import Effects, InterventionSpec, probe_means
+from icp_lens.scoring.checkpoint import CheckpointState, run_meta
+from icp_lens.scoring.effects import Effects, InterventionSpec, check_batches, probe_means
 
 __all__ = ["exact_effects"]
 
-_FORMAT = "icp_lens.exact_effects/1"
-_SAVE_EVERY_S = 30.0
 _KV_BUDGET_BYTES = 4 * 2**30  # largest key/value cache copy one patched pass may hold (else: full passes)
 
 
@@ -255,62 +250,6 @@ class _Runner:
             return self.model(ctx.tokens[:, s:].repeat(k, 1), **kwargs)[:, -1]
 
 
-class _State:
-    """Partial results and which (chunk, batch) passes are done; saved to / loaded from safetensors."""
-
-    def __init__(
-        self, path: Path | None, meta: dict[str, str], n_features: int, n_examples: int, shape: tuple[int, int]
-    ):
-        self.path, self.meta = path, meta
-        self.values = torch.full((n_features, n_examples), math.nan)
-        self.clean = torch.full((n_examples,), math.nan)
-        self.done = torch.zeros(shape, dtype=torch.bool)  # [chunk, batch]
-        self.clean_done = torch.zeros(shape[1], dtype=torch.bool)  # [batch]
-        self._saved = time.monotonic()
-        if path is not None and path.exists():
-            self._load(path)
-
-    def _load(self, path: Path) -> None:
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        except Exception as err:
-            raise ValueError(f"Checkpoint {path} is not a readable exact_effects checkpoint: {err}") from None
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"{path} is not an exact_effects checkpoint (format {meta.get('format')!r})")
-        for key, want in self.meta.items():
-            if meta.get(key) != want:
-                got = meta.get(key, "<missing>")
-                raise ValueError(
-                    f"Checkpoint {path} was written for a different run: {key} is {_short(got)} there, "
-                    f"{_short(want)} here. Pass the original arguments to resume, or another checkpoint path."
-                )
-        if tensors["values"].shape != self.values.shape or tensors["done"].shape != self.done.shape:
-            raise ValueError(f"Checkpoint {path} does not fit this run (its tensors have other shapes)")
-        self.values, self.clean = tensors["values"], tensors["clean"]
-        self.done, self.clean_done = tensors["done"].bool(), tensors["clean_done"].bool()
-
-    def save(self, force: bool = False) -> None:
-        if self.path is None or (not force and time.monotonic() - self._saved < _SAVE_EVERY_S):
-            return
-        from safetensors.torch import save_file
-
-        tensors = {"values": self.values, "clean": self.clean, "done": self.done.to(torch.uint8)}
-        tensors["clean_done"] = self.clean_done.to(torch.uint8)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": _FORMAT, **self.meta})
-        os.replace(tmp, self.path)  # atomic: an interrupted save leaves the previous checkpoint
-        self._saved = time.monotonic()
-
-
-def _short(text: str, n: int = 80) -> str:
-    return repr(text if len(text) <= n else text[:n] + "...")
-
-
 def _tile(batch: ProbeBatch, k: int) -> ProbeBatch:
     """The batch repeated ``k`` times along the batch dimension (what a packed pass computes on)."""
 
@@ -372,16 +311,6 @@ def _first_change(tokens: Tensor, cf: Tensor | None, positions: tuple[int, ...] 
     return first
 
 
-def _fingerprint(model: HookedModel, probes: ProbeSet) -> tuple[str, str]:
-    """Short digests of the model's weights and of the probe set, to refuse resuming on other ones."""
-    total = sum(p.detach().double().abs().sum().item() for p in model.parameters())
-    model_fp = f"{type(model).__name__}:{model_dims(model)}:{total:.12e}"
-    probes_fp = hashlib.sha256(
-        json.dumps([asdict(e) for e in probes.examples], sort_keys=True, default=str).encode()
-    ).hexdigest()[:16]
-    return hashlib.sha256(model_fp.encode()).hexdigest()[:16], probes_fp
-
-
 @torch.no_grad()
 def exact_effects(
     model: HookedModel,
@@ -429,18 +358,8 @@ def exact_effects(
     if batch_size < 1 or features_per_pass < 1:
         raise ValueError(f"batch_size and features_per_pass must be >= 1, got {batch_size}, {features_per_pass}")
     batches = list(probes.batches(batch_size, device=_device(model)))
-    min_len = min(b.tokens.shape[1] for b in batches)
-    if positions is not None:
-        positions = tuple(int(p) for p in positions)
-        out = [p for p in positions if not -min_len <= p < min_len]
-        if out:
-            raise IndexError(f"positions {out} out of range: the shortest probe prompt has {min_len} tokens")
+    positions = check_batches(batches, spec, positions)
     which = spec.counterfactual
-    if which is not None and not any(getattr(b, which) is not None for b in batches):
-        raise ValueError(
-            f"Intervention {spec.label!r} patches from the {which} counterfactual, but no probe example "
-            f"has a '{which}_counterfactual'; use another intervention (zero, mean, scale:ALPHA) or other probes"
-        )
     fixed: dict[Feature, Intervention] = {}
     per_position = False
     if spec.kind == "mean":
@@ -457,19 +376,18 @@ def exact_effects(
     chunks = _plan(features, features_per_pass, model_dims(model).n_layers)
     path = Path(checkpoint) if checkpoint is not None else None
     meta: dict[str, str] = {}
-    if path is not None:
-        model_fp, probes_fp = _fingerprint(model, probes)
-        meta = {
-            "features": json.dumps([str(f) for f in features]),
-            "intervention": spec.label,
-            "metric": metric_name,
-            "positions": json.dumps(positions),
-            "batch_size": str(batch_size),
-            "features_per_pass": str(features_per_pass),
-            "model": model_fp,
-            "probes": probes_fp,
-        }
-    state = _State(path, meta, len(features), len(probes), (len(chunks), len(batches)))
+    if path is not None:  # what a resumed run must match (fingerprinting reads every weight: only when needed)
+        meta = run_meta(
+            model,
+            probes,
+            features,
+            intervention=spec.label,
+            metric=metric_name,
+            positions=positions,
+            batch_size=batch_size,
+            features_per_pass=features_per_pass,
+        )
+    state = CheckpointState(path, meta, len(features), len(probes), (len(chunks), len(batches)))
     runner = _Runner(model)
     bar = tqdm(
         total=len(chunks) * len(batches),

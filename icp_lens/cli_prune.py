@@ -1,0 +1,113 @@
+"""``icp-lens prune`` and ``icp-lens apply-plan``: the pruner from the command line.
+
+``icp-lens prune --model DIR --scores scores.csv --out DIR2 (--top-k K | --threshold T)
+[--mode zero|mean] [--probe FILE.jsonl] [--overwrite]``
+    Select features from a score table, write ``DIR2`` (an HF checkpoint with its
+    tokenizer and ``plan.json``) and verify it against the hook-ablated original.
+    ``--probe`` gives the reference prompts for mean mode (required there) and the
+    verification inputs (random token ids otherwise).
+``icp-lens apply-plan --model DIR --plan plan.json --out DIR2``
+    Apply an existing plan (refused if it was made for another model).
+
+Both exit with status 1 when verification fails (the checkpoint is still written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_prune_parsers"]
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument("--no-verify", action="store_true", help="skip the verification against hook ablation")
+    parser.add_argument("--tolerance", type=float, default=1e-5, help="max |logit diff| to pass (default 1e-5)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def add_prune_parsers(sub: Any) -> None:
+    prune = sub.add_parser("prune", help="prune features into a new HF checkpoint and verify it")
+    prune.add_argument("--model", type=Path, required=True, help="HF checkpoint directory")
+    prune.add_argument("--scores", type=Path, required=True, help="score table from `icp-lens score` (.csv/.parquet)")
+    prune.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
+    pick = prune.add_argument_group("selection (at least one)")
+    pick.add_argument("--top-k", type=int, default=None, help="prune the K highest-scoring prunable features")
+    pick.add_argument("--threshold", type=float, default=None, help="prune features with score > T")
+    prune.add_argument("--per-layer-cap", type=int, default=None, help="at most N features from any one layer")
+    prune.add_argument("--mode", choices=["zero", "mean"], default="zero", help="zero or mean ablation (zero)")
+    prune.add_argument("--probe", type=Path, default=None, help="probe JSONL: mean reference and verification prompts")
+    _add_common(prune)
+    prune.set_defaults(handler=_cmd_prune)
+
+    apply = sub.add_parser("apply-plan", help="apply a plan.json to a checkpoint and verify it")
+    apply.add_argument("--model", type=Path, required=True, help="HF checkpoint directory the plan was made for")
+    apply.add_argument("--plan", type=Path, required=True, help="plan.json (or a directory holding one)")
+    apply.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
+    apply.add_argument("--probe", type=Path, default=None, help="probe JSONL for the verification prompts")
+    _add_common(apply)
+    apply.set_defaults(handler=_cmd_apply_plan)
+
+
+def _prompts(probe: Path | None) -> list[str] | None:
+    if probe is None:
+        return None
+    from icp_lens.pruning.means import reference_texts
+
+    return reference_texts(probe)
+
+
+def _print(result: Any, as_json: bool) -> int:
+    payload = result.to_dict()
+    passed = result.verification is None or result.verification.passed
+    if as_json:
+        print(json.dumps(payload, indent=2))
+        return 0 if passed else 1
+    print(f"{result.plan.summary()} -> {result.out}")
+    print("features: " + ", ".join(payload["features"]))
+    print(f"export took {result.export_seconds:.2f} s; plan written to {result.out / 'plan.json'}")
+    if result.verification is not None:
+        print(result.verification)
+    return 0 if passed else 1
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from icp_lens.pruning import prune
+
+    if args.top_k is None and args.threshold is None:
+        raise ValueError("choose features with --top-k K and/or --threshold T")
+    if args.mode == "mean" and args.probe is None:
+        raise ValueError("--mode mean needs --probe FILE.jsonl (the prompts each feature's mean is taken over)")
+    result = prune(
+        args.model,
+        args.scores,
+        args.out,
+        top_k=args.top_k,
+        threshold=args.threshold,
+        per_layer_cap=args.per_layer_cap,
+        mode=args.mode,
+        reference=args.probe,
+        overwrite=args.overwrite,
+        verify=not args.no_verify,
+        tolerance=args.tolerance,
+    )
+    return _print(result, args.json)
+
+
+def _cmd_apply_plan(args: argparse.Namespace) -> int:
+    from icp_lens.pruning import PrunePlan, apply_plan
+
+    plan = PrunePlan.load(args.plan)
+    result = apply_plan(
+        args.model,
+        plan,
+        args.out,
+        overwrite=args.overwrite,
+        verify=not args.no_verify,
+        prompts=_prompts(args.probe),
+        tolerance=args.tolerance,
+    )
+    return _print(result, args.json)

@@ -1,0 +1,196 @@
+"""The pruner end to end: features -> PrunePlan -> edited, exported, verified checkpoint.
+
+>>> plan = make_plan(bridge, table.select(top_k=4), mode="mean", reference=probes)
+>>> result = apply_plan(bridge, plan, "debiased/")          # writes and verifies
+>>> print(result.verification)                              # max |logit diff| 3e-07: PASS
+>>> AutoModelForCausalLM.from_pretrained("debiased/")       # plain transformers
+
+``prune(model, scores, out, top_k=...)`` does selection, plan and export in one call.
+The model can be a ``TransformerBridge``, an HF model or an HF checkpoint directory;
+for a ``HookedTransformer`` (TransformerLens 3.x), make the plan on it with
+``hf=<the HF checkpoint it came from>`` and apply the plan to that checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from icp_lens.features import Feature
+from icp_lens.pruning.arch import site_of
+from icp_lens.pruning.export import check_target, export_checkpoint
+from icp_lens.pruning.hf_edit import EditStats, apply_plan_to_model
+from icp_lens.pruning.means import feature_means, reference_texts
+from icp_lens.pruning.plan import PruneMode, PrunePlan, fingerprint, provenance, reference_record
+from icp_lens.pruning.select import select_features
+from icp_lens.pruning.source import clean_hf_model, load_tokenizer
+from icp_lens.pruning.verify import VerificationReport, forward_latency_ms, verification_batches, verify_export
+
+__all__ = ["make_plan", "apply_plan", "prune", "PruneResult", "HOOKED_TYPES"]
+
+# model types verified against icp_lens hook ablation on a TransformerBridge when given as a directory
+HOOKED_TYPES = ("gpt2", "llama", "gpt_neox", "mistral", "qwen2", "qwen3")
+
+
+def _is_hooked(model: Any) -> bool:
+    return hasattr(model, "hook_dict")
+
+
+def make_plan(
+    model: Any,
+    features: Sequence[Feature | str],
+    *,
+    mode: PruneMode = "zero",
+    reference: Any = None,
+    hf: Any = None,
+    tokenizer: Any = None,
+    description: str | None = None,
+    batch_size: int = 32,
+    **provenance_fields: Any,
+) -> PrunePlan:
+    """A plan to remove ``features`` from ``model``.
+
+    ``reference`` (prompts, ProbeExamples, a ProbeSet or a JSONL path) is required in
+    mean mode: the means are taken over it, on ``model`` (at hook points when it is a
+    hooked model). ``hf`` is the HF checkpoint (directory or model) the plan is for,
+    needed when ``model`` is a ``HookedTransformer``. Extra keyword arguments (e.g.
+    ``scores="scores.csv", top_k=4``) are recorded as provenance.
+    """
+    feats = tuple(Feature.parse(f) if isinstance(f, str) else f for f in features)
+    clean = clean_hf_model(hf if hf is not None else model)
+    for f in feats:
+        site_of(clean, f.kind, f.layer, f.index)  # raises on features the model lacks
+    means = record = None
+    if mode == "mean":
+        if reference is None:
+            raise ValueError("Mean mode needs reference=... (the prompts to average each feature over)")
+        texts = reference_texts(reference)
+        source = model if _is_hooked(model) else clean
+        tok = tokenizer if tokenizer is not None else load_tokenizer(hf if hf is not None else model)
+        table = feature_means(source, feats, texts, tokenizer=tok, batch_size=batch_size)
+        means = tuple(table[f] for f in feats)
+        if description is None and isinstance(reference, (str, Path)):
+            description = str(reference)
+        record = reference_record(texts, description)
+    return PrunePlan(
+        features=feats,
+        mode=mode,
+        fingerprint=fingerprint(clean),
+        means=means,
+        reference=record,
+        provenance=provenance(**provenance_fields),
+    )
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """Where the checkpoint went, what was edited, and how well it matches the hooks."""
+
+    out: Path
+    plan: PrunePlan
+    stats: EditStats
+    verification: VerificationReport | None
+    export_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out),
+            "mode": self.plan.mode,
+            "n_features": len(self.plan.features),
+            "features": [str(f) for f in self.plan.features],
+            "zeroed_fraction": self.stats.zeroed_fraction,
+            "biases_added": list(self.stats.biases_added),
+            "export_seconds": self.export_seconds,
+            "verification": None if self.verification is None else self.verification.to_dict(),
+        }
+
+
+def _verification_reference(model: Any) -> Any:
+    """What to compare the export with: the hooked model, else a bridge or plain HF copy."""
+    if _is_hooked(model):
+        return model
+    clean = clean_hf_model(model)
+    if isinstance(model, (str, Path)) and clean.config.model_type in HOOKED_TYPES:
+        from icp_lens.model import boot_bridge
+
+        return boot_bridge(model)
+    return clean
+
+
+def apply_plan(
+    model: Any,
+    plan: PrunePlan,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    verify: bool = True,
+    prompts: Sequence[str] | None = None,
+    tokenizer: Any = None,
+    tolerance: float = 1e-5,
+    reference: Any = None,
+) -> PruneResult:
+    """Edit a clean copy of ``model`` per ``plan``, export it to ``out``, and verify it.
+
+    Verification (default on) reloads ``out`` with ``transformers`` alone and compares
+    its logits on ``prompts`` (random token ids when none) with the original model
+    ablated at run time; ``reference`` overrides the model used for that comparison.
+    """
+    out = check_target(out, overwrite=overwrite)
+    clean: nn.Module = clean_hf_model(model)
+    plan.check(clean)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(model)
+    ref = batches = latency = None
+    if verify:
+        ref = reference if reference is not None else _verification_reference(model)
+        batches = verification_batches(ref, prompts=prompts, tokenizer=tok)
+        latency = forward_latency_ms(clean, batches)
+    edited, stats = apply_plan_to_model(clean, plan, check=False)
+    start = time.perf_counter()
+    out = export_checkpoint(edited, out, tokenizer=tok, plan=plan, overwrite=overwrite)
+    seconds = time.perf_counter() - start
+    report = None
+    if verify:
+        report = verify_export(
+            ref, plan, out, batches=batches, tolerance=tolerance,
+            zeroed_fraction=stats.zeroed_fraction, latency_before_ms=latency,
+        )  # fmt: skip
+    return PruneResult(out=out, plan=plan, stats=stats, verification=report, export_seconds=seconds)
+
+
+def prune(
+    model: Any,
+    scores: Any,
+    out: str | Path,
+    *,
+    top_k: int | None = None,
+    threshold: float | None = None,
+    per_layer_cap: int | None = None,
+    mode: PruneMode = "zero",
+    reference: Any = None,
+    overwrite: bool = False,
+    verify: bool = True,
+    prompts: Sequence[str] | None = None,
+    tolerance: float = 1e-5,
+) -> PruneResult:
+    """Select from ``scores`` (ScoreTable, frame, path or feature list), plan, export, verify.
+
+    ``reference`` feeds the means in mean mode; its prompts are also the verification
+    inputs unless ``prompts`` are given.
+    """
+    features = select_features(scores, threshold=threshold, top_k=top_k, per_layer_cap=per_layer_cap)
+    if not features:
+        raise ValueError("The selection is empty: no feature passes the threshold / top-k")
+    check_target(out, overwrite=overwrite)
+    plan = make_plan(
+        model, features, mode=mode, reference=reference,
+        scores=scores if isinstance(scores, (str, Path)) else None,
+        threshold=threshold, top_k=top_k, per_layer_cap=per_layer_cap,
+    )  # fmt: skip
+    if prompts is None and reference is not None:
+        prompts = reference_texts(reference)
+    return apply_plan(model, plan, out, overwrite=overwrite, verify=verify, prompts=prompts, tolerance=tolerance)

@@ -1,0 +1,68 @@
+"""Writing an HF checkpoint atomically: all of it, or nothing.
+
+``export_checkpoint`` writes the model (safetensors + config), the tokenizer and the
+plan into a temporary directory next to the target, then moves it into place with one
+``rename``. A non-empty target is refused unless ``overwrite=True``; with it, the old
+directory is moved aside first and deleted only once the new one is in place. Any
+error, or a ``KeyboardInterrupt``, removes the temporary directory, so no
+half-written checkpoint is ever left where a user (or ``from_pretrained``) would
+find it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from icp_lens.pruning.plan import PLAN_FILE, PrunePlan
+
+__all__ = ["export_checkpoint", "check_target"]
+
+
+def check_target(out: str | Path, *, overwrite: bool = False) -> Path:
+    """Refuse a non-empty ``out`` unless ``overwrite``; return it as a ``Path``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} is not empty; pass overwrite=True (--overwrite) to replace it")
+    return out
+
+
+def export_checkpoint(
+    model: nn.Module,
+    out: str | Path,
+    *,
+    tokenizer: Any = None,
+    plan: PrunePlan | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save ``model`` (+ tokenizer, + ``plan.json``) to ``out`` atomically; return ``out``."""
+    out = check_target(out, overwrite=overwrite).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    old: Path | None = None
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if plan is not None:
+            plan.save(tmp / PLAN_FILE)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(old / out.name)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out.exists():
+            (old / out.name).rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out

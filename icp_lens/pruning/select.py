@@ -1,0 +1,119 @@
+"""Choosing the features to prune from a score table.
+
+``select_features`` applies, in order: a filter to prunable kinds (residual dimensions
+cannot be pruned), an optional minimum selectivity, the threshold tau
+(``score > tau``), per-layer caps (at most ``per_layer_cap`` features from any one
+layer, the highest scoring kept) and ``top_k``. ``hybrid_split`` returns two disjoint
+sets: the extreme features to prune and the moderate ones to hand to the invariance
+trainer, which keeps their capacity while making the output independent of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from icp_lens.features import Feature
+from icp_lens.pruning.arch import PRUNABLE_KINDS
+
+__all__ = ["select_features", "HybridSplit", "hybrid_split", "score_frame"]
+
+
+def score_frame(scores: Any) -> pd.DataFrame:
+    """A score frame (kind, layer, index, score, ...; most spurious first) from a ScoreTable,
+    a DataFrame, a CSV/parquet path, or a list of features (in priority order, no scores)."""
+    from icp_lens.scoring.table import ScoreTable
+
+    if isinstance(scores, (str, Path)):
+        scores = ScoreTable.load(scores)
+    if isinstance(scores, ScoreTable):
+        return scores.frame
+    if isinstance(scores, pd.DataFrame):
+        missing = [c for c in ("kind", "layer", "index") if c not in scores.columns]
+        if missing:
+            raise ValueError(f"A score frame needs columns kind, layer, index (and score); missing {missing}")
+        frame = scores.copy()
+        if "score" in frame:
+            frame = frame.sort_values("score", ascending=False, kind="stable")
+        return frame.reset_index(drop=True)
+    feats = [Feature.parse(f) if isinstance(f, str) else f for f in scores]
+    if not all(isinstance(f, Feature) for f in feats):
+        raise TypeError("Expected a ScoreTable, a DataFrame, a path or a list of Features / feature labels")
+    return pd.DataFrame(
+        {"kind": [f.kind for f in feats], "layer": [f.layer for f in feats], "index": [f.index for f in feats]}
+    )
+
+
+def _features(frame: pd.DataFrame) -> list[Feature]:
+    return [
+        Feature(str(k), int(lay), int(i))
+        for k, lay, i in zip(frame["kind"], frame["layer"], frame["index"], strict=True)
+    ]
+
+
+def select_features(
+    scores: Any,
+    *,
+    threshold: float | None = None,
+    top_k: int | None = None,
+    per_layer_cap: int | None = None,
+    kinds: Sequence[str] = PRUNABLE_KINDS,
+    min_selectivity: float | None = None,
+) -> list[Feature]:
+    """Features to prune, most spurious first (see the module docstring for the order of rules)."""
+    if threshold is None and top_k is None:
+        raise ValueError("Choose features with threshold=..., top_k=... or both")
+    bad = sorted(set(kinds) - set(PRUNABLE_KINDS))
+    if bad:
+        raise ValueError(f"Cannot prune kinds {bad}; prunable kinds: {list(PRUNABLE_KINDS)}")
+    for name, value in (("top_k", top_k), ("per_layer_cap", per_layer_cap)):
+        if value is not None and value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    frame = score_frame(scores)
+    frame = frame[frame["kind"].isin(list(kinds))]
+    if min_selectivity is not None:
+        if "selectivity" not in frame:
+            raise ValueError("min_selectivity needs a score table with a selectivity column")
+        frame = frame[frame["selectivity"] >= min_selectivity]
+    if threshold is not None:
+        if "score" not in frame:
+            raise ValueError("threshold needs scores; a plain feature list only supports top_k")
+        frame = frame[frame["score"] > threshold]
+    if per_layer_cap is not None:
+        frame = frame[frame.groupby("layer").cumcount() < per_layer_cap]
+    if top_k is not None:
+        frame = frame.head(top_k)
+    return _features(frame)
+
+
+@dataclass(frozen=True)
+class HybridSplit:
+    """Extreme features to prune and moderate ones to regularise (disjoint)."""
+
+    prune: tuple[Feature, ...]
+    regularise: tuple[Feature, ...]
+
+
+def hybrid_split(
+    scores: Any,
+    *,
+    prune_threshold: float | None = None,
+    prune_top_k: int | None = None,
+    regularise_threshold: float | None = None,
+    regularise_top_k: int | None = None,
+    per_layer_cap: int | None = None,
+    kinds: Sequence[str] = PRUNABLE_KINDS,
+) -> HybridSplit:
+    """Prune the top of the ranking; regularise the next band (threshold and/or count)."""
+    prune = select_features(
+        scores, threshold=prune_threshold, top_k=prune_top_k, per_layer_cap=per_layer_cap, kinds=kinds
+    )
+    chosen = set(prune)
+    frame = score_frame(scores)
+    rest = frame[[f not in chosen for f in _features(frame)]]
+    regularise = select_features(rest, threshold=regularise_threshold, top_k=regularise_top_k, kinds=kinds)
+    return HybridSplit(prune=tuple(prune), regularise=tuple(regularise))
