@@ -110,7 +110,9 @@ def _device(model: Any) -> torch.device:
 
 @torch.no_grad()
 def forward_latency_ms(model: nn.Module, batches: Sequence[Tensor], *, repeats: int = 3) -> float:
-    """Median wall time (ms) of one forward pass over all ``batches``."""
+    """Median wall time (ms) of one forward pass over all ``batches`` (after one warm-up pass)."""
+    for tokens in batches[:1]:
+        model(tokens.to(_device(model)))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
