@@ -13,6 +13,9 @@ Subcommands:
     Prune the selected features into a new HF checkpoint and verify it
     (``icp-lens apply-plan --model DIR --plan plan.json --out DIR2`` applies a saved
     plan); see ``icp_lens.cli_prune``.
+``icp-lens eval --model DIR --data FILE.jsonl [--json]``
+    The evaluation report (accuracy, worst-group accuracy, flip rate, ECE, fairness
+    gaps, ...) of an HF checkpoint on a probe file; see ``icp_lens.cli_eval``.
 ``icp-lens demo [--out DIR] [--json]``
     The main job on the built-in default: for now, build the default organism
     (lexical shortcut, GPT-2 architecture, seed 0) and print its report.
@@ -80,9 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--quiet", action="store_true", help="no progress bars")
     score.set_defaults(handler=_cmd_score)
 
+    from icp_lens.cli_eval import add_eval_parser
     from icp_lens.cli_prune import add_prune_parsers
 
     add_prune_parsers(sub)
+    add_eval_parser(sub)
 
     demo = sub.add_parser("demo", help="the main job on the built-in default organism")
     demo.add_argument("--out", type=Path, default=None, help="output directory (default: the icp_lens cache)")

@@ -1,0 +1,52 @@
+"""``icp-lens eval``: the evaluation report of an HF checkpoint on a probe-format file.
+
+``icp-lens eval --model DIR --data FILE.jsonl [--json] [--n-boot N] [--sensitive-key KEY]``
+
+``--json`` prints one JSON object whose keys include ``accuracy, worst_group_accuracy,
+group_accuracy, flip_rate, ece, demographic_parity_diff, equal_opportunity_gap``
+(``null`` where the data lacks what a metric needs: groups, spurious counterfactuals,
+two values of the sensitive attribute); see ``icp_lens.evaluation.report``. The model
+is run with ``transformers`` alone, as a user of the checkpoint would run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_eval_parser"]
+
+
+def add_eval_parser(sub: Any) -> None:
+    ev = sub.add_parser("eval", help="evaluate an HF checkpoint on a probe-format JSONL file")
+    ev.add_argument("--model", type=Path, required=True, help="HF checkpoint directory")
+    ev.add_argument("--data", type=Path, required=True, help="probe-format JSONL (prompt, answer, alternatives, ...)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples for the intervals (0: none)")
+    ev.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    ev.add_argument("--sensitive-key", default=None, help="group attribute to treat as sensitive (key=value parts)")
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.set_defaults(handler=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from icp_lens.evaluation import evaluate
+    from icp_lens.probes import read_probes
+    from icp_lens.pruning.source import load_checkpoint, load_tokenizer
+
+    model = load_checkpoint(args.model)
+    tokenizer = load_tokenizer(args.model)
+    examples = read_probes(args.data, tokenizer=tokenizer)
+    report = evaluate(
+        model, tokenizer, examples, n_boot=args.n_boot, seed=args.seed,
+        sensitive_key=args.sensitive_key, batch_size=args.batch_size,
+    )  # fmt: skip
+    if args.json:
+        print(report.to_json())
+        return 0
+    print(f"{args.model} on {args.data} ({len(examples)} examples)")
+    print(report.to_frame().to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    for metric, why in sorted(getattr(report, "notes", {}).items()):
+        print(f"  {metric}: {why}")
+    return 0
