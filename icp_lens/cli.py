@@ -17,8 +17,9 @@ Subcommands:
     The evaluation report (accuracy, worst-group accuracy, flip rate, ECE, fairness
     gaps, ...) of an HF checkpoint on a probe file; see ``icp_lens.cli_eval``.
 ``icp-lens demo [--out DIR] [--json]``
-    The main job on the built-in default: for now, build the default organism
-    (lexical shortcut, GPT-2 architecture, seed 0) and print its report.
+    The main job on the built-in default organism (lexical shortcut, GPT-2, seed 0):
+    score, prune, export and verify the checkpoint, evaluate before/after; see
+    ``icp_lens.demo``.
 """
 
 from __future__ import annotations
@@ -89,10 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_prune_parsers(sub)
     add_eval_parser(sub)
 
-    demo = sub.add_parser("demo", help="the main job on the built-in default organism")
-    demo.add_argument("--out", type=Path, default=None, help="output directory (default: the icp_lens cache)")
+    demo = sub.add_parser("demo", help="score, prune, export, verify and evaluate the default organism")
+    demo.add_argument("--out", type=Path, default=None, help="output directory (default: <icp_lens cache>/demo)")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    demo.set_defaults(handler=_cmd_demo, seed=0, arch="gpt2", variant="lexical", force=False, strict=False)
+    demo.set_defaults(handler=_cmd_demo)
     return parser
 
 
@@ -135,9 +136,25 @@ def _cmd_organism(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    organism, seconds = _build(args, args.out)
-    _report(organism, seconds, as_json=args.json)
-    return 0
+    from icp_lens.demo import run_demo
+
+    demo = run_demo(args.out, progress=not args.json, log=(lambda _m: None) if args.json else print)
+    if args.json:
+        print(json.dumps(demo.to_dict(), indent=2))
+        return 0 if demo.verification_passed else 1
+    print()
+    print(demo.metrics.to_string(float_format=lambda x: f"{x:.3f}"))
+    print()
+    print(
+        f"pruned {len(demo.features)} feature(s): {', '.join(map(str, demo.features))}"
+        f" ({100 * demo.zeroed_fraction:.3f}% of parameters zeroed)"
+    )
+    verdict = "PASS" if demo.verification_passed else "FAIL"
+    print(f"verification: max |logit diff| {demo.verification_error:.2e} vs hook ablation ({verdict})")
+    for name, path in demo.paths.items():
+        print(f"{name:>10}  {path}")
+    print(f"done in {demo.seconds:.0f} s")
+    return 0 if demo.verification_passed else 1
 
 
 def _csv_list(text: str) -> list[str]:

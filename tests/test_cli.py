@@ -60,7 +60,18 @@ def test_bad_arguments_fail_with_the_valid_choices(capsys) -> None:
     ).replace("'llama'", "llama").replace("'neox'", "neox")
 
 
-def test_demo_prints_the_default_organism_report(capsys) -> None:
-    assert main(["demo", "--json"]) == 0  # the default organism, from this session's cache
+def test_demo_runs_the_whole_pipeline(tmp_path, capsys) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--json"]) == 0  # the default organism, from this session's cache
     payload = json.loads(capsys.readouterr().out)
-    assert payload["spec"]["variant"] == "lexical" and payload["passed"] is True
+    keys = {"before", "after", "n_pruned", "pruned", "verification_error", "verification_passed", "paths"}
+    assert keys <= set(payload)
+    assert payload["verification_passed"] and payload["verification_error"] <= 1e-5
+    assert payload["n_pruned"] == len(payload["pruned"]) >= 1
+    before, after = payload["before"], payload["after"]
+    assert before["worst-group accuracy"] <= 0.25 and before["in-distribution accuracy"] >= 0.95
+    assert after["balanced accuracy"] > before["balanced accuracy"] + 0.1  # the planted shortcut is weakened
+    assert after["no-shortcut accuracy"] >= before["no-shortcut accuracy"] - 0.05  # the true cue survives
+    for name in ("checkpoint", "plan", "scores", "figure", "report"):
+        assert Path(payload["paths"][name]).exists(), name
+    assert json.loads((out / "report.json").read_text())["pruned"] == payload["pruned"]
