@@ -58,7 +58,11 @@ def make_plan(
     ``reference`` (prompts, ProbeExamples, a ProbeSet or a JSONL path) is required in
     mean mode: the means are taken over it, on ``model`` (at hook points when it is a
     hooked model). ``hf`` is the HF checkpoint (directory or model) the plan is for,
-    needed when ``model`` is a ``HookedTransformer``. Extra keyword arguments (e.g.
+    needed when ``model`` is a ``HookedTransformer``; load that one *without* weight
+    processing (``HookedTransformer.from_pretrained_no_processing`` or
+    ``icp_lens.legacy.hooked_transformer_from_hf``): ``fold_value_biases`` moves the value
+    bias out of ``hook_z``, so a head's activation there is no longer the input of the HF
+    output projection (verification would then fail). Extra keyword arguments (e.g.
     ``scores="scores.csv", top_k=4``) are recorded as provenance.
     """
     feats = tuple(Feature.parse(f) if isinstance(f, str) else f for f in features)
