@@ -13,6 +13,7 @@ for a ``HookedTransformer`` (TransformerLens 3.x), make the plan on it with
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -114,16 +115,18 @@ class PruneResult:
         }
 
 
-def _verification_reference(model: Any) -> Any:
-    """What to compare the export with: the hooked model, else a bridge or plain HF copy."""
+def _hooked_for(model: Any) -> Any:
+    """The hooked model to check the export against: ``model`` itself, or a bridge booted on a directory."""
     if _is_hooked(model):
         return model
-    clean = clean_hf_model(model)
-    if isinstance(model, (str, Path)) and clean.config.model_type in HOOKED_TYPES:
-        from icp_lens.model import boot_bridge
+    if isinstance(model, (str, Path)):
+        from transformers import AutoConfig
 
-        return boot_bridge(model)
-    return clean
+        if AutoConfig.from_pretrained(model).model_type in HOOKED_TYPES:
+            from icp_lens.model import boot_bridge
+
+            return boot_bridge(model)
+    return None
 
 
 def apply_plan(
@@ -142,17 +145,21 @@ def apply_plan(
 
     Verification (default on) reloads ``out`` with ``transformers`` alone and compares
     its logits on ``prompts`` (random token ids when none) with the original model
-    ablated at run time; ``reference`` overrides the model used for that comparison.
+    ablated at run time: by module hooks on the HF model, and by icp_lens hooks on a
+    hooked model (``model`` itself when it is a bridge or HookedTransformer, a bridge
+    booted on a directory, or ``reference``); see ``VerificationReport``.
     """
     out = check_target(out, overwrite=overwrite)
     clean: nn.Module = clean_hf_model(model)
     plan.check(clean)
     tok = tokenizer if tokenizer is not None else load_tokenizer(model)
-    ref = batches = latency = None
+    hooked = batches = latency = None
+    original = clean
     if verify:
-        ref = reference if reference is not None else _verification_reference(model)
-        batches = verification_batches(ref, prompts=prompts, tokenizer=tok)
+        hooked = reference if reference is not None else _hooked_for(model)
+        batches = verification_batches(hooked if hooked is not None else clean, prompts=prompts, tokenizer=tok)
         latency = forward_latency_ms(clean, batches)
+        original = copy.deepcopy(clean)  # the edit below works in place
     edited, stats = apply_plan_to_model(clean, plan, check=False)
     start = time.perf_counter()
     out = export_checkpoint(edited, out, tokenizer=tok, plan=plan, overwrite=overwrite)
@@ -160,7 +167,7 @@ def apply_plan(
     report = None
     if verify:
         report = verify_export(
-            ref, plan, out, batches=batches, tolerance=tolerance,
+            original, plan, out, hooked=hooked, batches=batches, tolerance=tolerance,
             zeroed_fraction=stats.zeroed_fraction, latency_before_ms=latency,
         )  # fmt: skip
     return PruneResult(out=out, plan=plan, stats=stats, verification=report, export_seconds=seconds)
