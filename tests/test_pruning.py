@@ -286,3 +286,33 @@ def test_fp32_rounding_figures_when_the_tolerance_is_exceeded(micro_dirs, tmp_pa
         micro_dirs["gpt2"], make_plan(micro_dirs["gpt2"], features_for("gpt2")), tmp_path / "z", tolerance=0.0
     )
     assert zero.verification.max_abs_logit_diff == 0.0 and zero.verification.passed  # zero mode is exact
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_llama_family_variants_equal_module_hook_ablation(family) -> None:
+    import transformers
+
+    names = {"mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+    config_cls = getattr(transformers, f"{names[family]}Config")
+    model_cls = getattr(transformers, f"{names[family]}ForCausalLM")
+    torch.manual_seed(0)
+    cfg = config_cls(
+        vocab_size=10, hidden_size=8, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=16, max_position_embeddings=16, head_dim=2,
+    )  # fmt: skip
+    model = model_cls(cfg).eval()
+    feats = [Feature("neuron", 1, 3), Feature("head", 0, 3), Feature("value", 1, 1)]
+    tokens = torch.tensor([[0, 3, 4, 5, 6], [0, 7, 6, 5, 4]])
+    plan = make_plan(model, feats, mode="zero")
+    edited, stats = apply_plan_to_model(clean_hf_model(model), plan)
+    with hf_ablation(model, feats):
+        expected = logits_of(model, tokens)
+    torch.testing.assert_close(logits_of(edited, tokens), expected, atol=1e-6, rtol=0)
+    assert (expected - logits_of(model, tokens)).abs().max() > 1e-4
+    assert stats.zeroed == 8 + 2 * 8 + 2 * 8  # a down_proj column, an o_proj block, two v_proj rows
+    if family == "qwen2":  # v_proj has a bias, o_proj none and no flag: value features fold, heads refuse
+        means = make_plan(model, [Feature("value", 1, 1)], mode="mean", reference=REFERENCE, tokenizer=word_tokenizer())
+        apply_plan_to_model(clean_hf_model(model), means)
+        heads = make_plan(model, [Feature("head", 1, 1)], mode="mean", reference=REFERENCE, tokenizer=word_tokenizer())
+        with pytest.raises(ValueError, match="no config flag"):
+            apply_plan_to_model(clean_hf_model(model), heads)
