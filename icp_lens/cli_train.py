@@ -1,0 +1,166 @@
+"""``icp-lens train``: invariance fine-tuning (and the baselines) from the command line.
+
+``icp-lens train --model DIR --train FILE.jsonl --out DIR2 [--scores scores.csv --top-k K]
+[--objective invariance|consistency|contrastive|erm|jtt|groupdro|cda|clp] [--lambda L] [--lora]
+[--epochs N] [--val FILE.jsonl]``
+    Fine-tune a copy of the checkpoint ``DIR`` on ``FILE.jsonl`` (probe format) and write
+    ``DIR2``: an HF checkpoint (LoRA merged) verified against the trained model, with
+    ``training.json`` (settings, features, result) and ``history.csv`` (loss terms and
+    validation metrics). ``--scores`` + ``--top-k`` choose the features to regularise
+    (the invariance objective needs them); ``--prune-top-k P`` makes it the hybrid: the
+    top ``P`` features are pruned (``plan.json`` is written too) and the next ``K``
+    regularised. ``--pairs FILE.jsonl`` draws the counterfactual pairs from a separate
+    (small) pool, so the training file needs no counterfactuals. An interrupted run
+    continues with ``--resume`` (checkpoints in ``--checkpoint-dir``, default
+    ``DIR2.checkpoints``, removed after a successful export unless ``--keep-checkpoints``).
+
+Exit status 0 on success, 1 when the export's verification fails (the checkpoint is
+still written), 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_train_parser"]
+
+STOP_METRICS = ("worst_group_accuracy", "accuracy", "counterfactual_accuracy", "loss", "flip_rate")
+_OBJECTIVES = ["invariance", "consistency", "contrastive", "erm", "jtt", "groupdro", "cda", "clp"]
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def add_train_parser(sub: Any) -> argparse.ArgumentParser:
+    """Register ``train`` on a subparsers object (``handler`` returns the exit status)."""
+    p = sub.add_parser("train", help="fine-tune a model to be invariant to spurious features (or a baseline)")
+    p.add_argument("--model", type=Path, required=True, help="HF checkpoint directory")
+    p.add_argument("--train", type=Path, required=True, help="training examples (probe-format JSONL)")
+    p.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
+    p.add_argument("--scores", type=Path, default=None, help="score table from `icp-lens score` (.csv/.parquet)")
+    p.add_argument("--top-k", type=int, default=None, help="regularise the K highest-scoring features")
+    p.add_argument("--prune-top-k", type=int, default=0, help="hybrid: prune the top P features, regularise the next K")
+    p.add_argument("--prune-mode", choices=["zero", "mean"], default="mean", help="hybrid pruning mode (mean)")
+    p.add_argument("--objective", choices=_OBJECTIVES, default="invariance")
+    p.add_argument("--lambda", dest="lam", type=float, default=None,
+                   help="regulariser weight (invariance: task + L*inv, default 1; consistency: "
+                        "L*task + (1-L)*d, default 0.5)")  # fmt: skip
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) and merge them on export")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--val", type=Path, default=None, help="validation examples (JSONL), evaluated every epoch")
+    p.add_argument("--pairs", type=Path, default=None, help="pool of examples with spurious counterfactuals")
+    p.add_argument("--intervention", type=_csv, default=["resample"],
+                   help="resample|resample_batch|mean|zero, comma-separated to sample among (resample)")  # fmt: skip
+    p.add_argument("--divergence", choices=["kl", "reverse_kl", "js", "cosine", "mse"], default="kl")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--dropout", type=float, default=None, help="set every dropout probability (default: the model's)")
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--warmup-ratio", type=float, default=0.1)
+    p.add_argument("--early-stopping", choices=list(STOP_METRICS), default=None,
+                   help="validation metric to stop on and select the best checkpoint by (needs --val)")  # fmt: skip
+    p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: every epoch)")
+    p.add_argument("--checkpoint-dir", type=Path, default=None, help="resumable checkpoints (default DIR2.checkpoints)")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default: per eval)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep the checkpoints after the export")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=_cmd_train)
+    return p
+
+
+def _features(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
+    from icp_lens.pruning import hybrid_split, select_features
+
+    if args.scores is None:
+        if args.top_k is not None or args.prune_top_k:
+            raise ValueError("--top-k and --prune-top-k need --scores")
+        return [], []
+    if args.top_k is None and not args.prune_top_k:
+        raise ValueError("--scores needs --top-k K (features to regularise) and/or --prune-top-k P")
+    if args.prune_top_k:
+        split = hybrid_split(args.scores, prune_top_k=args.prune_top_k, regularise_top_k=args.top_k or 0)
+        return list(split.regularise), list(split.prune)
+    return select_features(args.scores, top_k=args.top_k), []
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from icp_lens.training import TrainConfig
+
+    return TrainConfig(
+        objective=args.objective, lam=args.lam, epochs=args.epochs, max_steps=args.max_steps,
+        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+        grad_clip=args.grad_clip if args.grad_clip > 0 else None, dropout=args.dropout,
+        interventions=tuple(args.intervention), divergence=args.divergence, prune_mode=args.prune_mode,
+        lora=args.lora, lora_r=args.lora_r, eval_every=args.eval_every, early_stopping=args.early_stopping,
+        patience=args.patience, checkpoint_every=args.checkpoint_every, seed=args.seed, progress=not args.quiet,
+    )  # fmt: skip
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from icp_lens.pruning.export import check_target
+    from icp_lens.training import Trainer
+
+    try:
+        check_target(args.out, overwrite=args.overwrite)
+        features, prune = _features(args)
+        config = _config(args)
+    except (ValueError, FileExistsError) as err:
+        print(f"icp-lens train: error: {err}", file=sys.stderr)
+        return 2
+    checkpoints = args.checkpoint_dir or args.out.with_name(args.out.name + ".checkpoints")
+    try:
+        trainer = Trainer(args.model, args.train, config, features=features, prune=prune, val=args.val,
+                          pairs=args.pairs, checkpoint_dir=checkpoints)  # fmt: skip
+    except ValueError as err:
+        print(f"icp-lens train: error: {err}", file=sys.stderr)
+        return 2
+    result = trainer.fit(resume=args.resume)
+    val_rows = result.history[result.history["kind"] == "val"] if len(result.history) else None
+    before = None
+    if val_rows is not None and len(val_rows):
+        first = val_rows.iloc[0]
+        before = {k: (None if first[k] != first[k] else float(first[k])) for k in result.final}
+    report = trainer.export(args.out, overwrite=args.overwrite, result=result)
+    if not args.keep_checkpoints:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    payload = {
+        "out": str(args.out),
+        "objective": config.objective,
+        "lora": config.lora,
+        "features": [str(f) for f in features],
+        "pruned": [str(f) for f in prune],
+        "steps": result.steps,
+        "stopped_early": result.stopped_early,
+        "seconds": round(result.seconds, 2),
+        "val_before": before,
+        "val_after": result.final or None,
+        "verification": report.to_dict(),
+    }
+    if args.json:
+        print(json.dumps(payload, indent=2))
+    else:
+        print(f"{config.objective}{' (LoRA)' if config.lora else ''}: {result.steps} steps in {result.seconds:.1f} s"
+              + (" (stopped early)" if result.stopped_early else ""))  # fmt: skip
+        if features or prune:
+            print(f"regularised {len(features)} feature(s), pruned {len(prune)}")
+        if before is not None:
+            for name in ("accuracy", "worst_group_accuracy", "flip_rate"):
+                if before.get(name) is not None:
+                    print(f"val {name:22s} {before[name]:.3f} -> {result.final[name]:.3f}")
+        print(f"written {args.out} (history.csv, training.json{', plan.json' if prune else ''})")
+        print(report)
+    return 0 if report.passed else 1

@@ -1,0 +1,129 @@
+"""Training settings: one frozen, validated dataclass.
+
+``TrainConfig`` holds every option of a run (objective and its weight, optimiser and
+schedule, interventions, LoRA, evaluation, early stopping, checkpoints, re-scoring); its
+``__post_init__`` only validates (and resolves ``lam=None`` to the objective's default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, get_args
+
+from icp_lens.pruning.plan import PruneMode
+from icp_lens.training.losses import DIVERGENCES, Divergence
+from icp_lens.training.objectives import INTERVENTIONS, OBJECTIVES, Objective, term_weights
+
+__all__ = ["DEFAULT_LAMBDA", "STOP_METRICS", "StopMetric", "TaskLoss", "TrainConfig", "HIGHER_IS_BETTER"]
+
+StopMetric = Literal["worst_group_accuracy", "accuracy", "counterfactual_accuracy", "loss", "flip_rate"]
+STOP_METRICS: tuple[str, ...] = get_args(StopMetric)
+HIGHER_IS_BETTER = {"worst_group_accuracy": True, "accuracy": True, "counterfactual_accuracy": True,
+                     "loss": False, "flip_rate": False}  # fmt: skip
+TaskLoss = Literal["answer", "candidates", "lm"]
+#: ``lam`` when ``TrainConfig(lam=None)``: consistency mixes task and distance half and half
+DEFAULT_LAMBDA: dict[str, float] = {name: 0.5 if name == "consistency" else 1.0 for name in OBJECTIVES}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one training run (validated on creation; see the module docstring).
+
+    ``lam`` weighs the objective's regulariser (``task + lam * L_inv`` for invariance,
+    ``lam * task + (1 - lam) * d`` for consistency); ``None`` picks the objective's
+    default (:data:`DEFAULT_LAMBDA`). ``eval_every`` / ``checkpoint_every``
+    are in steps (``None``: at the end of every epoch). ``early_stopping`` names the
+    validation metric to watch; training stops after ``patience`` evaluations without
+    an improvement of at least ``min_delta``, and the best weights are restored.
+    ``pair_fraction`` computes the pair terms (invariance, consistency, ...) on that
+    share of each batch only, which makes a step cheaper. ``rescore_every`` re-scores
+    the features (attribution, on the probe pairs, pruned features ablated) every N
+    steps from step 0 and adds the ``rescore_top_k`` highest to the regularised set
+    (union), so a shortcut that moves to other features during training is followed.
+    """
+
+    objective: Objective = "invariance"
+    lam: float | None = None
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    grad_clip: float | None = 1.0
+    dropout: float | None = None
+    task_loss: TaskLoss = "answer"
+    interventions: tuple[str, ...] = ("resample",)
+    features_per_step: int | None = None
+    divergence: Divergence = "kl"
+    temperature: float = 1.0
+    representation: str | None = None
+    nce_temperature: float = 0.1
+    extra_terms: Mapping[str, float] | None = None
+    pair_fraction: float = 1.0
+    jtt_upweight: float = 20.0
+    groupdro_eta: float = 0.01
+    prune_mode: PruneMode = "mean"
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] | None = None
+    eval_every: int | None = None
+    early_stopping: StopMetric | None = None
+    patience: int = 3
+    min_delta: float = 0.0
+    restore_best: bool = True
+    log_every: int = 10
+    checkpoint_every: int | None = None
+    mean_reference_size: int = 1024
+    rescore_every: int | None = None
+    rescore_top_k: int | None = None
+    rescore_kinds: tuple[str, ...] = ("neuron", "head")
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"Unknown objective {self.objective!r}; valid: {list(OBJECTIVES)}")
+        if self.lam is None:
+            object.__setattr__(self, "lam", DEFAULT_LAMBDA[self.objective])
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"Unknown divergence {self.divergence!r}; valid: {list(DIVERGENCES)}")
+        if self.task_loss not in get_args(TaskLoss):
+            raise ValueError(f"Unknown task_loss {self.task_loss!r}; valid: {list(get_args(TaskLoss))}")
+        object.__setattr__(self, "interventions", tuple(self.interventions))
+        bad = [i for i in self.interventions if i not in INTERVENTIONS]
+        if bad or not self.interventions:
+            raise ValueError(f"interventions must be a non-empty subset of {list(INTERVENTIONS)}, got {bad or '()'}")
+        if self.early_stopping is not None and self.early_stopping not in STOP_METRICS:
+            raise ValueError(f"Unknown early_stopping metric {self.early_stopping!r}; valid: {list(STOP_METRICS)}")
+        if self.objective == "consistency" and not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"consistency uses lam * task + (1 - lam) * d: lam must be in [0, 1], got {self.lam}")
+        if self.lam < 0:
+            raise ValueError(f"lam must be >= 0, got {self.lam}")
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "patience": self.patience,
+                    "log_every": self.log_every, "lora_r": self.lora_r}  # fmt: skip
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        object.__setattr__(self, "rescore_kinds", tuple(self.rescore_kinds))
+        for name in ("max_steps", "eval_every", "checkpoint_every", "features_per_step", "rescore_every",
+                     "rescore_top_k"):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.warmup_ratio < 1:
+            raise ValueError("lr must be > 0, weight_decay >= 0 and warmup_ratio in [0, 1)")
+        if not 0.0 < self.pair_fraction <= 1.0:
+            raise ValueError(f"pair_fraction must be in (0, 1], got {self.pair_fraction}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.extra_terms is not None:
+            object.__setattr__(self, "extra_terms", dict(self.extra_terms))
+        term_weights(self.objective, self.lam, self.extra_terms)  # validates the term names
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

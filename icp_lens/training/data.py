@@ -1,0 +1,152 @@
+"""Training data: probe-format examples tokenized once, served as shuffled equal-length batches.
+
+Training reads the same JSONL format as scoring and evaluation (``icp_lens.probes``):
+``prompt``, ``answer``, ``alternatives`` and, where an objective needs them, a
+``spurious_counterfactual`` and a ``group``. Examples are tokenized by
+:class:`~icp_lens.probeset.ProbeSet` (the model's own BOS rule, single-token answers,
+no padding ever), then split into *shards* of one shape (prompt length, counterfactual
+length). An epoch shuffles within each shard, cuts it into batches and shuffles the
+batch order, from a generator seeded by ``(seed, epoch)``: the order of epoch ``e`` is
+the same whether or not training was interrupted before it, which is what makes resuming
+exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from icp_lens.model import HookedModel
+from icp_lens.probes import ProbeExample
+from icp_lens.probeset import ProbeSet
+
+__all__ = ["TrainBatch", "TrainData"]
+
+
+@dataclass(frozen=True)
+class TrainBatch:
+    """Equal-length examples as tensors.
+
+    ``candidates`` is ``[batch, 1 + n_alt]``: the answer first, then the alternatives,
+    ``-1`` where an example has fewer. ``spurious`` is ``None`` unless every example of
+    the batch has a spurious counterfactual. ``group_id`` is ``-1`` for examples without
+    a group; ``weight`` is the per-example loss weight (1 unless JTT changed it).
+    """
+
+    index: Int[Tensor, " batch"]
+    tokens: Int[Tensor, "batch pos"]
+    answer: Int[Tensor, " batch"]
+    candidates: Int[Tensor, "batch n"]
+    spurious: Int[Tensor, "batch pos_s"] | None
+    group_id: Int[Tensor, " batch"]
+    weight: Float[Tensor, " batch"]
+
+    @property
+    def size(self) -> int:
+        return int(self.index.shape[0])
+
+    def head(self, n: int) -> TrainBatch:
+        """The first ``n`` examples."""
+        return TrainBatch(**{k: (v[:n] if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()})
+
+    def to(self, device: torch.device | str) -> TrainBatch:
+        moved = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()}
+        return TrainBatch(**moved)
+
+
+@dataclass(frozen=True)
+class _Shard:
+    index: Tensor
+    tokens: Tensor
+    answer: Tensor
+    candidates: Tensor
+    spurious: Tensor | None
+    group_id: Tensor
+
+
+class TrainData:
+    """Examples tokenized for ``model``; ``epoch(e, batch_size, seed)`` yields shuffled batches."""
+
+    def __init__(self, model: HookedModel, examples: Sequence[ProbeExample]) -> None:
+        if not examples:
+            raise ValueError("Training data needs at least one example")
+        self.examples: tuple[ProbeExample, ...] = tuple(examples)
+        self.groups: tuple[str, ...] = tuple(sorted({ex.group for ex in self.examples if ex.group is not None}))
+        group_of = {g: i for i, g in enumerate(self.groups)}
+        probes = ProbeSet(model, self.examples, cf_length="right")
+        shards = []
+        for b in probes.batches(len(self.examples)):
+            gid = torch.tensor([group_of[g] if g is not None else -1 for g in b.groups], dtype=torch.long)
+            cands = torch.cat([b.answer[:, None], b.alternatives], dim=1)
+            shards.append(_Shard(b.index, b.tokens, b.answer, cands, b.spurious, gid))
+        self._shards = shards
+        self.weights = torch.ones(len(self.examples))
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    @property
+    def has_spurious(self) -> bool:
+        """Whether every example has a spurious counterfactual."""
+        return all(s.spurious is not None for s in self._shards)
+
+    @property
+    def n_with_spurious(self) -> int:
+        return sum(len(s.index) for s in self._shards if s.spurious is not None)
+
+    @property
+    def has_groups(self) -> bool:
+        return bool(self.groups)
+
+    def with_weights(self, weights: Tensor) -> TrainData:
+        """A copy that serves ``weights`` (one per example, in example order) in ``TrainBatch.weight``."""
+        if weights.shape != (len(self),):
+            raise ValueError(f"expected {len(self)} weights, got shape {tuple(weights.shape)}")
+        new = object.__new__(TrainData)
+        new.__dict__.update(self.__dict__)
+        new.weights = weights.float().clone()
+        return new
+
+    def _take(self, shard: _Shard, rows: Tensor) -> TrainBatch:
+        index = shard.index[rows]
+        return TrainBatch(
+            index=index,
+            tokens=shard.tokens[rows],
+            answer=shard.answer[rows],
+            candidates=shard.candidates[rows],
+            spurious=None if shard.spurious is None else shard.spurious[rows],
+            group_id=shard.group_id[rows],
+            weight=self.weights[index],
+        )
+
+    def n_batches(self, batch_size: int) -> int:
+        """Batches per epoch."""
+        return sum(-(-len(s.index) // batch_size) for s in self._shards)
+
+    def epoch(self, epoch: int, batch_size: int, *, seed: int = 0, shuffle: bool = True) -> list[TrainBatch]:
+        """The batches of one epoch, in order; the same ``(seed, epoch)`` gives the same batches."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+        batches = []
+        for shard in self._shards:
+            n = len(shard.index)
+            order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+            batches += [self._take(shard, order[i : i + batch_size]) for i in range(0, n, batch_size)]
+        if shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+        return batches
+
+    def batches(self, batch_size: int = 256) -> Iterator[TrainBatch]:
+        """All examples in a fixed order (for evaluation)."""
+        yield from self.epoch(0, batch_size, shuffle=False)
+
+    def counterfactual_batches(self, batch_size: int = 256) -> Iterator[TrainBatch]:
+        """The examples that have a spurious counterfactual, with the counterfactual as ``tokens``."""
+        for b in self.batches(batch_size):
+            if b.spurious is not None:
+                yield replace(b, tokens=b.spurious, spurious=None)

@@ -1,0 +1,325 @@
+"""Batch losses: one training step's forward passes and loss terms, per objective.
+
+Every objective is a weighted sum of *terms* computed from one stacked forward pass
+(rows never interact in a transformer, so stacking equals separate runs):
+
+===============  ===================================================  =========================
+term             value                                                rows of the stacked pass
+===============  ===================================================  =========================
+``task``         answer cross-entropy on ``x`` (example-weighted;     ``x``
+                 group-reweighted for GroupDRO)
+``invariance``   ``D(M(x), M(x | do(f = I(f))))`` over the flagged    ``x``, ``x`` with edits
+                 features, intervention sampled per step
+``consistency``  ``D(M(x), M(x_cf))``, ``x_cf`` the spurious          ``x``, ``x_cf``
+                 counterfactual
+``contrastive``  InfoNCE between the representation of ``x`` and of   ``x``, ``x_cf`` (else the
+                 its perturbed version (other rows = negatives)       edited ``x``)
+``cda``          cross-entropy of the answer on ``x_cf``              ``x_cf``
+``clp``          squared logit difference between ``x`` and ``x_cf``  ``x``, ``x_cf``
+===============  ===================================================  =========================
+
+Objectives (``lam`` = ``TrainConfig.lam``):
+
+- ``erm``: ``task``; ``jtt``: ``task`` with the error set upweighted (weights come with the
+  batch); ``groupdro``: ``sum_g q_g task_g`` with ``q`` updated by exponentiated gradient;
+- ``invariance``: ``task + lam * invariance`` (no counterfactuals needed with ``mean``,
+  ``zero`` or ``resample_batch`` interventions);
+- ``consistency``: ``lam * task + (1 - lam) * consistency``;
+- ``contrastive``: ``task + lam * contrastive``; ``cda``: mean of ``task`` and ``cda``;
+  ``clp``: ``task + lam * clp``.
+
+The pair terms need spurious counterfactuals. The trainer passes a ``pairs`` batch for
+them when the training batch has none (from a separate pool, or from the training
+examples that have counterfactuals), so every step carries every term.
+``TrainConfig.extra_terms`` adds more terms with their own weights (e.g. invariance plus
+a little consistency). Interventions for the invariance term: ``resample`` (each
+feature takes its value on the spurious counterfactual: needs counterfactuals),
+``resample_batch`` (its value on another example of the batch), ``mean`` (its mean over
+the training prompts, fitted once at the start) and ``zero``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+import torch
+from torch import Tensor
+
+from icp_lens.edits import Edit, intervene
+from icp_lens.features import Feature
+from icp_lens.hooks import capturing, hooked
+from icp_lens.interventions import Mean, Resample, Zero
+from icp_lens.model import HookedModel, model_dims
+from icp_lens.training import losses as L
+from icp_lens.training.data import TrainBatch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from icp_lens.training.config import TrainConfig
+
+__all__ = [
+    "Objective",
+    "OBJECTIVES",
+    "Term",
+    "TERMS",
+    "InterventionName",
+    "INTERVENTIONS",
+    "term_weights",
+    "needs_features",
+    "needs_counterfactuals",
+    "needs_groups",
+    "BatchLoss",
+    "capture_prefix",
+]
+
+Objective = Literal["erm", "invariance", "consistency", "contrastive", "jtt", "groupdro", "cda", "clp"]
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
+Term = Literal["task", "invariance", "consistency", "contrastive", "cda", "clp"]
+TERMS: tuple[str, ...] = get_args(Term)
+InterventionName = Literal["resample", "resample_batch", "mean", "zero"]
+INTERVENTIONS: tuple[str, ...] = get_args(InterventionName)
+_CF_TERMS = ("consistency", "cda", "clp")
+
+
+def term_weights(objective: str, lam: float, extra: dict[str, float] | None = None) -> dict[str, float]:
+    """The weight of each loss term under ``objective`` (see the module docstring)."""
+    base = {
+        "erm": {"task": 1.0},
+        "jtt": {"task": 1.0},
+        "groupdro": {"task": 1.0},
+        "invariance": {"task": 1.0, "invariance": lam},
+        "consistency": {"task": lam, "consistency": 1.0 - lam},
+        "contrastive": {"task": 1.0, "contrastive": lam},
+        "cda": {"task": 0.5, "cda": 0.5},
+        "clp": {"task": 1.0, "clp": lam},
+    }
+    if objective not in base:
+        raise ValueError(f"Unknown objective {objective!r}; valid: {list(OBJECTIVES)}")
+    weights = dict(base[objective])
+    for name, w in (extra or {}).items():
+        if name not in TERMS:
+            raise ValueError(f"Unknown loss term {name!r} in extra_terms; valid: {list(TERMS)}")
+        weights[name] = weights.get(name, 0.0) + float(w)
+    return {k: v for k, v in weights.items() if v != 0.0}
+
+
+def needs_features(weights: dict[str, float], has_counterfactuals: bool) -> bool:
+    """Whether these terms need flagged features (invariance; contrastive without counterfactuals)."""
+    return "invariance" in weights or ("contrastive" in weights and not has_counterfactuals)
+
+
+def needs_counterfactuals(weights: dict[str, float]) -> bool:
+    return any(t in weights for t in _CF_TERMS)
+
+
+def needs_groups(objective: str) -> bool:
+    return objective == "groupdro"
+
+
+_HOOK_ORDER = {"resid": 0, "value": 1, "head": 2, "neuron": 3}
+
+
+class _StopForward(Exception):
+    """Raised by a hook once every needed activation is recorded (ends the forward pass early)."""
+
+
+@torch.no_grad()
+def capture_prefix(model: HookedModel, features: Sequence[Feature], tokens: Tensor) -> dict[str, Tensor]:
+    """The activations at ``features``' hook points on ``tokens``, running the model only
+    as far as the last of those hook points (no gradient)."""
+    names = sorted({f.hook_name for f in features})
+    last = max(features, key=lambda f: (f.layer, _HOOK_ORDER[f.kind])).hook_name
+
+    def stop(activation: Tensor, hook: Any) -> None:
+        raise _StopForward
+
+    with capturing(model, names) as store, hooked(model, [(last, stop)]):
+        try:
+            model(tokens)
+        except _StopForward:
+            pass
+    return {name: store[name].clone() for name in names}
+
+
+class BatchLoss:
+    """Computes a batch's loss terms for one objective; holds the state that lives across steps.
+
+    ``features`` are the flagged (regularised) features, ``means`` their ``Mean``
+    interventions (for the ``mean`` intervention), ``n_groups`` the number of groups
+    (GroupDRO). ``state_dict`` / ``load_state_dict`` carry the GroupDRO weights through
+    checkpoints.
+    """
+
+    def __init__(
+        self,
+        model: HookedModel,
+        config: TrainConfig,
+        *,
+        features: Sequence[Feature] = (),
+        means: dict[Feature, Mean] | None = None,
+        n_groups: int = 0,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.features = tuple(features)
+        self.means = means or {}
+        self.weights = term_weights(config.objective, config.lam, config.extra_terms)
+        self.n_groups = n_groups
+        self.group_q = torch.full((n_groups,), 1.0 / n_groups) if n_groups else None
+        n_layers = model_dims(model).n_layers
+        self.representation = config.representation or (
+            f"blocks.{n_layers - 1}.hook_resid_post" if "contrastive" in self.weights else "logits"
+        )
+
+    # -- state ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"group_q": None if self.group_q is None else self.group_q.tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("group_q") is not None:
+            self.group_q = torch.tensor(state["group_q"], dtype=torch.float32)
+
+    # -- pieces -----------------------------------------------------------------------
+    def _choose_edits(self, batch: TrainBatch, gen: torch.Generator, rows: tuple[int, int]) -> list[Edit]:
+        cfg = self.config
+        options = [i for i in cfg.interventions if i != "resample" or batch.spurious is not None]
+        if not options or not self.features:
+            return []
+        name = options[int(torch.randint(len(options), (1,), generator=gen))]
+        feats = list(self.features)
+        k = cfg.features_per_step
+        if k is not None and k < len(feats):
+            feats = [feats[i] for i in sorted(torch.randperm(len(feats), generator=gen)[:k].tolist())]
+        if name == "zero":
+            interventions: dict[Feature, Any] = {f: Zero() for f in feats}
+        elif name == "mean":
+            missing = [f for f in feats if f not in self.means]
+            if missing:
+                raise RuntimeError(f"No fitted means for {missing[:3]}; the trainer fits them before training")
+            interventions = {f: self.means[f] for f in feats}
+        else:
+            if name == "resample":
+                source = batch.spurious
+            else:  # another example of the batch: a random cyclic shift, so no row keeps its own
+                shift = 1 + int(torch.randint(max(1, batch.size - 1), (1,), generator=gen))
+                source = batch.tokens.roll(shift % batch.size, dims=0)
+            align = "exact" if source.shape[1] == batch.tokens.shape[1] else "right"
+            activations = capture_prefix(self.model, feats, source)
+            interventions = {f: Resample(f.select(activations[f.hook_name]), align) for f in feats}
+        return [Edit(f, interventions[f], rows=rows) for f in feats]
+
+    def _represent(self, last: Tensor, captured: Tensor | None, batch: TrainBatch) -> Tensor:
+        if self.representation == "logits":
+            return last
+        if self.representation == "candidates":
+            return L.candidate_logits(last, batch.candidates).clamp_min(-1e4)
+        assert captured is not None
+        return captured[:, -1].flatten(1)
+
+    def _task(self, last: Tensor, batch: TrainBatch, logits: Tensor | None = None) -> Tensor:
+        cfg = self.config
+        if cfg.task_loss == "lm":
+            assert logits is not None
+            per_example = L.lm_loss(logits, batch.tokens, answer=batch.answer, reduction="none")
+        else:
+            cands = batch.candidates if cfg.task_loss == "candidates" else None
+            per_example = L.answer_cross_entropy(last, batch.answer, candidates=cands, reduction="none")
+        return per_example
+
+    def _forward(
+        self, blocks: list[tuple[str, Tensor]], edits: list[Edit]
+    ) -> dict[str, tuple[Tensor, Tensor, Tensor | None]]:
+        """Run the blocks, stacked along the batch (one pass per token length); ``edits`` hit block ``do``.
+
+        Returns ``block -> (logits, last-position logits, captured representation or None)``.
+        """
+        rep_hook = None if self.representation in ("logits", "candidates") else self.representation
+        by_len: dict[int, list[int]] = {}
+        for i, (_, tokens) in enumerate(blocks):
+            by_len.setdefault(tokens.shape[1], []).append(i)
+        out: dict[str, tuple[Tensor, Tensor, Tensor | None]] = {}
+        for members in by_len.values():
+            tokens = torch.cat([blocks[i][1] for i in members])
+            spans, start = {}, 0
+            for i in members:
+                spans[blocks[i][0]] = (start, start + blocks[i][1].shape[0])
+                start += blocks[i][1].shape[0]
+            pass_edits = [replace(e, rows=spans["do"]) for e in edits] if "do" in spans else []
+            with ExitStack() as stack:
+                stack.enter_context(intervene(self.model, pass_edits))
+                store = stack.enter_context(capturing(self.model, [rep_hook] if rep_hook else [], detach=False))
+                logits = self.model(tokens)
+                captured = store.get(rep_hook) if rep_hook else None
+            for name, (lo, hi) in spans.items():
+                out[name] = (logits[lo:hi], logits[lo:hi, -1], None if captured is None else captured[lo:hi])
+        return out
+
+    # -- the step ---------------------------------------------------------------------
+    def __call__(self, batch: TrainBatch, gen: torch.Generator, pairs: TrainBatch | None = None) -> dict[str, Tensor]:
+        """Loss terms of ``batch`` (detached) and ``loss``, their weighted sum (with gradients).
+
+        ``pairs`` (examples with spurious counterfactuals, e.g. from a small pool) carries
+        the pair terms (invariance, consistency, contrastive, cda, clp) when given; the
+        task term stays on ``batch``. Without it the pair terms use ``batch`` itself.
+        """
+        w = self.weights
+        cfg = self.config
+        anchor = pairs if pairs is not None else batch
+        if cfg.pair_fraction < 1.0:  # pair terms on part of the batch: a cheaper step
+            anchor = anchor.head(max(1, round(cfg.pair_fraction * anchor.size)))
+            if pairs is not None:
+                pairs = anchor
+        has_cf = anchor.spurious is not None
+        blocks: list[tuple[str, Tensor]] = [("x", batch.tokens)]
+        pair_terms = any(t in w for t in (*_CF_TERMS, "contrastive", "invariance"))
+        if pairs is not None and pair_terms:
+            blocks.append(("a", pairs.tokens))
+        if has_cf and (any(t in w for t in _CF_TERMS) or "contrastive" in w):
+            blocks.append(("cf", anchor.spurious))
+        edits: list[Edit] = []
+        if ("invariance" in w or ("contrastive" in w and not has_cf)) and self.features:
+            edits = self._choose_edits(anchor, gen, (0, anchor.size))
+            if edits:
+                blocks.append(("do", anchor.tokens))
+        out = self._forward(blocks, edits)
+
+        logits_x, last_x, cap_x = out["x"]
+        per_example = self._task(last_x, batch, logits_x)
+        terms: dict[str, Tensor] = {}
+        if cfg.objective == "groupdro" and self.group_q is not None:
+            g_loss, present = L.group_losses(per_example, batch.group_id, self.n_groups)
+            self.group_q = L.group_dro_update(self.group_q.to(g_loss.device), g_loss, present, eta=cfg.groupdro_eta)
+            terms["task"] = (self.group_q * g_loss).sum()
+        else:
+            terms["task"] = L.weighted_mean(per_example, batch.weight)
+        n = anchor.size  # without a pair batch the anchor is the first n rows of x
+        logits_a, last_a, cap_a = (t[:n] if t is not None else None for t in out.get("a", out["x"]))
+        rep_a = self._represent(last_a, cap_a, anchor)
+        if "do" in out and "invariance" in w:
+            rep_do = self._represent(out["do"][1], out["do"][2], anchor)
+            terms["invariance"] = L.invariance_loss(rep_a, rep_do, cfg.divergence, temperature=cfg.temperature)
+        if "cf" in out:
+            logits_cf, last_cf, cap_cf = out["cf"]
+            rep_cf = self._represent(last_cf, cap_cf, anchor)
+            if "consistency" in w:
+                terms["consistency"] = L.divergence(
+                    rep_a, rep_cf, cfg.divergence, temperature=cfg.temperature, reduction="mean"
+                )
+            if "cda" in w:
+                terms["cda"] = L.weighted_mean(self._task(last_cf, anchor, logits_cf), anchor.weight)
+            if "clp" in w:
+                terms["clp"] = L.logit_pairing(
+                    L.candidate_logits(last_a, anchor.candidates), L.candidate_logits(last_cf, anchor.candidates)
+                )
+        if "contrastive" in w and ("cf" in out or "do" in out):
+            other = out["cf"] if "cf" in out else out["do"]
+            z_other = self._represent(other[1], other[2], anchor)
+            terms["contrastive"] = L.info_nce(rep_a, z_other, temperature=cfg.nce_temperature)
+        if cfg.objective == "cda" and "cda" not in terms:  # no counterfactuals in this batch: plain task loss
+            w = {**w, "task": 1.0}
+        total = sum((w[name] * value for name, value in terms.items() if name in w), 0.0)
+        result = {name: value.detach() for name, value in terms.items()}
+        result["loss"] = total
+        return result

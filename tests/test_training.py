@@ -1,0 +1,446 @@
+"""The trainer on micro-models: objectives, exports (full, LoRA, hybrid), resume, early stopping, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from icp_lens import Feature, active_hook_count, run_with_edits
+from icp_lens.edits import Edit
+from icp_lens.interventions import Zero
+from icp_lens.probes import ProbeExample, write_probes
+from icp_lens.training import OBJECTIVES, STOP_METRICS, TrainConfig, Trainer, divergence
+from icp_lens.training.data import TrainData
+
+FEATURES = [Feature("head", 0, 1), Feature("neuron", 1, 3)]
+
+
+def micro_examples(n: int = 32, *, counterfactuals: bool = True, groups: bool = True) -> list[ProbeExample]:
+    """Label = pos iff the first word is a/b; the last word (d/e) is a spurious token agreeing 3 times in 4."""
+    out = []
+    words = ["a", "b", "c", "d"]
+    for i in range(n):
+        first = words[i % 4]
+        label = "pos" if first in ("a", "b") else "neg"
+        agree = (i // 4) % 4 != 3
+        spur = ("d" if label == "pos" else "e") if agree else ("e" if label == "pos" else "d")
+        middle = words[(i // 4) % 4]
+        other = "e" if spur == "d" else "d"
+        out.append(
+            ProbeExample(
+                prompt=f"{first} {middle} c {spur}",
+                answer=f" {label}",
+                alternatives=(" neg" if label == "pos" else " pos",),
+                spurious_counterfactual=f"{first} {middle} c {other}" if counterfactuals else None,
+                group=f"{label}|s={spur}" if groups else None,
+            )
+        )
+    return out
+
+
+def config(**overrides) -> TrainConfig:
+    base = dict(max_steps=4, batch_size=8, lr=1e-2, progress=False, log_every=1, seed=0)
+    return TrainConfig(**{**base, **overrides})
+
+
+def weights_of(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.trainable.items()}
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_every_objective_trains_and_logs_its_terms(objective, micro_dirs) -> None:
+    feats = FEATURES if objective in ("invariance", "contrastive") else ()
+    trainer = Trainer(micro_dirs["gpt2"], micro_examples(), config(objective=objective), features=feats,
+                      val=micro_examples(8))  # fmt: skip
+    before = weights_of(trainer)
+    result = trainer.fit()
+    train_rows = result.history[result.history.kind == "train"]
+    assert len(train_rows) == 4 and train_rows["loss"].notna().all()
+    expected = {"invariance": "invariance", "consistency": "consistency", "contrastive": "contrastive",
+                "cda": "cda", "clp": "clp"}.get(objective, "task")  # fmt: skip
+    assert train_rows[expected].notna().any()
+    assert any(not torch.equal(before[k], v) for k, v in trainer.trainable.items())
+    val_rows = result.history[result.history.kind == "val"]
+    assert list(val_rows["step"]) == [0, 4]  # before training and at the end
+    assert set(result.final) == set(STOP_METRICS)
+    assert active_hook_count(trainer.model) == 0
+
+
+def test_requirements_fail_loudly(micro_dirs) -> None:
+    gpt2 = micro_dirs["gpt2"]
+    with pytest.raises(ValueError, match="regularises flagged features"):
+        Trainer(gpt2, micro_examples(), config(objective="invariance"))
+    with pytest.raises(ValueError, match="needs training examples with a spurious_counterfactual"):
+        Trainer(gpt2, micro_examples(counterfactuals=False), config(objective="consistency"))
+    with pytest.raises(ValueError, match="'resample' intervention"):
+        Trainer(gpt2, micro_examples(counterfactuals=False), config(objective="invariance"), features=FEATURES)
+    with pytest.raises(ValueError, match="GroupDRO needs group labels"):
+        Trainer(gpt2, micro_examples(groups=False), config(objective="groupdro"))
+    with pytest.raises(ValueError, match="needs validation data"):
+        Trainer(gpt2, micro_examples(), config(objective="erm", early_stopping="accuracy"))
+    with pytest.raises(ValueError, match="both pruned and regularised"):
+        Trainer(gpt2, micro_examples(), config(), features=FEATURES, prune=FEATURES[:1])
+    with pytest.raises(ValueError, match="Unknown objective 'dro'"):
+        TrainConfig(objective="dro")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="interventions must be a non-empty subset"):
+        TrainConfig(interventions=("swap",))
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_stacked_invariance_term_equals_separate_runs(fraction, micro_dirs) -> None:
+    """The one stacked pass gives the same KL as a clean run and a separately edited run."""
+    cfg = config(interventions=("zero",), pair_fraction=fraction)
+    trainer = Trainer(micro_dirs["gpt2"], micro_examples(8), cfg, features=FEATURES)
+    batch = next(iter(trainer.train_data.batches(8)))
+    n = int(8 * fraction)
+    with torch.no_grad():
+        terms = trainer.loss(batch, torch.Generator().manual_seed(0))
+        clean = trainer.model(batch.tokens[:n])[:, -1]
+        edited = run_with_edits(trainer.model, batch.tokens[:n], [Edit(f, Zero()) for f in FEATURES])[:, -1]
+    expected = divergence(clean, edited, "kl", reduction="mean")
+    assert float(terms["invariance"]) == pytest.approx(float(expected), abs=1e-5)
+    assert float(terms["invariance"]) > 1e-4  # the edit matters in the random micro-model
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
+def test_full_finetuning_export_round_trip(arch, micro_dirs, tmp_path) -> None:
+    from icp_lens.pruning.source import load_checkpoint
+
+    trainer = Trainer(micro_dirs[arch], micro_examples(), config(objective="invariance"), features=FEATURES)
+    trainer.fit()
+    report = trainer.export(tmp_path / "out")
+    assert report.passed and report.max_abs_logit_diff < 1e-4 and report.hooked_max_abs_logit_diff < 1e-4
+    assert {"config.json", "training.json", "history.csv"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    # the export is the trained model, not the original
+    tokens = next(iter(trainer.train_data.batches(8))).tokens
+    with torch.no_grad():
+        original = load_checkpoint(micro_dirs[arch])(tokens).logits
+        exported = load_checkpoint(tmp_path / "out")(tokens).logits
+    assert (original - exported).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_lora_merge_and_export_round_trip(arch, micro_dirs, tmp_path) -> None:
+    from icp_lens.pruning.source import load_checkpoint
+
+    trainer = Trainer(micro_dirs[arch], micro_examples(), config(objective="consistency", lora=True, lora_r=2))
+    base = {k: v.clone() for k, v in trainer.base.state_dict().items()}
+    assert trainer.trainable and all("lora_" in k for k in trainer.trainable)
+    trainer.fit()
+    assert all(torch.equal(base[k], v) for k, v in trainer.base.state_dict().items())  # base untouched
+    report = trainer.export(tmp_path / "lora")
+    assert report.passed and report.max_abs_logit_diff < 1e-4 and report.hooked_max_abs_logit_diff < 1e-4
+    merged = load_checkpoint(tmp_path / "lora")
+    assert not any("lora" in k for k in merged.state_dict())  # an ordinary checkpoint
+    tokens = next(iter(trainer.train_data.batches(8))).tokens
+    with torch.no_grad():
+        delta = (load_checkpoint(micro_dirs[arch])(tokens).logits - merged(tokens).logits).abs().max()
+    assert delta > 1e-4  # the adapters changed the model
+
+
+def test_lora_on_a_fused_qkv_projection_is_refused(micro_dirs) -> None:
+    with pytest.raises(ValueError, match="would be dead"):
+        Trainer(micro_dirs["gpt2"], micro_examples(), config(objective="erm", lora=True, lora_targets=("c_attn",)))
+
+
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+def test_hybrid_prunes_for_the_whole_run_and_bakes_the_plan_in(mode, micro_dirs, tmp_path) -> None:
+    from icp_lens.pruning import PrunePlan
+    from icp_lens.pruning.source import load_checkpoint
+
+    pruned = Feature("head", 1, 0)
+    trainer = Trainer(micro_dirs["gpt2"], micro_examples(), config(prune_mode=mode), features=FEATURES, prune=[pruned])
+    assert trainer.plan is not None and trainer.plan.mode == mode
+    trainer.fit()
+    report = trainer.export(tmp_path / "hybrid")
+    assert report.passed and max(report.max_abs_logit_diff, report.hooked_max_abs_logit_diff) < 1e-4
+    plan = PrunePlan.load(tmp_path / "hybrid" / "plan.json")
+    assert plan.features == (pruned,)
+    c_proj = load_checkpoint(tmp_path / "hybrid").transformer.h[1].attn.c_proj.weight  # Conv1D: rows = inputs
+    d_head = c_proj.shape[0] // 2
+    assert torch.count_nonzero(c_proj[:d_head]) == 0
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(micro_dirs, tmp_path) -> None:
+    settings = dict(
+        objective="invariance", epochs=2, max_steps=6, checkpoint_every=2, features_per_step=1,
+        interventions=("resample", "zero", "mean"), dropout=0.1,
+    )  # fmt: skip
+
+    def make(ckpt: Path | None) -> Trainer:
+        return Trainer(micro_dirs["gpt2"], micro_examples(), config(**settings), features=FEATURES,
+                       val=micro_examples(8), checkpoint_dir=ckpt)  # fmt: skip
+
+    full = make(None)
+    full_result = full.fit()
+
+    def interrupt(trainer: Trainer, step: int) -> None:
+        if step == 5:
+            raise KeyboardInterrupt
+
+    first = make(tmp_path / "ckpt")
+    with pytest.raises(KeyboardInterrupt):
+        first.fit(callback=interrupt)
+    assert active_hook_count(first.model) == 0
+    state = json.loads((tmp_path / "ckpt" / "state.json").read_text())
+    assert state["loop"]["step"] == 4  # the last checkpoint before the interruption
+
+    resumed = make(tmp_path / "ckpt")
+    result = resumed.fit(resume=True)
+    assert result.steps == 6
+    for name, value in full.trainable.items():
+        assert torch.allclose(resumed.trainable[name], value, atol=1e-6), name
+    pd.testing.assert_frame_equal(
+        result.history.drop(columns="seconds"), full_result.history.drop(columns="seconds"), atol=1e-6
+    )
+
+
+def test_resume_refuses_a_checkpoint_from_other_settings(micro_dirs, tmp_path) -> None:
+    Trainer(micro_dirs["gpt2"], micro_examples(), config(objective="erm"), checkpoint_dir=tmp_path / "c").fit()
+    other = Trainer(
+        micro_dirs["gpt2"], micro_examples(), config(objective="erm", lr=0.5), checkpoint_dir=tmp_path / "c"
+    )
+    with pytest.raises(ValueError, match="from another run \\(config differs\\)"):
+        other.fit(resume=True)
+
+
+def test_early_stopping_stops_and_restores_the_best_weights(micro_dirs) -> None:
+    snapshots = {}
+
+    def remember(trainer: Trainer, step: int) -> None:
+        snapshots[step] = weights_of(trainer)
+
+    # no later evaluation can beat the first by 1.0: stop after `patience` evaluations
+    cfg = config(objective="erm", max_steps=10, eval_every=1, early_stopping="accuracy", patience=2, min_delta=1.0)
+    trainer = Trainer(micro_dirs["gpt2"], micro_examples(), cfg, val=micro_examples(8))
+    result = trainer.fit(callback=remember)
+    assert result.stopped_early and result.steps == 3 and result.best_step == 1
+    assert all(torch.equal(trainer.trainable[k], v) for k, v in snapshots[1].items())
+    val = result.history[result.history.kind == "val"]
+    assert list(val["step"]) == [0, 1, 2, 3]
+
+
+def test_worst_group_early_stopping_metric_and_history(micro_dirs) -> None:
+    cfg = config(objective="groupdro", max_steps=4, eval_every=2, early_stopping="worst_group_accuracy")
+    trainer = Trainer(micro_dirs["gpt2"], micro_examples(), cfg, val=micro_examples(16))
+    result = trainer.fit()
+    history = result.history
+    assert {"step", "epoch", "kind", "lr", "loss", "task", "grad_norm", "seconds", "accuracy",
+            "worst_group_accuracy", "flip_rate"} <= set(history.columns)  # fmt: skip
+    assert result.best_metric == pytest.approx(history[history.kind == "val"]["worst_group_accuracy"].iloc[1:].max())
+    assert trainer.loss.group_q is not None and float(trainer.loss.group_q.sum()) == pytest.approx(1.0)
+
+
+def test_same_seed_same_weights(micro_dirs) -> None:
+    runs = []
+    for seed in (0, 0, 1):
+        trainer = Trainer(
+            micro_dirs["gpt2"], micro_examples(), config(seed=seed, features_per_step=1), features=FEATURES
+        )
+        trainer.fit()
+        runs.append(weights_of(trainer))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert any(not torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
+
+
+def test_pair_pool_carries_the_pair_terms(micro_dirs) -> None:
+    trainer = Trainer(micro_dirs["gpt2"], micro_examples(counterfactuals=False), config(objective="consistency"),
+                      pairs=micro_examples(8))  # fmt: skip
+    result = trainer.fit()
+    assert result.history["consistency"].notna().all()  # every step, although no training example has a pair
+
+
+def test_jtt_upweights_the_starting_models_errors(micro_dirs) -> None:
+    trainer = Trainer(micro_dirs["gpt2"], micro_examples(), config(objective="jtt", jtt_upweight=7.0))
+    errors = trainer._jtt_errors()
+    assert 0 < int(errors.sum()) < len(errors)  # the random micro-model gets some wrong
+    trainer.fit()
+
+
+def test_train_data_batches_are_seeded_and_complete(micro_dirs) -> None:
+    from icp_lens import boot_bridge
+
+    data = TrainData(boot_bridge(micro_dirs["gpt2"]), micro_examples(20))
+    first = data.epoch(0, 6, seed=3)
+    assert sorted(torch.cat([b.index for b in first]).tolist()) == list(range(20))
+    assert [b.index.tolist() for b in first] == [b.index.tolist() for b in data.epoch(0, 6, seed=3)]
+    assert [b.index.tolist() for b in first] != [b.index.tolist() for b in data.epoch(1, 6, seed=3)]
+    assert data.groups == ("neg|s=d", "neg|s=e", "pos|s=d", "pos|s=e")
+
+
+# -- command line -------------------------------------------------------------------------
+def run_cli(argv: list[str]) -> int:
+    from icp_lens.cli_train import add_train_parser
+
+    parser = argparse.ArgumentParser(prog="icp-lens")
+    add_train_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+@pytest.fixture
+def cli_files(tmp_path) -> dict[str, Path]:
+    write_probes(tmp_path / "train.jsonl", micro_examples())
+    write_probes(tmp_path / "val.jsonl", micro_examples(8))
+    scores = pd.DataFrame({"kind": ["head", "neuron", "head"], "layer": [0, 1, 1], "index": [1, 3, 0],
+                           "hook_name": ["x", "x", "x"], "score": [0.9, 0.5, 0.1]})  # fmt: skip
+    scores.to_csv(tmp_path / "scores.csv", index=False)
+    return {name: tmp_path / f"{name}.{ext}" for name, ext in (("train", "jsonl"), ("val", "jsonl"), ("scores", "csv"))}
+
+
+def test_cli_train_invariance_lora(micro_dirs, cli_files, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    argv = ["train", "--model", str(micro_dirs["gpt2"]), "--train", str(cli_files["train"]), "--out", str(out),
+            "--scores", str(cli_files["scores"]), "--top-k", "2", "--objective", "invariance", "--lambda", "2",
+            "--lora", "--epochs", "1", "--val", str(cli_files["val"]), "--batch-size", "8", "--quiet",
+            "--json"]  # fmt: skip
+    assert run_cli(argv) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["features"] == ["head L0.1", "neuron L1.3"] and payload["lora"] is True
+    assert payload["steps"] == 4 and payload["verification"]["passed"]
+    assert set(payload["val_after"]) == set(STOP_METRICS)
+    training = json.loads((out / "training.json").read_text())
+    assert training["config"]["lam"] == 2.0 and training["config"]["lora"] is True
+    assert not (tmp_path / "out.checkpoints").exists()  # removed after the export
+
+
+def test_cli_train_hybrid_and_baselines(micro_dirs, cli_files, tmp_path, capsys) -> None:
+    base = ["train", "--model", str(micro_dirs["gpt2"]), "--train", str(cli_files["train"]), "--batch-size", "8",
+            "--quiet"]  # fmt: skip
+    hybrid = [*base, "--out", str(tmp_path / "h"), "--scores", str(cli_files["scores"]), "--top-k", "1",
+              "--prune-top-k", "1"]  # fmt: skip
+    assert run_cli(hybrid) == 0
+    assert "regularised 1 feature(s), pruned 1" in capsys.readouterr().out
+    assert (tmp_path / "h" / "plan.json").is_file()
+    for objective in ("erm", "jtt", "groupdro"):
+        assert run_cli([*base, "--out", str(tmp_path / objective), "--objective", objective]) == 0
+
+
+def test_cli_train_errors(micro_dirs, cli_files, tmp_path, capsys) -> None:
+    base = ["train", "--model", str(micro_dirs["gpt2"]), "--train", str(cli_files["train"]), "--quiet"]
+    assert run_cli([*base, "--out", str(tmp_path / "a")]) == 2  # invariance without --scores
+    assert "regularises flagged features" in capsys.readouterr().err
+    assert run_cli([*base, "--out", str(tmp_path / "b"), "--scores", str(cli_files["scores"])]) == 2
+    assert "--scores needs --top-k" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    assert run_cli([*base, "--out", str(tmp_path / "full"), "--objective", "erm"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_cli([*base, "--out", str(tmp_path / "c"), "--objective", "dro"])
+
+
+def test_cli_resume(micro_dirs, cli_files, tmp_path, capsys, monkeypatch) -> None:
+    from icp_lens.training import trainer as trainer_module
+
+    ckpt = tmp_path / "ckpt"
+    argv = ["train", "--model", str(micro_dirs["gpt2"]), "--train", str(cli_files["train"]), "--out",
+            str(tmp_path / "o"), "--objective", "erm", "--batch-size", "8", "--epochs", "2", "--checkpoint-dir",
+            str(ckpt), "--checkpoint-every", "2", "--quiet", "--keep-checkpoints"]  # fmt: skip
+    original_fit = trainer_module.Trainer.fit
+
+    def interrupted(self, **kwargs):
+        def stop(trainer, step):
+            if step == 3:
+                raise KeyboardInterrupt
+
+        return original_fit(self, resume=kwargs.get("resume", False), callback=stop)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module.Trainer, "fit", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_cli(argv)
+    assert json.loads((ckpt / "state.json").read_text())["loop"]["step"] == 2
+    assert run_cli([*argv, "--resume", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 8
+
+
+def test_rescoring_follows_the_shortcut_to_new_features(micro_dirs, tmp_path) -> None:
+    settings = dict(objective="invariance", epochs=2, max_steps=6, rescore_every=2, rescore_top_k=2, checkpoint_every=2)
+    trainer = Trainer(micro_dirs["gpt2"], micro_examples(), config(**settings), features=FEATURES[:1],
+                      checkpoint_dir=tmp_path / "c")  # fmt: skip
+    result = trainer.fit()
+    rescores = result.history[result.history.kind == "rescore"]
+    assert list(rescores["step"]) == [0, 2, 4]
+    assert trainer.loss.features[0] == FEATURES[0] and len(trainer.loss.features) > 1  # a union: nothing dropped
+    assert list(rescores["n_features"]) == sorted(rescores["n_features"])
+    state = json.loads((tmp_path / "c" / "state.json").read_text())
+    assert state["loop"]["features"] == [str(f) for f in trainer.loss.features]
+
+
+def test_capture_prefix_equals_resample_from(micro_dirs) -> None:
+    from icp_lens import boot_bridge
+    from icp_lens.interventions import resample_from
+    from icp_lens.training.objectives import capture_prefix
+
+    model = boot_bridge(micro_dirs["llama"])
+    tokens = torch.tensor([[0, 3, 4, 5, 6], [0, 7, 6, 5, 4]])
+    feats = [Feature("head", 0, 1), Feature("neuron", 0, 2), Feature("value", 1, 0)]
+    got = capture_prefix(model, feats, tokens)
+    expected = resample_from(model, feats, tokens)
+    for f in feats:
+        assert torch.equal(f.select(got[f.hook_name]), expected[f].source)
+    assert active_hook_count(model) == 0
+
+
+def test_validation_metrics_by_hand(micro_dirs) -> None:
+    from icp_lens.training import evaluate_data
+    from icp_lens.training.losses import candidate_logits
+
+    trainer = Trainer(micro_dirs["gpt2"], micro_examples(), config(objective="erm"))
+    data = TrainData(trainer.model, micro_examples(16))
+    metrics = evaluate_data(trainer.model, data)
+    hits, hits_cf, groups = [], [], []
+    with torch.no_grad():
+        for b in data.batches(4):
+            pred = candidate_logits(trainer.model(b.tokens)[:, -1], b.candidates).argmax(-1)
+            pred_cf = candidate_logits(trainer.model(b.spurious)[:, -1], b.candidates).argmax(-1)
+            hits += (pred == 0).tolist()
+            hits_cf += (pred_cf == 0).tolist()
+            groups += b.group_id.tolist()
+    assert metrics["accuracy"] == pytest.approx(sum(hits) / 16)
+    assert metrics["counterfactual_accuracy"] == pytest.approx((sum(hits) + sum(hits_cf)) / 32)
+    assert metrics["flip_rate"] == pytest.approx(sum(a != b for a, b in zip(hits, hits_cf, strict=True)) / 16)
+    per_group = [sum(h for h, g in zip(hits, groups, strict=True) if g == k) / groups.count(k) for k in set(groups)]
+    assert metrics["worst_group_accuracy"] == pytest.approx(min(per_group))
+
+
+def test_batches_without_pairs_draw_them_from_the_training_examples_that_have_some(micro_dirs) -> None:
+    examples = micro_examples()
+    mixed = examples[:16] + [ProbeExample(**{**ex.to_dict(), "alternatives": tuple(ex.alternatives),
+                                              "spurious_counterfactual": None}) for ex in examples[16:]]  # fmt: skip
+    trainer = Trainer(micro_dirs["gpt2"], mixed, config(objective="consistency"))
+    assert trainer.pair_data is not None and len(trainer.pair_data) == 16
+    result = trainer.fit()
+    assert result.history[result.history.kind == "train"]["consistency"].notna().all()
+
+
+@pytest.mark.slow
+def test_invariance_lora_closes_the_worst_group_gap_on_the_lexical_organism() -> None:
+    """Scored features, probe pairs only (no counterfactuals or groups in training): the worst group recovers."""
+    import dataclasses
+
+    from icp_lens.organisms import build_organism
+    from icp_lens.probeset import ProbeSet
+    from icp_lens.pruning import select_features
+    from icp_lens.scoring import score
+
+    organism = build_organism(variant="lexical", arch="gpt2", seed=0)
+    model = organism.load_bridge()
+    probe = organism.probes("probe")
+    table = score(model, ProbeSet(model, probe[:256]), method="attribution", kinds=("neuron", "head"), causal=False,
+                  progress=False, n_boot=0)  # fmt: skip
+    train = [dataclasses.replace(ex, spurious_counterfactual=None) for ex in organism.probes("train")[:3200]]
+    cfg = TrainConfig(objective="invariance", epochs=2, lr=3e-3, lora=True, progress=False, log_every=10)
+    trainer = Trainer(organism.model_dir, train, cfg, features=select_features(table, top_k=8), pairs=probe[:384])
+    balanced = organism.probes("test_balanced")[:800]
+    before = trainer.evaluate(balanced)
+    trainer.fit()
+    after = trainer.evaluate(balanced)
+    assert before["worst_group_accuracy"] < 0.1 and before["flip_rate"] > 0.9
+    assert after["worst_group_accuracy"] >= 0.85 and after["flip_rate"] <= 0.05
