@@ -143,9 +143,10 @@ frame
 # head removes part of the true cue, the task loss is large again, and the quickest way
 # down is the planted token through heads that were not flagged. Re-scoring
 # (`rescore_every=25`, rows `kind == "rescore"` in the history) follows the shortcut
-# to them, and longer training closes the gap (96-98% of it in
-# `benchmarks/results/training_table.md`), but on this organism, where the top heads
-# are not selective, regularising alone is the better choice.
+# to them, and longer training closes more of the gap (3 epochs with model selection in
+# `benchmarks/results/training_table.md`: 59-100% on this organism over three seeds,
+# 99-100% on the tag one), but here, where the top heads are not selective,
+# regularising alone is the better choice.
 #
 # The in-distribution accuracy drops by about five points for every method that stops
 # using the shortcut, the oracle included: in distribution the planted token agrees
