@@ -17,14 +17,14 @@ interruption while saving leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from icp_lens.atomic import atomic_directory
 
 __all__ = [
     "STATE_FILE",
@@ -84,9 +84,7 @@ def save_checkpoint(
     directory.parent.mkdir(parents=True, exist_ok=True)
     opt_tensors, opt_meta = flatten_optimizer(optimizer)
     payload = {"format": _FORMAT, "version": 1, **state, "optimizer": opt_meta}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    old: Path | None = None
-    try:
+    with atomic_directory(directory) as tmp:
         save_file(_tensors(trainable), str(tmp / "trainable.safetensors"))
         save_file(_tensors(opt_tensors), str(tmp / "optimizer.safetensors"))
         if best is not None:
@@ -94,18 +92,6 @@ def save_checkpoint(
         if means:
             save_file(_tensors(means), str(tmp / "means.safetensors"))
         (tmp / STATE_FILE).write_text(json.dumps(payload, indent=1))
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-            directory.rename(old / directory.name)
-        tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not directory.exists():
-            (old / directory.name).rename(directory)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     return directory
 
 
