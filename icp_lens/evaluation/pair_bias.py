@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 
+from icp_lens.encoding import encode_texts
 from icp_lens.evaluation.metrics import bootstrap_ci, pair_bias_score
-from icp_lens.organisms.train import _encode
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -48,7 +48,7 @@ def _encode_sentences(
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tok is None:
         raise ValueError("pass the tokenizer: the model has no .tokenizer")
-    encoded = _encode(tok, list(sentences), model)
+    encoded = encode_texts(list(sentences), model=model, tokenizer=tok)
     if prepend_bos is not None:
         bos = getattr(tok, "bos_token_id", None)
         if bos is None:

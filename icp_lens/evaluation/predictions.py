@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Float, Shaped
 
-from icp_lens.organisms.train import _encode
+from icp_lens.encoding import encode_texts
 from icp_lens.probes import ProbeExample, single_token_id
 
 if TYPE_CHECKING:
@@ -224,7 +224,7 @@ def _candidate_logits(
 ) -> list[np.ndarray]:
     """Last-position logits of each prompt at its candidate token ids (batched by length)."""
     device = next(model.parameters()).device
-    encoded = _encode(tokenizer, list(prompts), model)
+    encoded = encode_texts(list(prompts), model=model, tokenizer=tokenizer)
     by_len: dict[int, list[int]] = defaultdict(list)
     for i, ids in enumerate(encoded):
         by_len[len(ids)].append(i)

@@ -31,6 +31,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from icp_lens.encoding import encode_texts
 from icp_lens.probes import ProbeExample, single_token_id
 
 __all__ = [
@@ -142,11 +143,7 @@ def make_model(arch: Arch, tokenizer: Any, *, seed: int, config: ModelConfig | N
 
 def _encode(tokenizer: Any, prompts: Sequence[str], model: Any = None) -> list[list[int]]:
     """Token ids of prompts: ``model.to_tokens`` for a bridge, else ``tokenizer(prompt)``."""
-    if not prompts:
-        return []
-    if model is not None and hasattr(model, "to_tokens"):
-        return [model.to_tokens(p)[0].tolist() for p in prompts]
-    return [list(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
+    return encode_texts(prompts, model=model, tokenizer=tokenizer)
 
 
 def encode_examples(tokenizer: Any, examples: Sequence[ProbeExample]) -> tuple[Int[Tensor, "n pos"], Int[Tensor, " n"]]:
