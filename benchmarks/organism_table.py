@@ -17,13 +17,14 @@ Rows (what each uses beyond the model and its probe split is said in the label):
   retrained on the biased ``train`` split (:func:`icp_lens.retrain.retrain_unembedding`);
 - ``neuron skyline``: the same number of units of the same kinds, ranked by attribution
   to the planted-token label, found **with group labels** (:func:`skyline_select`);
-- ``ICP prune, token embeddings``: a feature kind the library does not prune yet,
-  implemented here (:func:`icp_select_tokens`, :func:`prune_token_embeddings`): one
-  feature per vocabulary token (its input-embedding row), scored by patching it from the
-  spurious / causal counterfactual (no group labels), the tokens above ``tau`` pruned by
-  setting their rows to zero or to the probe-set mean embedding, whichever keeps the
-  probe accuracy higher (:func:`token_ablation_mode`); plus its retrained variant and a
-  random-token control (as many random tokens, same mode);
+- ``ICP prune, token embeddings``: token-embedding features from the library
+  (:mod:`icp_lens.scoring.tokens`: :func:`icp_select_tokens`, :func:`token_ablation_mode`;
+  :func:`icp_lens.pruning.prune_token_embeddings`): one feature per vocabulary token (its
+  input-embedding row), scored by patching it from the spurious / causal counterfactual
+  (no group labels), the tokens above ``tau`` pruned by setting their rows to zero or to
+  the probe-set mean embedding, whichever keeps the probe accuracy higher (the
+  unembedding untied); plus its retrained variant and a random-token control (as many
+  random tokens, same mode);
 - ``delete planted token (test time)``: the planted token replaced by the neutral one
   (``ok`` / ``anon``, same length) in every test prompt: the baseline a published critique
   of SHIFT found to match it;
@@ -53,7 +54,6 @@ computed, so an interrupted run resumes where it stopped (``--fresh`` recomputes
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import math
@@ -75,8 +75,17 @@ from icp_lens.interventions import Zero
 from icp_lens.metrics import logit_diff, token_gap
 from icp_lens.probes import ProbeExample
 from icp_lens.probeset import ProbeSet
-from icp_lens.pruning import apply_plan_to_model, clean_hf_model, feature_means, hf_ablation, make_plan
-from icp_lens.scoring import all_features, attribution_effects, probe_means, score
+from icp_lens.pruning import (
+    apply_plan_to_model,
+    clean_hf_model,
+    embedding_mean,
+    feature_means,
+    hf_ablation,
+    make_plan,
+    prune_token_embeddings,
+)
+from icp_lens.scoring import all_features, attribution_effects, probe_means, score, score_tokens
+from icp_lens.scoring.tokens import icp_select_tokens, token_ablation_mode
 
 RESULTS = Path(__file__).parent / "results"
 ARCH = "gpt2"
@@ -91,6 +100,7 @@ __all__ = [
     "icp_select_tokens",
     "prune_token_embeddings",
     "token_ablation_mode",
+    "embedding_mean",
     "skyline_select",
     "delete_planted",
     "run_seed",
@@ -295,142 +305,16 @@ def icp_select(
 # -- token-embedding features -------------------------------------------------------------
 
 
-def _hf(model: Any) -> Any:
-    return clean_hf_model(model) if hasattr(model, "hook_dict") else model
-
-
-@torch.no_grad()
 def token_effects(
     model: Any, probes: ProbeSet, *, tokenizer: Any = None, batch_size: int = 256
 ) -> list[dict[str, Any]]:
-    """ICP scores of token-embedding features: one feature per vocabulary token (its embedding row).
-
-    For token ``t`` the intervention patches the input embedding at the positions holding
-    ``t`` with the counterfactual's embedding there (positions where the two prompts agree
-    are unchanged). ``spurious = mean |dLD|`` under the spurious counterfactual,
-    ``causal`` under the causal one, ``selectivity = S / (S + C)``. Only tokens at a
-    position where some counterfactual differs can have an effect; the rest score 0 and
-    are not listed. Exact (one forward pass per token and batch), no group labels.
+    """ICP scores of token-embedding features as records (``token_id, token, spurious, causal,
+    selectivity``), most spurious first: :func:`icp_lens.scoring.score_tokens` in the form this
+    benchmark used before it moved into the library (kept for scripts that import it from here).
     """
-    hf = _hf(model)
-    embed = hf.get_input_embeddings()
-    totals: dict[int, dict[str, float]] = {}
-    counts = {"spurious": 0, "causal": 0}
-    for batch in probes.batches(batch_size):
-        base = logit_diff(_last_logits(hf, batch.tokens), batch)
-        for name in ("spurious", "causal"):
-            cf = getattr(batch, name)
-            if cf is None:
-                continue
-            counts[name] += batch.size
-            if cf.shape != batch.tokens.shape:
-                raise ValueError("token_effects needs counterfactuals of the prompt's token length")
-            differs = cf != batch.tokens
-            clean, other = embed(batch.tokens), embed(cf)
-            for t in torch.unique(batch.tokens[differs]).tolist():
-                where = differs & (batch.tokens == t)
-                patched = torch.where(where[..., None], other, clean)
-                out = hf(inputs_embeds=patched).logits[:, -1].float()
-                effect = float((logit_diff(out, batch) - base).abs().sum())
-                totals.setdefault(t, {"spurious": 0.0, "causal": 0.0})[name] += effect
-    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    rows = []
-    for t, v in totals.items():
-        s = v["spurious"] / max(counts["spurious"], 1)
-        c = v["causal"] / max(counts["causal"], 1)
-        rows.append(
-            {
-                "token_id": t,
-                "token": tok.convert_ids_to_tokens(t) if tok is not None else str(t),
-                "spurious": s,
-                "causal": c,
-                "selectivity": s / (s + c) if s + c > 0 else float("nan"),
-            }
-        )
-    return sorted(rows, key=lambda r: -r["spurious"])
-
-
-@torch.no_grad()
-def embedding_mean(model: Any, probes: ProbeSet) -> torch.Tensor:
-    """Mean input embedding over every position of the probe prompts (mean-mode value)."""
-    hf = _hf(model)
-    embed = hf.get_input_embeddings()
-    total, n = None, 0
-    for batch in probes.batches(512):
-        e = embed(batch.tokens).double().sum((0, 1))
-        total = e if total is None else total + e
-        n += batch.tokens.numel()
-    return (total / n).float()
-
-
-@torch.no_grad()
-def prune_token_embeddings(
-    hf_model: Any, token_ids: Sequence[int], *, mode: Mode = "mean", mean: torch.Tensor | None = None
-) -> Any:
-    """Set the embedding rows of ``token_ids`` to zero or to ``mean`` (in place; returned).
-
-    A tied unembedding (GPT-2) is untied first, so only the *input* side of the token
-    changes: the model no longer reads the token, but can still predict it.
-    """
-    from icp_lens.retrain import untie_unembedding
-
-    if mode == "mean" and mean is None:
-        raise ValueError("mean mode needs the mean embedding (embedding_mean(model, probes))")
-    untie_unembedding(hf_model)
-    weight = hf_model.get_input_embeddings().weight
-    for t in token_ids:
-        weight[t] = 0.0 if mode == "zero" else mean.to(weight.dtype)
-    return hf_model
-
-
-def icp_select_tokens(
-    model: Any,
-    probes: ProbeSet,
-    *,
-    min_selectivity: float = 0.5,
-    min_share: float = 0.1,
-    tokenizer: Any = None,
-    trace: list[dict[str, Any]] | None = None,
-) -> list[int]:
-    """Token-embedding features to prune (no group labels): the threshold rule ``S > tau``.
-
-    Scores every token with :func:`token_effects` and keeps those with selectivity at least
-    ``min_selectivity`` and a spurious score at least ``min_share`` of the top token's
-    (``tau = min_share * max S``). The tokens a spurious counterfactual swaps come in sets
-    (``wow``/``meh``) that only remove the attribute together, which is why this is a
-    threshold on the ranking and not :func:`icp_select`'s one-at-a-time acceptance.
-    """
-    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    ranked = token_effects(_hf(model), probes, tokenizer=tokenizer)
-    if not ranked:
-        return []
-    tau = min_share * ranked[0]["spurious"]
-    chosen = []
-    for row in ranked:
-        ok = row["spurious"] > 0 and row["spurious"] >= tau and row["selectivity"] >= min_selectivity
-        if trace is not None:
-            trace.append({**row, "accepted": ok})
-        if ok:
-            chosen.append(row["token_id"])
-    return chosen
-
-
-def token_ablation_mode(model: Any, probes: ProbeSet, tokens: Sequence[int]) -> Mode:
-    """Zero or mean for the pruned embedding rows: whichever keeps the probe accuracy higher.
-
-    Neither value is a neutral input by construction (the model never saw either in
-    training), and which one the model reads as "no planted token" differs between
-    seeds; the probe prompts (task labels only, no group labels) decide. Ties go to mean.
-    """
-    hf = _hf(model)
-    mean = embedding_mean(hf, probes)
-    acc = {
-        mode: probe_sensitivity(
-            prune_token_embeddings(copy.deepcopy(hf), tokens, mode=mode, mean=mean), probes
-        ).accuracy
-        for mode in ("mean", "zero")
-    }
-    return "zero" if acc["zero"] > acc["mean"] else "mean"
+    table = score_tokens(model, probes, tokenizer=tokenizer, batch_size=batch_size, n_boot=0)
+    keys = ("token_id", "token", "spurious", "causal", "selectivity")
+    return [{k: r[k] for k in keys} for r in table.decisions()]
 
 
 # -- baselines -----------------------------------------------------------------------------

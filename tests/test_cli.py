@@ -72,6 +72,14 @@ def test_demo_runs_the_whole_pipeline(tmp_path, capsys) -> None:
     assert before["worst-group accuracy"] <= 0.25 and before["in-distribution accuracy"] >= 0.95
     assert after["balanced accuracy"] > before["balanced accuracy"] + 0.1  # the planted shortcut is weakened
     assert after["no-shortcut accuracy"] >= before["no-shortcut accuracy"] - 0.05  # the true cue survives
-    for name in ("checkpoint", "plan", "scores", "figure", "report"):
+    # token-embedding ICP (no group labels) finds the planted tokens and closes the worst-group gap
+    assert sorted(t["token"] for t in payload["pruned_tokens"]) == ["meh", "wow"]
+    assert after["worst-group accuracy"] >= 0.8 and after["flip rate (balanced)"] <= 0.05
+    assert payload["gap_closed"] >= 0.76
+    assert payload["oracle"]["worst-group accuracy"] >= 0.8
+    assert payload["untied_unembedding"]
+    config = json.loads((out / "checkpoint" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False  # the model still predicts 'wow'/'meh' from its own lm_head
+    for name in ("checkpoint", "plan", "scores", "token_scores", "figure", "report"):
         assert Path(payload["paths"][name]).exists(), name
     assert json.loads((out / "report.json").read_text())["pruned"] == payload["pruned"]

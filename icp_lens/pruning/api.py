@@ -6,6 +6,12 @@
 >>> AutoModelForCausalLM.from_pretrained("debiased/")       # plain transformers
 
 ``prune(model, scores, out, top_k=...)`` does selection, plan and export in one call.
+
+Token-embedding features go into the same plan (``icp_lens.scoring.score_tokens`` finds
+them)::
+
+>>> plan = make_plan(bridge, [], tokens=token_table.icp_selection(), token_mode="mean", reference=probes)
+>>> apply_plan(bridge, plan, "debiased/")   # rows replaced, lm_head untied, verified
 The model can be a ``TransformerBridge``, an HF model or an HF checkpoint directory;
 for a ``HookedTransformer`` (TransformerLens 3.x), make the plan on it with
 ``hf=<the HF checkpoint it came from>`` and apply the plan to that checkpoint.
@@ -27,9 +33,10 @@ from icp_lens.pruning.arch import site_of
 from icp_lens.pruning.export import check_target, export_checkpoint
 from icp_lens.pruning.hf_edit import EditStats, apply_plan_to_model
 from icp_lens.pruning.means import feature_means, reference_texts
-from icp_lens.pruning.plan import PruneMode, PrunePlan, fingerprint, provenance, reference_record
+from icp_lens.pruning.plan import PruneMode, PrunePlan, TokenRow, fingerprint, provenance, reference_record
 from icp_lens.pruning.select import select_features
 from icp_lens.pruning.source import clean_hf_model, load_tokenizer
+from icp_lens.pruning.tokens import check_plain_lookup, embedding_mean, resolve_tokens
 from icp_lens.pruning.verify import VerificationReport, forward_latency_ms, verification_batches, verify_export
 
 __all__ = ["make_plan", "apply_plan", "prune", "PruneResult", "HOOKED_TYPES"]
@@ -42,6 +49,16 @@ def _is_hooked(model: Any) -> bool:
     return hasattr(model, "hook_dict")
 
 
+def _tokenizer_or_none(source: Any, *, required: bool) -> Any:
+    """The source's tokenizer; ``None`` where it has none and none is required (token names only)."""
+    try:
+        return load_tokenizer(source)
+    except (OSError, ValueError):
+        if required:
+            raise
+        return None
+
+
 def make_plan(
     model: Any,
     features: Sequence[Feature | str],
@@ -52,9 +69,11 @@ def make_plan(
     tokenizer: Any = None,
     description: str | None = None,
     batch_size: int = 32,
+    tokens: Sequence[int | str] = (),
+    token_mode: PruneMode = "zero",
     **provenance_fields: Any,
 ) -> PrunePlan:
-    """A plan to remove ``features`` from ``model``.
+    """A plan to remove ``features`` (and token-embedding ``tokens``) from ``model``.
 
     ``reference`` (prompts, ProbeExamples, a ProbeSet or a JSONL path) is required in
     mean mode: the means are taken over it, on ``model`` (at hook points when it is a
@@ -65,23 +84,41 @@ def make_plan(
     bias out of ``hook_z``, so a head's activation there is no longer the input of the HF
     output projection (verification would then fail). Extra keyword arguments (e.g.
     ``scores="scores.csv", top_k=4``) are recorded as provenance.
+
+    ``tokens`` (ids, or vocabulary strings as the tokenizer spells them) are
+    token-embedding features: their input-embedding rows are set to zero
+    (``token_mode="zero"``) or to the mean input embedding over ``reference``
+    (``token_mode="mean"``); ``mode`` applies to ``features`` only.
     """
     feats = tuple(Feature.parse(f) if isinstance(f, str) else f for f in features)
+    if token_mode not in ("zero", "mean"):
+        raise ValueError(f"Unknown token mode {token_mode!r}; valid: ['zero', 'mean']")
     clean = clean_hf_model(hf if hf is not None else model)
     for f in feats:
         site_of(clean, f.kind, f.layer, f.index)  # raises on features the model lacks
+    tok = tokenizer
+    if tok is None and (mode == "mean" or tokens):
+        tok = _tokenizer_or_none(hf if hf is not None else model, required=mode == "mean" or token_mode == "mean")
+    token_ids = resolve_tokens(clean, list(tokens), tok) if tokens else []
+    if token_ids:
+        check_plain_lookup(clean)
     means = record = None
-    if mode == "mean":
+    texts: list[str] | None = None
+    if (mode == "mean" and feats) or (token_ids and token_mode == "mean"):
         if reference is None:
             raise ValueError("Mean mode needs reference=... (the prompts to average each feature over)")
         texts = reference_texts(reference)
-        source = model if _is_hooked(model) else clean
-        tok = tokenizer if tokenizer is not None else load_tokenizer(hf if hf is not None else model)
-        table = feature_means(source, feats, texts, tokenizer=tok, batch_size=batch_size)
-        means = tuple(table[f] for f in feats)
         if description is None and isinstance(reference, (str, Path)):
             description = str(reference)
         record = reference_record(texts, description)
+    source = model if _is_hooked(model) else clean
+    if mode == "mean":
+        table = feature_means(source, feats, texts, tokenizer=tok, batch_size=batch_size) if feats else {}
+        means = tuple(table[f] for f in feats)
+    value = None
+    if token_ids and token_mode == "mean":
+        value = tuple(embedding_mean(source, texts, tokenizer=tok, batch_size=batch_size).double().tolist())
+    names = tok.convert_ids_to_tokens(token_ids) if tok is not None and token_ids else [None] * len(token_ids)
     return PrunePlan(
         features=feats,
         mode=mode,
@@ -89,6 +126,7 @@ def make_plan(
         means=means,
         reference=record,
         provenance=provenance(**provenance_fields),
+        tokens=tuple(TokenRow(t, value, name) for t, name in zip(token_ids, names, strict=True)),
     )
 
 
@@ -108,6 +146,8 @@ class PruneResult:
             "mode": self.plan.mode,
             "n_features": len(self.plan.features),
             "features": [str(f) for f in self.plan.features],
+            "tokens": [str(t) for t in self.plan.tokens],
+            "untied_unembedding": self.stats.untied,
             "zeroed_fraction": self.stats.zeroed_fraction,
             "biases_added": list(self.stats.biases_added),
             "export_seconds": self.export_seconds,

@@ -11,7 +11,13 @@ The shapes never change, so the result is an ordinary checkpoint of the same cla
 If mean mode needs a bias a module lacks, the model is rebuilt with the config flag
 that adds it (Llama ``mlp_bias`` / ``attention_bias``) and every new bias set to zero
 before the fold, which leaves the function unchanged; without such a flag mean mode
-is refused. Embeddings are never touched, so tied embeddings stay tied.
+is refused.
+
+Token-embedding features (``plan.tokens``, see ``icp_lens.pruning.tokens``): their rows
+of the input embedding are set to zero or to the stored vector, after a tied unembedding
+is untied (the output projection keeps a copy of the original matrix, and
+``config.tie_word_embeddings`` becomes ``False``). A plan without tokens never touches
+the embeddings, so tied embeddings stay tied.
 """
 
 from __future__ import annotations
@@ -24,17 +30,24 @@ from torch import nn
 
 from icp_lens.pruning.arch import site_of
 from icp_lens.pruning.plan import PrunePlan
+from icp_lens.pruning.tokens import edit_token_rows
 
 __all__ = ["apply_plan_to_model", "EditStats"]
 
 
 @dataclass(frozen=True)
 class EditStats:
-    """What an edit changed: weight entries set to zero (that were not zero), of how many."""
+    """What an edit changed: weight entries set to zero (that were not zero), of how many.
+
+    ``token_rows``: input-embedding rows replaced; ``untied``: whether a tied unembedding
+    was untied for them (``n_parameters`` then counts the output projection's own copy).
+    """
 
     zeroed: int
     n_parameters: int
     biases_added: tuple[str, ...] = ()
+    token_rows: int = 0
+    untied: bool = False
 
     @property
     def zeroed_fraction(self) -> float:
@@ -114,4 +127,11 @@ def apply_plan_to_model(model: nn.Module, plan: PrunePlan, *, check: bool = True
                 weight[site.index] = 0
             if site.module.bias is not None:
                 site.module.bias[site.index] = 0 if mean is None else mean.to(weight.dtype)
-    return model, EditStats(zeroed=zeroed, n_parameters=_n_parameters(model), biases_added=added)
+    token_zeroed, untied = edit_token_rows(model, plan.tokens)
+    return model, EditStats(
+        zeroed=zeroed + token_zeroed,
+        n_parameters=_n_parameters(model),
+        biases_added=added,
+        token_rows=len(plan.tokens),
+        untied=untied,
+    )

@@ -14,14 +14,24 @@ Modes:
   is replaced by its mean over the reference set), which usually disturbs the rest of
   the network far less than zero.
 
+A plan can also name *token-embedding features* (``tokens``, see
+``icp_lens.pruning.tokens``): each a token id whose input-embedding row is replaced, by
+zero or by a stored vector (the mean input embedding over the reference set), with the
+unembedding untied so that the model can still predict the token.
+
 The file (``plan.json``) looks like::
 
-    {"format": "icp_lens.prune_plan", "version": 1, "mode": "mean",
+    {"format": "icp_lens.prune_plan", "version": 2, "mode": "mean",
      "features": [{"feature": "head L0.3", "kind": "head", "layer": 0, "index": 3,
                    "mean": [0.12, -0.4, ...]}],
+     "tokens": [{"token_id": 1207, "token": "wow", "mode": "mean", "value": [0.02, ...]}],
      "reference": {"n_prompts": 256, "sha256": "...", "description": "probe.jsonl"},
      "fingerprint": {"architecture": "GPT2LMHeadModel", "model_type": "gpt2", ...},
      "provenance": {"scores": "scores.csv", "top_k": 1, "created": "...", ...}}
+
+A plan without tokens is written as version 1 (no ``tokens`` key), exactly as before;
+one with tokens as version 2, so that an older icp_lens refuses it instead of silently
+skipping the token edits. Both versions load.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ __all__ = [
     "PruneMode",
     "Fingerprint",
     "PrunePlan",
+    "TokenRow",
     "PlanMismatchError",
     "fingerprint",
     "provenance",
@@ -53,6 +64,7 @@ __all__ = [
 PruneMode = Literal["zero", "mean"]
 PLAN_FILE = "plan.json"
 _FORMAT = "icp_lens.prune_plan"
+_VERSIONS = (1, 2)  # 2: the plan has token-embedding features
 
 
 class PlanMismatchError(ValueError):
@@ -103,8 +115,51 @@ def fingerprint(model: nn.Module) -> Fingerprint:
 
 
 @dataclass(frozen=True)
+class TokenRow:
+    """A token-embedding feature of a plan: the token's input-embedding row and its replacement.
+
+    ``value`` is ``None`` for zero mode, else the vector the row is set to (mean mode: the
+    mean input embedding over the reference set). ``token`` is the token's text, for
+    people reading the plan (never used to look the id up).
+    """
+
+    token_id: int
+    value: tuple[float, ...] | None = None
+    token: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.token_id, bool) or not isinstance(self.token_id, int) or self.token_id < 0:
+            raise ValueError(f"A token id is a non-negative integer, got {self.token_id!r}")
+        if self.value is not None and not self.value:
+            raise ValueError(f"The replacement of token {self.token_id} is empty")
+
+    @property
+    def mode(self) -> PruneMode:
+        return "zero" if self.value is None else "mean"
+
+    def __str__(self) -> str:
+        return f"token {self.token_id}" + (f" ({self.token!r})" if self.token is not None else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"token_id": self.token_id, "token": self.token, "mode": self.mode}
+        if self.value is not None:
+            entry["value"] = list(self.value)
+        return entry
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TokenRow:
+        mode = d.get("mode", "mean" if d.get("value") is not None else "zero")
+        if mode not in get_args(PruneMode):
+            raise ValueError(f"Unknown token mode {mode!r}; valid: {list(get_args(PruneMode))}")
+        if mode == "mean" and d.get("value") is None:
+            raise ValueError(f"Token {d.get('token_id')}: mean mode needs its 'value'")
+        value = None if mode == "zero" else tuple(float(v) for v in d["value"])
+        return cls(int(d["token_id"]), value, d.get("token"))
+
+
+@dataclass(frozen=True)
 class PrunePlan:
-    """Features to remove from one model, the mode, and where it all came from."""
+    """Features (and token-embedding rows) to remove from one model, the mode, and where it all came from."""
 
     features: tuple[Feature, ...]
     mode: PruneMode
@@ -112,8 +167,15 @@ class PrunePlan:
     means: tuple[tuple[float, ...], ...] | None = None
     reference: Mapping[str, Any] | None = None
     provenance: Mapping[str, Any] = field(default_factory=dict)
+    tokens: tuple[TokenRow, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "tokens", tuple(self.tokens))
+        ids = [t.token_id for t in self.tokens]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"A plan lists each token once; got {ids}")
+        if len({len(t.value) for t in self.tokens if t.value is not None}) > 1:
+            raise ValueError("The token replacements of a plan must all have the model's embedding width")
         if self.mode not in get_args(PruneMode):
             raise ValueError(f"Unknown prune mode {self.mode!r}; valid: {list(get_args(PruneMode))}")
         if len(set(self.features)) != len(self.features):
@@ -146,22 +208,29 @@ class PrunePlan:
             if self.means is not None:
                 entry["mean"] = list(self.means[i])
             feats.append(entry)
-        return {
+        out: dict[str, Any] = {
             "format": _FORMAT,
-            "version": 1,
+            "version": 2 if self.tokens else 1,
             "mode": self.mode,
             "features": feats,
-            "reference": dict(self.reference) if self.reference is not None else None,
-            "fingerprint": dict(self.fingerprint.__dict__),
-            "provenance": dict(self.provenance),
         }
+        if self.tokens:
+            out["tokens"] = [t.to_dict() for t in self.tokens]
+        out.update(
+            reference=dict(self.reference) if self.reference is not None else None,
+            fingerprint=dict(self.fingerprint.__dict__),
+            provenance=dict(self.provenance),
+        )
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PrunePlan:
         if d.get("format") != _FORMAT:
             raise ValueError(f"Not an icp_lens prune plan (format {d.get('format')!r}, expected {_FORMAT!r})")
-        if d.get("version") != 1:
-            raise ValueError(f"Unsupported prune plan version {d.get('version')!r}; this icp_lens reads version 1")
+        if d.get("version") not in _VERSIONS:
+            raise ValueError(
+                f"Unsupported prune plan version {d.get('version')!r}; this icp_lens reads versions {list(_VERSIONS)}"
+            )
         try:
             feats = [Feature(e["kind"], int(e["layer"]), int(e["index"])) for e in d["features"]]
             means = None
@@ -174,6 +243,7 @@ class PrunePlan:
                 means=means,
                 reference=d.get("reference"),
                 provenance=d.get("provenance") or {},
+                tokens=tuple(TokenRow.from_dict(t) for t in d.get("tokens") or ()),
             )
         except (KeyError, TypeError) as e:
             raise ValueError(f"Malformed prune plan: {e!r}") from e
@@ -207,7 +277,12 @@ class PrunePlan:
         for f in self.features:
             kinds[f.kind] = kinds.get(f.kind, 0) + 1
         parts = ", ".join(f"{n} {k}{'s' if n != 1 else ''}" for k, n in sorted(kinds.items()))
-        return f"PrunePlan({self.mode} mode: {parts or 'no features'}; for {self.fingerprint.architecture})"
+        text = f"{self.mode} mode: {parts}" if parts else ""
+        if self.tokens:
+            modes = sorted({t.mode for t in self.tokens})
+            n = len(self.tokens)
+            text += ("; " if text else "") + f"{n} token embedding{'s' if n != 1 else ''} ({'/'.join(modes)})"
+        return f"PrunePlan({text or 'no features'}; for {self.fingerprint.architecture})"
 
 
 def provenance(**fields: Any) -> dict[str, Any]:

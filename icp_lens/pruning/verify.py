@@ -8,6 +8,11 @@ module hooks on a plain HF model. The largest absolute logit difference is the
 figure to trust: in fp32 it should be round-off (<= 1e-5). The report adds the share
 of parameters the plan zeroed, the size of the weight files and the forward latency
 before and after (the same: pruning by zeroing keeps every shape).
+
+Token-embedding features are ablated in the reference by replacing the embedding
+*activation* at the positions holding the token (a forward hook on the input-embedding
+module; ``hook_embed`` on a hooked model), which leaves a tied unembedding as it was:
+so an export that forgot to untie it, or edited the output side, fails here.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from icp_lens.encoding import encode_texts, length_batches
 from icp_lens.pruning.ablate import hf_ablation, plan_edits
 from icp_lens.pruning.plan import PrunePlan
 from icp_lens.pruning.source import load_checkpoint
+from icp_lens.pruning.tokens import hooked_token_ablation, token_ablation
 
 __all__ = ["VerificationReport", "verify_export", "verification_batches", "forward_latency_ms"]
 
@@ -163,7 +169,7 @@ def forward_latency_ms(model: nn.Module, batches: Sequence[Tensor], *, repeats: 
 
 def _hf_ablated_logits(original: nn.Module, plan: PrunePlan, tokens: Tensor, dtype=torch.float32) -> Tensor:
     means = None if plan.means is None else dict(zip(plan.features, plan.means, strict=True))
-    with hf_ablation(original, plan.features, means):
+    with hf_ablation(original, plan.features, means), token_ablation(original, plan.tokens):
         out = original(tokens.to(_device(original)))
         return (out.logits if hasattr(out, "logits") else out).to(dtype).cpu()
 
@@ -203,7 +209,8 @@ def verify_export(
         worst = max(worst, float((got - expected).abs().max()))
         if hooked is not None:
             hooked_tokens = tokens.to(_device(hooked))
-            via_hooks = run_with_edits(hooked, hooked_tokens, plan_edits(plan)).float().cpu()
+            with hooked_token_ablation(hooked, hooked_tokens, plan.tokens):
+                via_hooks = run_with_edits(hooked, hooked_tokens, plan_edits(plan)).float().cpu()
             hooked_worst = max(hooked_worst, float((got - via_hooks).abs().max()))
             plain_hf = _logits(original(tokens.to(_device(original)))).cpu()
             floor = max(floor, float((_logits(hooked(hooked_tokens)).cpu() - plain_hf).abs().max()))

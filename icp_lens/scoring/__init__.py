@@ -9,15 +9,20 @@ from icp_lens.scoring.effects import Effects, InterventionSpec, probe_means
 from icp_lens.scoring.exact import exact_effects
 from icp_lens.scoring.hybrid import METHODS, all_features, score
 from icp_lens.scoring.table import ScoreTable
+from icp_lens.scoring.tokens import TokenScoreTable, icp_select_tokens, score_tokens, token_ablation_mode
 
 __all__ = [
     "METHODS",
     "Effects",
     "InterventionSpec",
     "ScoreTable",
+    "TokenScoreTable",
     "all_features",
     "attribution_effects",
     "exact_effects",
+    "icp_select_tokens",
     "probe_means",
     "score",
+    "score_tokens",
+    "token_ablation_mode",
 ]
