@@ -155,16 +155,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print()
     print(demo.metrics.to_string(float_format=lambda x: f"{x:.3f}"))
     print()
-    print(
-        f"pruned {len(demo.features)} feature(s): {', '.join(map(str, demo.features))}"
-        f" ({100 * demo.zeroed_fraction:.3f}% of parameters zeroed)"
-    )
+    print(f"pruned {_pruned_text(demo)} ({100 * demo.zeroed_fraction:.3f}% of parameters zeroed)")
     verdict = "PASS" if demo.verification_passed else "FAIL"
     print(f"verification: max |logit diff| {demo.verification_error:.2e} vs hook ablation ({verdict})")
     for name, path in demo.paths.items():
         print(f"{name:>10}  {path}")
     print(f"done in {demo.seconds:.0f} s")
     return 0 if demo.verification_passed else 1
+
+
+def _pruned_text(demo: Any) -> str:
+    """What the demo pruned, e.g. ``2 token embedding(s) ('wow', 'meh') and 1 unit(s): mlp L0.3``."""
+    n_units = len(demo.features)
+    units, tokens = demo.pruned[:n_units], demo.tokens  # DemoResult.pruned: units, then tokens
+    names = ", ".join(repr(t.token) if t.token is not None else f"id {t.token_id}" for t in tokens)
+    text = f"{len(tokens)} token embedding(s)" + (f" ({names})" if tokens else "")
+    return text + f" and {n_units} unit(s)" + (f": {', '.join(units)}" if units else "")
 
 
 def _csv_list(text: str) -> list[str]:

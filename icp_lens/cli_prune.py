@@ -67,7 +67,9 @@ def _print(result: Any, as_json: bool) -> int:
         print(json.dumps(payload, indent=2))
         return 0 if passed else 1
     print(f"{result.plan.summary()} -> {result.out}")
-    print("features: " + ", ".join(payload["features"]))
+    print("features: " + (", ".join(str(f) for f in result.plan.features) or "(none)"))
+    if result.plan.tokens:
+        print("tokens: " + ", ".join(str(t) for t in result.plan.tokens))
     print(f"export took {result.export_seconds:.2f} s; plan written to {result.out / 'plan.json'}")
     if result.verification is not None:
         print(result.verification)

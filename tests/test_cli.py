@@ -83,3 +83,56 @@ def test_demo_runs_the_whole_pipeline(tmp_path, capsys) -> None:
     for name in ("checkpoint", "plan", "scores", "token_scores", "figure", "report"):
         assert Path(payload["paths"][name]).exists(), name
     assert json.loads((out / "report.json").read_text())["pruned"] == payload["pruned"]
+
+
+def _token_only_demo(out: Path):
+    import pandas as pd
+
+    from icp_lens.demo import DemoResult
+    from icp_lens.pruning.plan import TokenRow
+
+    rows = ["balanced accuracy", "worst-group accuracy"]
+    return DemoResult(
+        out=out,
+        features=(),
+        metrics=pd.DataFrame({"before": [0.5, 0.1], "after": [0.9, 0.85]}, index=rows),
+        group_accuracy=pd.DataFrame({"before": [0.1], "after": [0.85]}, index=["pos/meh"]),
+        verification_error=1e-7,
+        verification_passed=True,
+        zeroed_fraction=0.00002,
+        seconds=1.0,
+        paths={"checkpoint": out / "checkpoint"},
+        tokens=(TokenRow(11, token="wow"), TokenRow(12, token="meh")),
+        token_mode="zero",
+    )
+
+
+def test_demo_text_names_the_pruned_tokens(tmp_path, capsys, monkeypatch) -> None:
+    import icp_lens.demo
+
+    demo = _token_only_demo(tmp_path)
+    monkeypatch.setattr(icp_lens.demo, "run_demo", lambda *a, **k: demo)
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "pruned 2 token embedding(s) ('wow', 'meh') and 0 unit(s) (0.002% of parameters zeroed)" in text
+    assert "pruned 0 feature(s)" not in text
+    # --json is the DemoResult's own dict, unchanged
+    assert main(["demo", "--out", str(tmp_path), "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload == json.loads(json.dumps(demo.to_dict()))
+    assert payload["pruned_units"] == [] and payload["n_pruned"] == 2
+
+
+def test_apply_plan_prints_the_tokens_of_a_token_plan(micro_dirs, tmp_path, capsys) -> None:
+    from icp_lens.pruning import make_plan
+
+    plan = make_plan(micro_dirs["gpt2"], [], tokens=["b", "d"])
+    plan.save(tmp_path / "plan.json")
+    args = ["apply-plan", "--model", str(micro_dirs["gpt2"]), "--plan", str(tmp_path / "plan.json")]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "features: (none)" in lines
+    assert "tokens: token 4 ('b'), token 6 ('d')" in lines
+    assert main([*args, "--out", str(tmp_path / "out2"), "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["features"] == [] and payload["tokens"] == ["token 4 ('b')", "token 6 ('d')"]

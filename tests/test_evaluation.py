@@ -25,6 +25,7 @@ from icp_lens.evaluation import (
     sensitivity,
     worst_group_accuracy,
 )
+from icp_lens.evaluation.metrics import _resample_indices
 
 # i  gold  pred  group      sensitive
 # 0  pos   pos   pos|s=A    s=A
@@ -190,3 +191,31 @@ def test_bootstrap_skips_undefined_resamples():
     low, high = bootstrap_ci(["x", "y"], ["a", "b"], statistic=demographic_parity_diff, n_boot=50, seed=0)
     assert (low, high) == (1.0, 1.0)
     assert all(math.isnan(v) for v in bootstrap_ci([1.0], statistic=lambda v: None, n_boot=5))
+
+
+def test_bootstrap_handles_infinite_statistics_without_warnings():
+    import warnings
+
+    margin = np.array([1.0, 2.0, 3.0, 4.0])
+    still = margin.copy()  # the spurious counterfactuals never move the margin: the ratio is inf
+    moved = margin - np.array([0.5, 1.0, 0.0, 2.0])
+
+    def ratio(m, spur, cause):
+        return causal_robustness_ratio(sensitivity(m, cause), sensitivity(m, spur))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert bootstrap_ci(margin, still, moved, statistic=ratio, n_boot=50, seed=0) == (math.inf, math.inf)
+        # some resamples infinite (one example in four moves the spurious margin), some finite
+        spur = margin - np.array([0.0, 0.0, 0.0, 1.0])
+        low, high = bootstrap_ci(margin, spur, moved, statistic=ratio, n_boot=200, seed=0)
+        assert math.isfinite(low) and high == math.inf
+        # -inf and +inf resamples: the endpoints are the infinities, never NaN
+        assert bootstrap_ci([1.0, -1.0], statistic=lambda v: math.inf * v[0], n_boot=50, seed=0) == (
+            -math.inf,
+            math.inf,
+        )
+    # finite statistics keep numpy's linear-interpolation percentile
+    values = np.random.default_rng(0).random(30)
+    expected = np.quantile([np.mean(values[i]) for i in _resample_indices(30, 40, 0)], [0.025, 0.975])
+    assert bootstrap_ci(values, statistic=np.mean, n_boot=40, seed=0) == pytest.approx(tuple(expected))

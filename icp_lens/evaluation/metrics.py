@@ -383,6 +383,15 @@ def bootstrap_ci(
       the arrays are per-example and resampled together (the same rows of each).
       Resamples on which ``f`` is undefined (it returns ``None``/NaN or raises
       ``ValueError``, e.g. a resample drew one sensitive value) are left out.
+      Infinite values are kept, not left out: ``+inf`` (e.g.
+      :func:`causal_robustness_ratio` on a resample whose spurious sensitivity is 0)
+      ranks above every finite value and ``-inf`` below. Each endpoint is the usual
+      linear-interpolation percentile of the ranked resamples; where it falls between
+      a finite and an infinite resample it is the infinity (the limit of the
+      interpolation), and between ``-inf`` and ``+inf`` the nearer one (the lower on
+      a tie). So the interval is ``(inf, inf)`` when every resample is ``+inf``, and
+      ``(low, inf)`` when more than about ``alpha / 2`` of them are. No numpy
+      warning is raised.
 
     Seeded: the same ``seed`` gives the same interval, and both forms draw the same
     resamples, so ``statistic=np.nanmean`` matches the first form.
@@ -413,5 +422,27 @@ def bootstrap_ci(
         stats[b] = np.nan if value is None else float(value)
     if np.isnan(stats).all():
         return math.nan, math.nan
-    low, high = np.nanquantile(stats, [alpha / 2, 1 - alpha / 2])
-    return float(low), float(high)
+    low, high = _percentiles(stats[~np.isnan(stats)], (alpha / 2, 1 - alpha / 2))
+    return low, high
+
+
+def _percentiles(values: np.ndarray, qs: Sequence[float]) -> list[float]:
+    """Linear-interpolation percentiles of non-NaN ``values``, which may hold +-inf (see bootstrap_ci)."""
+    if np.isfinite(values).all():
+        return [float(v) for v in np.quantile(values, qs)]
+    ranked = np.sort(values)
+    out: list[float] = []
+    for q in qs:
+        pos = q * (len(ranked) - 1)
+        lo = int(math.floor(pos))
+        hi, t = min(lo + 1, len(ranked) - 1), pos - lo
+        a, b = float(ranked[lo]), float(ranked[hi])
+        if t == 0 or a == b:
+            out.append(a)
+        elif math.isfinite(a) and math.isfinite(b):
+            out.append(a + (b - a) * t)
+        elif math.isinf(a) and math.isinf(b):  # -inf below, +inf above
+            out.append(a if t <= 0.5 else b)
+        else:
+            out.append(a if math.isinf(a) else b)
+    return out
