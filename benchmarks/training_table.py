@@ -34,7 +34,8 @@ separately drawn, group-balanced validation set (as in their papers).
 
 Gap closed = (method - original) / (oracle - original) on worst-group accuracy
 (``icp_lens.evaluation.gap_closed``). ``--cost`` also times an invariance step against a
-plain fine-tuning step on the same batches (ratio in one run). ``--combine`` rebuilds the
+plain fine-tuning step on the same batches (ratio in one run; ``bench_training_step.py``
+measures it on its own). ``--combine`` rebuilds the
 table from the ``training_runs.csv`` of earlier runs.
 
     python benchmarks/training_table.py [--variants lexical,tag] [--seeds 0] [--n-train 6400]
@@ -161,30 +162,34 @@ def prune_only(organism, table, tmp: Path) -> dict:
     return {**evaluate_dir(out, organism), "uses": "scores", "n_pruned": 1}
 
 
-def step_cost(organism, table, n: int = 40) -> dict:
-    """Seconds per step on the same batches, in one run: ERM, consistency, invariance (top-8,
-    resample), and invariance with the pair terms on half of each batch (``pair_fraction=0.5``)."""
-    from icp_lens.pruning import select_features
-    from icp_lens.training import TrainConfig, Trainer
+def step_cost(organism, table, steps: int = 8, repeats: int = 3) -> dict:
+    """Seconds per step on the same batches, in one run (``bench_training_step.measure``): ERM,
+    consistency, invariance (top-8, resample), invariance with the pair terms on half of each batch
+    (``pair_fraction=0.5``), and the invariance step as it was before the branched pass (``_old``,
+    against the old ERM step). Medians of interleaved repeats, wall clock."""
+    import sys
 
-    train = organism.probes("train")[: 64 * n]
-    feats = select_features(table, top_k=8)
-    runs = {
-        "erm": ({"objective": "erm"}, ()),
-        "consistency": ({"objective": "consistency"}, ()),
-        "invariance": ({"objective": "invariance"}, feats),
-        "invariance_half": ({"objective": "invariance", "pair_fraction": 0.5}, feats),
+    from icp_lens.pruning import select_features
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_training_step import VARIANTS, measure
+
+    variants = {
+        "erm": VARIANTS["erm"],
+        "consistency": {"config": {"objective": "consistency"}},
+        "invariance": VARIANTS["invariance"],
+        "invariance_half": VARIANTS["invariance_half"],
+        "erm (old)": VARIANTS["erm (old)"],
+        "invariance (old)": VARIANTS["invariance (old)"],
     }
-    times = {}
-    for _ in range(3):  # interleaved repeats; the fastest 5-step window: other processes share the CPU
-        for name, (config, features) in runs.items():
-            trainer = Trainer(organism.model_dir, train, TrainConfig(max_steps=n, progress=False, log_every=5,
-                                                                     **config), features=features)  # fmt: skip
-            rows = trainer.fit().history.query("kind == 'train'")
-            per_step = float(rows["seconds"].iloc[1:].min() / 5)  # the first 5 steps warm up
-            times[name] = min(times.get(name, float("inf")), per_step)
-    out = {f"{k}_step_s": v for k, v in times.items()}
-    out.update({f"{k}_over_erm": v / times["erm"] for k, v in times.items() if k != "erm"})
+    warmup = 3
+    train = organism.probes("train")[: 64 * (steps * repeats + warmup)]
+    feats = select_features(table, top_k=8)
+    results = measure(organism.model_dir, train, feats, variants=variants, steps=steps, repeats=repeats,
+                      warmup=warmup)  # fmt: skip
+    key = {name: name.replace(" (old)", "_old") for name in variants}
+    out = {f"{key[k]}_step_s": r["wall_s"] for k, r in results.items()}
+    out.update({f"{key[k]}_over_erm": r["wall_over_erm"] for k, r in results.items() if not k.startswith("erm")})
     return out
 
 

@@ -444,3 +444,128 @@ def test_invariance_lora_closes_the_worst_group_gap_on_the_lexical_organism() ->
     after = trainer.evaluate(balanced)
     assert before["worst_group_accuracy"] < 0.1 and before["flip_rate"] > 0.9
     assert after["worst_group_accuracy"] >= 0.85 and after["flip_rate"] <= 0.05
+
+
+# -- the branched invariance step (icp_lens.training.branch) equals the stacked reference --------------------------
+
+
+def step_gradients(trainer: Trainer, batch, *, branch: bool, pairs=None, seed: int = 3, last_only: bool = True):
+    """Loss terms and gradients of one step of ``trainer.loss`` on ``batch``, branched or stacked.
+
+    ``branch=False, last_only=False`` is the reference step: the stacked pass, every position unembedded.
+    """
+    trainer.loss.branch = branch
+    trainer.loss.forward.last_only = last_only
+    trainer.model.train()
+    for p in trainer.trainable.values():
+        p.grad = None
+    with torch.enable_grad():
+        terms = trainer.loss(batch, torch.Generator().manual_seed(seed), pairs)
+        terms["loss"].backward()
+    grads = {k: p.grad.detach().clone() for k, p in trainer.trainable.items() if p.grad is not None}
+    return {k: float(v.detach()) for k, v in terms.items()}, grads, trainer.loss.forward.last_path
+
+
+def assert_same_step(trainer: Trainer, batch, pairs=None, *, tol: float = 1e-5) -> None:
+    hooks = active_hook_count(trainer.model)
+    terms_ref, grads_ref, path_ref = step_gradients(trainer, batch, branch=False, pairs=pairs, last_only=False)
+    terms, grads, path = step_gradients(trainer, batch, branch=True, pairs=pairs)
+    assert (path_ref, path) == ("stacked", "branched")
+    assert terms.keys() == terms_ref.keys()
+    for name, value in terms_ref.items():
+        assert terms[name] == pytest.approx(value, abs=tol), name
+    assert grads.keys() == grads_ref.keys() and grads
+    for name, g in grads_ref.items():
+        assert torch.allclose(grads[name], g, atol=tol, rtol=1e-4), (name, float((grads[name] - g).abs().max()))
+    assert active_hook_count(trainer.model) == hooks  # no hook left behind
+
+
+BRANCH_CASES = {  # first edited layer / which attention the intervened rows skip
+    "L0 heads, L1 neuron (shared L0 attention)": [Feature("head", 0, 1), Feature("neuron", 1, 3)],
+    "every L0 head (shared and dead)": [Feature("head", 0, 0), Feature("head", 0, 1), Feature("neuron", 0, 2)],
+    "every L1 head (dead L1 attention)": [Feature("head", 0, 1), Feature("head", 1, 0), Feature("head", 1, 1)],
+    "residual first (no shared attention)": [Feature("resid", 0, 3), Feature("head", 1, 0), Feature("head", 1, 1)],
+    "value vector (attention runs on the grown batch)": [Feature("value", 0, 0), Feature("neuron", 1, 2)],
+    "branch at layer 1": [Feature("resid", 1, 2), Feature("neuron", 1, 0)],
+}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
+@pytest.mark.parametrize("case", list(BRANCH_CASES))
+def test_branched_invariance_step_equals_the_stacked_reference(arch, case, micro_dirs) -> None:
+    feats = BRANCH_CASES[case]
+    for intervention in ("resample", "mean", "zero", "resample_batch"):
+        cfg = config(interventions=(intervention,), mean_reference_size=32)
+        trainer = Trainer(micro_dirs[arch], micro_examples(16), cfg, features=feats)
+        trainer.loss.means = trainer._fit_means()
+        assert_same_step(trainer, next(iter(trainer.train_data.batches(8))))
+
+
+def test_branched_step_with_a_pair_pool_part_of_the_batch_and_a_representation(micro_dirs) -> None:
+    feats = BRANCH_CASES["every L1 head (dead L1 attention)"]
+    trainer = Trainer(micro_dirs["gpt2"], micro_examples(counterfactuals=False), config(pair_fraction=0.5),
+                      features=feats, pairs=micro_examples(8))  # fmt: skip
+    batch = next(iter(trainer.train_data.batches(8)))
+    assert_same_step(trainer, batch, pairs=trainer._pair_batch(0))
+    contrastive = config(objective="contrastive", interventions=("zero",), extra_terms={"invariance": 0.5})
+    trainer = Trainer(micro_dirs["llama"], micro_examples(counterfactuals=False), contrastive, features=feats)
+    assert trainer.loss.representation == "blocks.1.hook_resid_post"  # captured on the grown batch
+    assert_same_step(trainer, next(iter(trainer.train_data.batches(8))))
+
+
+def test_branched_step_under_a_pruning_plan_and_a_training_run(micro_dirs) -> None:
+    feats = BRANCH_CASES["every L0 head (shared and dead)"]
+    trainer = Trainer(micro_dirs["gpt2"], micro_examples(), config(), features=feats, prune=[Feature("head", 1, 0)])
+    with trainer.pruned():
+        assert_same_step(trainer, next(iter(trainer.train_data.batches(8))))
+    runs = {}
+    tokens = next(iter(trainer.train_data.batches(32))).tokens
+    for branch in (False, True):
+        trainer = Trainer(micro_dirs["gpt2"], micro_examples(), config(max_steps=6), features=feats)
+        trainer.loss.branch = branch
+        losses = trainer.fit().history.query("kind == 'train'")["loss"].to_numpy()
+        with torch.no_grad():
+            runs[branch] = (losses, trainer.model(tokens))
+    # the same training run (weights compared through the model: AdamW turns the float noise in the
+    # gradient of a key bias, which is 0 in exact arithmetic, into steps of either sign)
+    assert runs[True][0] == pytest.approx(runs[False][0], abs=1e-5)
+    assert torch.allclose(runs[True][1], runs[False][1], atol=1e-4)
+
+
+def test_branched_step_falls_back_where_it_cannot_be_exact(micro_dirs, monkeypatch) -> None:
+    from icp_lens.training import forward
+
+    feats = BRANCH_CASES["L0 heads, L1 neuron (shared L0 attention)"]
+    trainer = Trainer(micro_dirs["gpt2"], micro_examples(8), config(), features=feats)
+    batch = next(iter(trainer.train_data.batches(8)))
+    assert step_gradients(trainer, batch.head(1), branch=True)[2] == "stacked"  # one row: a wrong size would broadcast
+    dropout = Trainer(micro_dirs["gpt2"], micro_examples(8), config(dropout=0.1), features=feats)
+    assert step_gradients(dropout, batch, branch=True)[2] == "stacked"  # rows would share dropout masks
+    assert trainer.loss.branch  # neither switched the fast path off
+
+    def wrong(*args, **kwargs):  # a branched pass whose logits disagree with the reference
+        out, shape = real(*args, **kwargs)
+        return {k: (v[0] + 1.0, v[1] + 1.0, v[2]) for k, v in out.items()}, ("another", shape)
+
+    real = forward._branched_forward
+    monkeypatch.setattr(forward, "_branched_forward", wrong)
+    with pytest.warns(RuntimeWarning, match="branched invariance pass is off"):
+        terms, _, path = step_gradients(trainer, batch, branch=True)
+    assert path == "stacked" and not trainer.loss.branch
+    assert terms["loss"] == pytest.approx(step_gradients(trainer, batch, branch=False)[0]["loss"])
+
+
+@pytest.mark.slow
+def test_branched_step_equals_the_reference_on_a_seeded_organism() -> None:
+    """The fast path on the planted-shortcut organism: the scorer's kind of feature set, a full batch."""
+    from icp_lens.organisms import build_organism
+
+    organism = build_organism(variant="lexical", arch="gpt2", seed=0)
+    train = [ex for ex in organism.probes("train")[:256] if ex.spurious_counterfactual is not None]
+    sets = [[Feature("head", 0, h) for h in range(4)] + [Feature("neuron", 0, i) for i in (40, 48, 92, 193)],
+            [Feature("head", layer, h) for layer in (0, 1) for h in range(4)],
+            [Feature("head", 1, 2), Feature("neuron", 1, 7), Feature("head", 0, 3)]]  # fmt: skip
+    for feats in sets:
+        trainer = Trainer(organism.model_dir, train, config(batch_size=64), features=feats)
+        batch = next(b for b in trainer.train_data.epoch(0, 64) if b.spurious is not None)
+        assert_same_step(trainer, batch)

@@ -24,12 +24,20 @@ counterfactual logit pairing (CLP)::
     trainer.export("debiased/")          # LoRA merged, plan baked in, verified
 
 Modules: :mod:`~icp_lens.training.losses` (pure loss functions),
-:mod:`~icp_lens.training.objectives` (one step's forward passes and terms),
-:mod:`~icp_lens.training.data` (tokenized, shuffled batches),
+:mod:`~icp_lens.training.objectives` (one step's terms per objective),
+:mod:`~icp_lens.training.forward` (one step's forward passes: stacked reference, branched
+fast path), :mod:`~icp_lens.training.branch` (the hooks that branch the intervened rows
+off the clean ones), :mod:`~icp_lens.training.data` (tokenized, shuffled batches),
 :mod:`~icp_lens.training.config` (``TrainConfig``),
-:mod:`~icp_lens.training.trainer` (the loop, early stopping, re-scoring, export),
-:mod:`~icp_lens.training.evaluate` (validation metrics),
-:mod:`~icp_lens.training.checkpoint` (resumable checkpoints),
+:mod:`~icp_lens.training.trainer` (building a trainer; ``Trainer`` gathers the rest):
+:mod:`~icp_lens.training.loop` (``fit``, ``train_step``),
+:mod:`~icp_lens.training.selection` (evaluation, early stopping),
+:mod:`~icp_lens.training.rescoring` (following a moving shortcut),
+:mod:`~icp_lens.training.resume` (save / restore a run),
+:mod:`~icp_lens.training.export` (LoRA merge, verified HF checkpoint),
+:mod:`~icp_lens.training.result` (``TrainResult``), :mod:`~icp_lens.training.run`
+(``train()``), :mod:`~icp_lens.training.evaluate` (validation metrics),
+:mod:`~icp_lens.training.checkpoint` (the checkpoint files),
 :mod:`~icp_lens.training.lora` (peft helpers),
 :mod:`~icp_lens.training.fused` (fused qkv weights vs the bridge's split copies).
 """

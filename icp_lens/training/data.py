@@ -15,16 +15,25 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from icp_lens.model import HookedModel
-from icp_lens.probes import ProbeExample
+from icp_lens.probes import ProbeExample, read_probes
 from icp_lens.probeset import ProbeSet
 
-__all__ = ["TrainBatch", "TrainData"]
+__all__ = ["TrainBatch", "TrainData", "read_examples"]
+
+
+def read_examples(data: str | Path | Sequence[ProbeExample], tokenizer: Any) -> list[ProbeExample]:
+    """Probe-format examples from a JSONL path (tokenizer-checked) or a sequence of ``ProbeExample``."""
+    if isinstance(data, (str, Path)):
+        return read_probes(data, tokenizer=tokenizer)
+    return list(data)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Batch losses: one training step's forward passes and loss terms, per objective.
 
 Every objective is a weighted sum of *terms* computed from one stacked forward pass
-(rows never interact in a transformer, so stacking equals separate runs):
+(rows never interact in a transformer, so stacking equals separate runs; the passes
+themselves are :mod:`icp_lens.training.forward`):
 
 ===============  ===================================================  =========================
 term             value                                                rows of the stacked pass
@@ -36,25 +37,29 @@ a little consistency). Interventions for the invariance term: ``resample`` (each
 feature takes its value on the spurious counterfactual: needs counterfactuals),
 ``resample_batch`` (its value on another example of the batch), ``mean`` (its mean over
 the training prompts, fitted once at the start) and ``zero``.
+
+*The invariance rows branch.* The ``x with edits`` rows are not run from the embeddings:
+they branch off the clean rows at the first edited layer, and attention whose output the
+edits overwrite is not computed for them (:mod:`icp_lens.training.branch`); the values
+and gradients are the stacked pass's. ``BatchLoss(..., branch=False)`` runs the stacked
+reference instead.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import ExitStack
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
-from icp_lens.edits import Edit, intervene
+from icp_lens.edits import Edit
 from icp_lens.features import Feature
-from icp_lens.hooks import capturing, hooked
 from icp_lens.interventions import Mean, Resample, Zero
 from icp_lens.model import HookedModel, model_dims
 from icp_lens.training import losses as L
 from icp_lens.training.data import TrainBatch
+from icp_lens.training.forward import StepForward, capture_prefix
 
 if TYPE_CHECKING:  # pragma: no cover
     from icp_lens.training.config import TrainConfig
@@ -118,31 +123,6 @@ def needs_groups(objective: str) -> bool:
     return objective == "groupdro"
 
 
-_HOOK_ORDER = {"resid": 0, "value": 1, "head": 2, "neuron": 3}
-
-
-class _StopForward(Exception):
-    """Raised by a hook once every needed activation is recorded (ends the forward pass early)."""
-
-
-@torch.no_grad()
-def capture_prefix(model: HookedModel, features: Sequence[Feature], tokens: Tensor) -> dict[str, Tensor]:
-    """The activations at ``features``' hook points on ``tokens``, running the model only
-    as far as the last of those hook points (no gradient)."""
-    names = sorted({f.hook_name for f in features})
-    last = max(features, key=lambda f: (f.layer, _HOOK_ORDER[f.kind])).hook_name
-
-    def stop(activation: Tensor, hook: Any) -> None:
-        raise _StopForward
-
-    with capturing(model, names) as store, hooked(model, [(last, stop)]):
-        try:
-            model(tokens)
-        except _StopForward:
-            pass
-    return {name: store[name].clone() for name in names}
-
-
 class BatchLoss:
     """Computes a batch's loss terms for one objective; holds the state that lives across steps.
 
@@ -160,6 +140,7 @@ class BatchLoss:
         features: Sequence[Feature] = (),
         means: dict[Feature, Mean] | None = None,
         n_groups: int = 0,
+        branch: bool = True,
     ) -> None:
         self.model = model
         self.config = config
@@ -172,6 +153,17 @@ class BatchLoss:
         self.representation = config.representation or (
             f"blocks.{n_layers - 1}.hook_resid_post" if "contrastive" in self.weights else "logits"
         )
+        # the answer losses read the last position only: unembed only that one
+        self.forward = StepForward(model, branch=branch, last_only=config.task_loss != "lm")
+
+    @property
+    def branch(self) -> bool:
+        """Whether the invariance rows branch off the clean rows (:mod:`~icp_lens.training.branch`)."""
+        return self.forward.branch
+
+    @branch.setter
+    def branch(self, value: bool) -> None:
+        self.forward.branch = bool(value)
 
     # -- state ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -228,34 +220,6 @@ class BatchLoss:
             per_example = L.answer_cross_entropy(last, batch.answer, candidates=cands, reduction="none")
         return per_example
 
-    def _forward(
-        self, blocks: list[tuple[str, Tensor]], edits: list[Edit]
-    ) -> dict[str, tuple[Tensor, Tensor, Tensor | None]]:
-        """Run the blocks, stacked along the batch (one pass per token length); ``edits`` hit block ``do``.
-
-        Returns ``block -> (logits, last-position logits, captured representation or None)``.
-        """
-        rep_hook = None if self.representation in ("logits", "candidates") else self.representation
-        by_len: dict[int, list[int]] = {}
-        for i, (_, tokens) in enumerate(blocks):
-            by_len.setdefault(tokens.shape[1], []).append(i)
-        out: dict[str, tuple[Tensor, Tensor, Tensor | None]] = {}
-        for members in by_len.values():
-            tokens = torch.cat([blocks[i][1] for i in members])
-            spans, start = {}, 0
-            for i in members:
-                spans[blocks[i][0]] = (start, start + blocks[i][1].shape[0])
-                start += blocks[i][1].shape[0]
-            pass_edits = [replace(e, rows=spans["do"]) for e in edits] if "do" in spans else []
-            with ExitStack() as stack:
-                stack.enter_context(intervene(self.model, pass_edits))
-                store = stack.enter_context(capturing(self.model, [rep_hook] if rep_hook else [], detach=False))
-                logits = self.model(tokens)
-                captured = store.get(rep_hook) if rep_hook else None
-            for name, (lo, hi) in spans.items():
-                out[name] = (logits[lo:hi], logits[lo:hi, -1], None if captured is None else captured[lo:hi])
-        return out
-
     # -- the step ---------------------------------------------------------------------
     def __call__(self, batch: TrainBatch, gen: torch.Generator, pairs: TrainBatch | None = None) -> dict[str, Tensor]:
         """Loss terms of ``batch`` (detached) and ``loss``, their weighted sum (with gradients).
@@ -279,11 +243,14 @@ class BatchLoss:
         if has_cf and (any(t in w for t in _CF_TERMS) or "contrastive" in w):
             blocks.append(("cf", anchor.spurious))
         edits: list[Edit] = []
+        do = None  # the intervened copy of the anchor rows: (block it copies, rows, tokens)
         if ("invariance" in w or ("contrastive" in w and not has_cf)) and self.features:
             edits = self._choose_edits(anchor, gen, (0, anchor.size))
             if edits:
-                blocks.append(("do", anchor.tokens))
-        out = self._forward(blocks, edits)
+                source = "a" if any(name == "a" for name, _ in blocks) else "x"  # x: its first rows
+                do = (source, anchor.size, anchor.tokens)
+        rep_hook = None if self.representation in ("logits", "candidates") else self.representation
+        out = self.forward(blocks, edits, do, rep_hook)
 
         logits_x, last_x, cap_x = out["x"]
         per_example = self._task(last_x, batch, logits_x)

@@ -1,0 +1,286 @@
+"""One training step's forward passes: the reference stacked pass and the branched fast path.
+
+:class:`~icp_lens.training.objectives.BatchLoss` names the row *blocks* a step needs
+(``x``: the training batch; ``a``: a pair batch; ``cf``: spurious counterfactuals) and,
+for the invariance term, the intervened copy ``do`` of the anchor rows (``a``, else the
+first rows of ``x``) with the step's edits. This module runs them:
+
+- :func:`stacked_forward`, the reference: blocks of one token length are concatenated
+  along the batch and run in one pass, the edits hitting the ``do`` rows only (rows never
+  interact in a transformer, so one pass equals separate runs);
+- :func:`branched_forward`, the fast path (:mod:`icp_lens.training.branch`): ``do`` is
+  not run from the embeddings but branched off the anchor rows at the first edited
+  layer, and attention the intervened copy would throw away is skipped;
+- :class:`StepForward`, what ``BatchLoss`` calls: the fast path where it applies
+  (otherwise the reference), with the first branched pass of each plan shape checked
+  against the reference.
+
+Both passes can unembed the last position only (``last_only``, a bridge's
+``logits_to_keep=1``): the answer losses read nothing else, and on a real vocabulary the
+unembedding of every position is a large share of a small model's forward pass.
+
+:func:`capture_prefix` computes the values a ``resample`` intervention patches in: the
+flagged features' activations on the counterfactual, without gradient, running the model
+only as far as the last flagged hook point.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from icp_lens.edits import Edit, intervene
+from icp_lens.features import Feature
+from icp_lens.hooks import HookFn, capturing, hooked
+from icp_lens.model import HookedModel, is_bridge, model_dims
+from icp_lens.training.branch import branched, fuse_edits, has_active_dropout, plan_branch
+
+__all__ = ["Outputs", "capture_prefix", "stacked_forward", "branched_forward", "StepForward"]
+
+#: ``block -> (logits, last-position logits, captured representation or None)``
+Outputs = dict[str, tuple[Tensor, Tensor, Tensor | None]]
+
+_HOOK_ORDER = {"resid": 0, "value": 1, "head": 2, "neuron": 3}
+
+
+class _StopForward(Exception):
+    """Raised by a hook once every needed activation is recorded (ends the forward pass early)."""
+
+
+@torch.no_grad()
+def capture_prefix(model: HookedModel, features: Sequence[Feature], tokens: Tensor) -> dict[str, Tensor]:
+    """The activations at ``features``' hook points on ``tokens``, running the model only
+    as far as the last of those hook points (no gradient)."""
+    names = sorted({f.hook_name for f in features})
+    last = max(features, key=lambda f: (f.layer, _HOOK_ORDER[f.kind])).hook_name
+    store: dict[str, Tensor] = {}
+
+    def record(name: str) -> HookFn:
+        def hook_fn(activation: Tensor, hook: Any) -> None:
+            store[name] = activation.clone()
+            if name == last:  # everything needed is recorded: end the forward pass here
+                raise _StopForward
+
+        return hook_fn
+
+    with hooked(model, [(name, record(name)) for name in names]):
+        try:
+            model(tokens)
+        except _StopForward:
+            pass
+    return store
+
+
+def _passes(blocks: list[tuple[str, Tensor]]) -> list[tuple[Tensor, dict[str, tuple[int, int]]]]:
+    """Blocks grouped by token length: one ``(stacked tokens, block -> row span)`` per pass."""
+    by_len: dict[int, list[tuple[str, Tensor]]] = {}
+    for name, tokens in blocks:
+        by_len.setdefault(tokens.shape[1], []).append((name, tokens))
+    passes = []
+    for members in by_len.values():
+        spans, start = {}, 0
+        for name, tokens in members:
+            spans[name] = (start, start + tokens.shape[0])
+            start += tokens.shape[0]
+        passes.append((torch.cat([t for _, t in members]), spans))
+    return passes
+
+
+def _split(logits: Tensor, captured: Tensor | None, spans: dict[str, tuple[int, int]], out: Outputs) -> None:
+    for name, (lo, hi) in spans.items():
+        out[name] = (logits[lo:hi], logits[lo:hi, -1], None if captured is None else captured[lo:hi])
+
+
+def _run(model: HookedModel, tokens: Tensor, last_only: bool) -> Tensor:
+    """The model's logits; with ``last_only`` only the last position's (``[batch, 1, vocab]``)."""
+    return model(tokens, logits_to_keep=1) if last_only else model(tokens)
+
+
+def stacked_forward(
+    model: HookedModel,
+    blocks: list[tuple[str, Tensor]],
+    edits: Sequence[Edit],
+    rep_hook: str | None = None,
+    *,
+    last_only: bool = False,
+) -> Outputs:
+    """The reference: run the blocks stacked along the batch (one pass per token length).
+
+    ``edits`` (rows relative to the block) hit block ``"do"``; ``rep_hook`` is a hook
+    point whose activation is captured (with gradient) as each block's representation.
+    ``last_only`` unembeds the last position only (a bridge's ``logits_to_keep=1``): the
+    returned logits are then ``[rows, 1, vocab]``.
+    """
+    out: Outputs = {}
+    for tokens, spans in _passes(blocks):
+        pass_edits = [replace(e, rows=spans["do"]) for e in edits] if "do" in spans else []
+        with ExitStack() as stack:
+            stack.enter_context(intervene(model, pass_edits))
+            store = stack.enter_context(capturing(model, [rep_hook] if rep_hook else [], detach=False))
+            logits = _run(model, tokens, last_only)
+            captured = store.get(rep_hook) if rep_hook else None
+        _split(logits, captured, spans, out)
+    return out
+
+
+_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.(.*)$")
+_AFTER_ATTENTION = ("hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "mlp.hook_pre",
+                    "mlp.hook_post", "hook_mlp_in", "ln2.hook_normalized")  # fmt: skip
+
+
+def _representation_ok(rep_hook: str | None, first_layer: int) -> bool:
+    """Whether ``rep_hook`` sees the grown batch (after the branch, outside skipped attention)."""
+    if rep_hook is None:
+        return True
+    match = _BLOCK_HOOK.match(rep_hook)
+    if match is None:  # ln_final, unembed: after every block
+        return True
+    layer, suffix = int(match[1]), match[2]
+    return layer > first_layer and suffix == "hook_resid_pre" or layer >= first_layer and suffix in _AFTER_ATTENTION
+
+
+def branched_forward(
+    model: HookedModel,
+    blocks: list[tuple[str, Tensor]],
+    edits: Sequence[Edit],
+    source: str,
+    n: int,
+    rep_hook: str | None = None,
+    *,
+    last_only: bool = False,
+    dropout: bool | None = None,
+) -> Outputs | None:
+    """The blocks plus ``"do"`` (the first ``n`` rows of block ``source`` under ``edits``),
+    with ``do`` branched off ``source`` at the first edited layer; ``None`` when the fast
+    path cannot express this step exactly (then use :func:`stacked_forward`).
+
+    ``dropout``: whether a dropout module is active (``None``: look; it walks the model).
+    """
+    result = _branched_forward(model, blocks, edits, source, n, rep_hook, last_only=last_only, dropout=dropout)
+    return None if result is None else result[0]
+
+
+def _branched_forward(
+    model: HookedModel,
+    blocks: list[tuple[str, Tensor]],
+    edits: Sequence[Edit],
+    source: str,
+    n: int,
+    rep_hook: str | None,
+    *,
+    last_only: bool,
+    dropout: bool | None,
+) -> tuple[Outputs, tuple] | None:
+    """:func:`branched_forward`, plus the branch plan's shape (which hooks ran where)."""
+    if dropout is None:
+        dropout = has_active_dropout(model)
+    if not edits or not is_bridge(model) or not hasattr(model, "blocks") or dropout:
+        return None  # dropout: the branch would share the clean rows' dropout masks in the shared prefix
+    out: Outputs = {}
+    shape: tuple = ()
+    for tokens, spans in _passes(blocks):
+        if source not in spans:
+            with capturing(model, [rep_hook] if rep_hook else [], detach=False) as store:
+                logits = _run(model, tokens, last_only)
+            _split(logits, store.get(rep_hook) if rep_hook else None, spans, out)
+            continue
+        n_base, seq_len = tokens.shape
+        fused = fuse_edits(model, edits, n, seq_len)
+        if n_base < 2 or fused is None:
+            return None
+        plan = plan_branch(fused, model_dims(model).n_layers)
+        if not _representation_ok(rep_hook, plan.first_layer):
+            return None
+        lo = spans[source][0]
+        kinds = tuple(sorted((e.kind, e.layer, e.covers_all) for e in plan.edits.values()))
+        shape = (plan.first_layer, tuple(sorted(plan.shrunk)), kinds, tuple(spans), rep_hook)
+        with ExitStack() as stack:
+            stack.enter_context(branched(model, plan, n_base, (lo, lo + n)))
+            store = stack.enter_context(capturing(model, [rep_hook] if rep_hook else [], detach=False))
+            logits = _run(model, tokens, last_only)
+            captured = store.get(rep_hook) if rep_hook else None
+        grown = n_base + n
+        if logits.shape[0] != grown or (captured is not None and captured.shape[0] != grown):
+            raise RuntimeError(f"The branched pass returned {logits.shape[0]} rows, expected {grown}")
+        _split(logits, captured, {**spans, "do": (n_base, grown)}, out)
+    return out, shape
+
+
+class StepForward:
+    """The forward pass(es) of ``BatchLoss``: the branched fast path where it applies, else the reference.
+
+    ``branch=False`` always runs the reference (:func:`stacked_forward`). The first
+    branched pass of every plan shape (first edited layer, layers whose attention skips the
+    branch, kinds of edit) is checked against the reference on the same inputs (no
+    gradient); a disagreement beyond ``tolerance`` or an error in the fast path switches
+    it off for good, with a warning. ``last_only`` (for losses that read the last position only)
+    unembeds only the last position, on a ``TransformerBridge``.
+    """
+
+    def __init__(
+        self, model: HookedModel, *, branch: bool = True, last_only: bool = False, tolerance: float = 1e-4
+    ) -> None:
+        self.model = model
+        self.branch = branch
+        self.last_only = last_only and is_bridge(model)
+        self._dropout: dict[bool, bool] = {}  # model.training -> any dropout active (looked up once per mode)
+        self.tolerance = tolerance
+        self.checked: set[tuple] = set()  # the plan shapes checked against the reference
+        self.last_path: str | None = None  # "branched" or "stacked": what the last call ran
+
+    def __call__(
+        self,
+        blocks: list[tuple[str, Tensor]],
+        edits: Sequence[Edit],
+        do: tuple[str, int, Tensor] | None,
+        rep_hook: str | None = None,
+    ) -> Outputs:
+        """``do = (source block, rows, tokens)``: the intervened copy of ``source``'s first rows."""
+        if do is not None and self.branch:
+            try:
+                training = bool(self.model.training)
+                if training not in self._dropout:
+                    self._dropout[training] = has_active_dropout(self.model)
+                result = _branched_forward(self.model, blocks, edits, do[0], do[1], rep_hook,
+                                           last_only=self.last_only, dropout=self._dropout[training])  # fmt: skip
+            except Exception as exc:  # an architecture the hooks do not fit: use the reference from now on
+                self._disable(f"it failed ({type(exc).__name__}: {exc})")
+                result = None
+            if result is not None:
+                out, shape = result
+                if shape not in self.checked:
+                    self._check(out, blocks, edits, do, rep_hook)
+                    self.checked.add(shape)
+                if self.branch:
+                    self.last_path = "branched"
+                    return out
+        self.last_path = "stacked"
+        full = blocks + [("do", do[2])] if do is not None else blocks
+        return stacked_forward(self.model, full, edits if do is not None else [], rep_hook, last_only=self.last_only)
+
+    def _check(self, out: Outputs, blocks: list[tuple[str, Tensor]], edits: Sequence[Edit],
+               do: tuple[str, int, Tensor], rep_hook: str | None) -> None:  # fmt: skip
+        with torch.no_grad():
+            reference = stacked_forward(self.model, blocks + [("do", do[2])], edits, rep_hook, last_only=self.last_only)
+        worst = 0.0
+        for name, (logits, _, _) in reference.items():
+            got = out[name][0].detach()
+            worst = max(worst, float((got - logits).abs().max() / (1.0 + logits.abs().max())))
+        if worst > self.tolerance:
+            self._disable(f"its logits differ from the reference pass by {worst:.2e} (relative)")
+
+    def _disable(self, why: str) -> None:
+        warnings.warn(
+            f"icp_lens: the branched invariance pass is off for this run because {why}; "
+            "training continues with the (slower) stacked reference pass.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self.branch = False

@@ -1,0 +1,212 @@
+"""The training loop: ``Trainer.fit`` and one optimisation step, ``Trainer.train_step``.
+
+Each step takes batch ``i`` of epoch ``e`` (shuffled from ``(seed, e)``, so the order is
+the same whether or not the run was interrupted), draws a pair batch from the pair pool
+when the objective needs one, and runs :meth:`LoopMixin.train_step`: the objective's
+terms (:class:`~icp_lens.training.objectives.BatchLoss`, with the pruning plan's edits
+active) under an RNG seeded by ``(seed, step)`` (feature and intervention sampling,
+dropout), backward, gradient clipping, AdamW (weight decay on matrices only) and a
+linear-warm-up + cosine schedule (``transformers.get_cosine_schedule_with_warmup``, the
+only piece borrowed from the HF ``Trainer``).
+
+Around the steps, ``fit`` keeps a *loop state* (a JSON-ready dict: step, running means
+of the logged terms, early-stopping state, JTT error set, regularised features) and, at
+their intervals, logs averaged terms (``log_every``), evaluates and tracks the best
+model (:mod:`~icp_lens.training.selection`), re-scores features
+(:mod:`~icp_lens.training.rescoring`) and writes checkpoints
+(:mod:`~icp_lens.training.resume`). ``fit(resume=True)`` restores the loop state from a
+checkpoint instead of starting fresh.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from icp_lens.features import Feature
+from icp_lens.training import checkpoint as ckpt
+from icp_lens.training.data import TrainBatch
+from icp_lens.training.result import TrainResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from icp_lens.training.trainer import Trainer
+
+__all__ = ["LoopMixin", "model_device"]
+
+
+def model_device(model: Any) -> torch.device:
+    """The device of ``model``'s first parameter."""
+    return next(model.parameters()).device
+
+
+class LoopMixin:
+    """``Trainer``'s loop: ``fit``, ``train_step`` and their helpers."""
+
+    def _optimizer(self: Trainer, total: int) -> tuple[torch.optim.Optimizer, Any]:
+        """AdamW (weight decay on parameters of 2+ dimensions only) and its warm-up + cosine schedule."""
+        from transformers import get_cosine_schedule_with_warmup
+
+        decay = [p for p in self.trainable.values() if p.ndim >= 2]
+        no_decay = [p for p in self.trainable.values() if p.ndim < 2]
+        groups = [
+            {"params": decay, "weight_decay": self.config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.config.lr)
+        warmup = int(self.config.warmup_ratio * total)
+        return opt, get_cosine_schedule_with_warmup(opt, warmup, total)
+
+    def _step_seed(self: Trainer, step: int) -> int:
+        return (self.config.seed * 1_000_003 + step * 7_919 + 12_345) % (2**63)
+
+    def train_step(
+        self: Trainer,
+        step: int,
+        batch: TrainBatch,
+        pair_batch: TrainBatch | None,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """One optimisation step on ``batch``: terms, backward, clipping, AdamW, schedule.
+
+        ``step`` seeds the step's sampling (features, interventions, dropout). Returns the
+        loss terms (``loss`` with its graph, the others detached) and the gradient norm
+        before clipping.
+        """
+        cfg = self.config
+        with torch.random.fork_rng(devices=[]), self.pruned(), torch.enable_grad():
+            torch.manual_seed(self._step_seed(step))
+            gen = torch.Generator().manual_seed(self._step_seed(step))
+            terms = self.loss(batch, gen, pair_batch)
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+        self._check_gradients(step)
+        params = list(self.trainable.values())
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
+        optimizer.step()
+        scheduler.step()
+        return terms, norm
+
+    def fit(
+        self: Trainer, *, resume: bool = False, callback: Callable[[Trainer, int], None] | None = None
+    ) -> TrainResult:
+        """Train; ``resume`` continues from ``checkpoint_dir`` when it holds a checkpoint.
+
+        ``callback(trainer, step)`` runs after every step (raise to stop; a later
+        ``fit(resume=True)`` continues from the last checkpoint).
+        """
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        start_time = time.perf_counter()
+        per_epoch = self.train_data.n_batches(cfg.batch_size)
+        total = min(cfg.max_steps, cfg.epochs * per_epoch) if cfg.max_steps else cfg.epochs * per_epoch
+        eval_every = cfg.eval_every or per_epoch
+        ckpt_every = cfg.checkpoint_every or eval_every
+        opt, sched = self._optimizer(total)
+        s: dict[str, Any] = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "stopped_early": False,
+                             "running": {}, "n_running": 0, "jtt_errors": None,
+                             "features": [str(f) for f in self.features]}  # fmt: skip
+        best_weights: dict[str, Tensor] | None = None
+        if resume and ckpt.has_checkpoint(self.checkpoint_dir):
+            s, best_weights, means = self._restore(opt, sched)
+        else:
+            self._history = []
+            means = self._fit_means()
+            if cfg.objective == "jtt":
+                s["jtt_errors"] = self._jtt_errors().nonzero().flatten().tolist()
+            if self.val_data is not None:
+                self._history.append({"step": 0, "epoch": 0.0, "kind": "val", **self.evaluate()})
+        self.loss.means = means
+        self.loss.features = tuple(Feature.parse(f) for f in s["features"])
+        data = self.train_data
+        if s["jtt_errors"] is not None:
+            from icp_lens.training.losses import jtt_weights
+
+            errors = torch.zeros(len(data), dtype=torch.bool)
+            errors[s["jtt_errors"]] = True
+            data = data.with_weights(jtt_weights(errors, cfg.jtt_upweight))
+        bar = tqdm(total=total, initial=s["step"], disable=not cfg.progress, desc=f"train ({cfg.objective})")
+        epoch_batches: tuple[int, list] = (-1, [])
+        self.model.train()  # once: switching modes walks the bridge's whole module tree
+        try:
+            while s["step"] < total and not s["stopped_early"]:
+                step = s["step"]
+                if cfg.rescore_every and step % cfg.rescore_every == 0 and s.get("rescored") != step:
+                    self._rescore(s, means, step)
+                    s["rescored"] = step
+                epoch, i = divmod(step, per_epoch)
+                if epoch_batches[0] != epoch:
+                    epoch_batches = (epoch, data.epoch(epoch, cfg.batch_size, seed=cfg.seed))
+                batch = epoch_batches[1][i].to(model_device(self.model))
+                pair_batch = self._pair_batch(step) if self._pairs_always or batch.spurious is None else None
+                tic = time.perf_counter()
+                terms, norm = self.train_step(step, batch, pair_batch, opt, sched)
+                s["step"] = step = step + 1
+                self._accumulate(s, terms, norm, tic)
+                if step % cfg.log_every == 0 or step == total:
+                    self._log_train(s, step, per_epoch, sched, bar)
+                if self.val_data is not None and (step % eval_every == 0 or step == total):
+                    best_weights = self._evaluate_and_track(s, best_weights, step, per_epoch)
+                if self.checkpoint_dir is not None and (step % ckpt_every == 0 or step == total):
+                    self._save(s, opt, sched, best_weights, means)
+                bar.update(1)
+                if callback is not None:
+                    callback(self, step)
+        finally:
+            bar.close()
+            self.model.eval()
+        if best_weights is not None and cfg.early_stopping and cfg.restore_best:
+            self._load_trainable(best_weights)
+        final = self.evaluate() if self.val_data is not None else {}
+        return TrainResult(
+            history=self.history, steps=s["step"], total_steps=total, best_step=s["best_step"],
+            best_metric=s["best"], stopped_early=s["stopped_early"], final=final,
+            seconds=time.perf_counter() - start_time,
+        )  # fmt: skip
+
+    @staticmethod
+    def _accumulate(s: dict[str, Any], terms: dict[str, Tensor], norm: Tensor, tic: float) -> None:
+        """Add one step's terms, gradient norm and seconds (since ``tic``) to the running sums."""
+        run = s["running"]
+        for name, value in terms.items():
+            run[name] = run.get(name, 0.0) + float(value.detach())
+        run["grad_norm"] = run.get("grad_norm", 0.0) + float(norm)
+        run["seconds"] = run.get("seconds", 0.0) + time.perf_counter() - tic
+        s["n_running"] += 1
+
+    def _log_train(self: Trainer, s: dict[str, Any], step: int, per_epoch: int, sched: Any, bar: Any) -> None:
+        """A ``kind="train"`` history row: the running means (``seconds``: their sum); resets them."""
+        row = {k: v / s["n_running"] for k, v in s["running"].items()}
+        row["seconds"] = s["running"]["seconds"]
+        self._history.append({"step": step, "epoch": step / per_epoch, "kind": "train",
+                              "lr": sched.get_last_lr()[0], **row})  # fmt: skip
+        s["running"], s["n_running"] = {}, 0
+        bar.set_postfix(loss=f"{row['loss']:.4f}")
+
+    def _pair_batch(self: Trainer, step: int) -> TrainBatch | None:
+        """Batch ``step`` of the pair pool's endless, seeded stream (``None`` without a pool)."""
+        if self.pair_data is None:
+            return None
+        bs = self.config.batch_size
+        epoch, i = divmod(step, self.pair_data.n_batches(bs))
+        if getattr(self, "_pair_epoch", (None,))[0] != epoch:
+            self._pair_epoch = (epoch, self.pair_data.epoch(epoch, bs, seed=self.config.seed + 1))
+        return self._pair_epoch[1][i].to(model_device(self.model))
+
+    def _check_gradients(self: Trainer, step: int) -> None:
+        """After the first step of a LoRA run: every adapter must have received a gradient."""
+        if step != 0 or self.lora is None:
+            return
+        from icp_lens.training.lora import dead_adapters
+
+        dead = dead_adapters(self.lora)
+        if dead:
+            raise RuntimeError(
+                f"LoRA layers {dead[:4]} received no gradient: the bridge does not run these modules. "
+                "Exclude them from lora_targets."
+            )

@@ -1,0 +1,92 @@
+"""Saving and restoring a run, so that an interrupted run resumes to the same weights.
+
+A checkpoint (written by :mod:`icp_lens.training.checkpoint`: safetensors plus JSON,
+replaced atomically) carries everything the next step depends on: the trainable weights,
+the AdamW state, the schedule, the loop state (step, early-stopping state, best weights,
+JTT error set, the regularised features as re-scoring grew them), the objective's state
+(GroupDRO weights), the fitted means and the history so far.
+
+It also carries the run's *identity* (config, features, pruned features, data sizes).
+Resuming compares it with the resuming trainer's and refuses a checkpoint from other
+settings: continuing somebody else's optimiser state would silently train a different
+model. Together with the seeding (data order from ``(seed, epoch)``, per-step sampling
+from ``(seed, step)``), this makes ``fit(resume=True)`` end with the weights of an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from icp_lens.features import Feature
+from icp_lens.interventions import Mean
+from icp_lens.training import checkpoint as ckpt
+
+if TYPE_CHECKING:  # pragma: no cover
+    from icp_lens.training.trainer import Trainer
+
+__all__ = ["ResumeMixin"]
+
+
+class ResumeMixin:
+    """``Trainer``'s checkpoint methods."""
+
+    def _identity(self: Trainer) -> dict[str, Any]:
+        """What must match for a checkpoint to belong to this run (``progress`` may differ)."""
+        config = self.config.to_dict()
+        config.pop("progress")
+        return {
+            "config": config,
+            "features": [str(f) for f in self.features],
+            "prune": [] if self.plan is None else [str(f) for f in self.plan.features],
+            "n_train": len(self.train_data),
+            "n_pairs": 0 if self.pair_data is None else len(self.pair_data),
+        }
+
+    def _save(
+        self: Trainer,
+        s: dict[str, Any],
+        opt: torch.optim.Optimizer,
+        sched: Any,
+        best: dict[str, Tensor] | None,
+        means: dict[Feature, Mean],
+    ) -> None:
+        """Write a checkpoint of the loop state ``s``, the optimiser, the schedule and the means."""
+        state = {**self._identity(), "loop": s, "objective_state": self.loss.state_dict(),
+                 "scheduler": sched.state_dict(), "history": self._history}  # fmt: skip
+        mean_tensors = {str(f): m.value for f, m in means.items()}
+        trainable = {k: v for k, v in self.trainable.items()}
+        ckpt.save_checkpoint(self.checkpoint_dir, state, trainable, opt.state_dict(), best=best, means=mean_tensors)
+
+    def _restore(
+        self: Trainer, opt: torch.optim.Optimizer, sched: Any
+    ) -> tuple[dict[str, Any], dict[str, Tensor] | None, dict[Feature, Mean]]:
+        """Load the checkpoint into the weights, ``opt`` and ``sched``; returns (loop state, best weights, means)."""
+        saved = ckpt.load_checkpoint_state(self.checkpoint_dir)
+        state = saved["state"]
+        mine = self._identity()
+        for key in mine:
+            if state.get(key) != mine[key]:
+                raise ValueError(
+                    f"The checkpoint in {self.checkpoint_dir} is from another run ({key} differs); "
+                    "resume with the same settings or use another checkpoint_dir"
+                )
+        self._load_trainable(saved["trainable"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        self.loss.load_state_dict(state["objective_state"])
+        self._history = list(state["history"])
+        means = {Feature.parse(k): Mean(v) for k, v in (saved["means"] or {}).items()}
+        return state["loop"], saved["best"], means
+
+    @torch.no_grad()
+    def _load_trainable(self: Trainer, weights: dict[str, Tensor]) -> None:
+        """Copy ``weights`` (name -> tensor, e.g. the best weights) into the trainable parameters."""
+        missing = sorted(set(self.trainable) - set(weights))
+        if missing:
+            raise KeyError(f"Saved weights lack {missing[:3]}")
+        for name, p in self.trainable.items():
+            p.copy_(weights[name].to(p.device, p.dtype))
