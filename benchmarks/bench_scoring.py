@@ -12,23 +12,34 @@ Section ``attribution``: reserved for the attribution scorer (see ``bench_attrib
 
 Default: the default organism (``lexical`` / ``gpt2`` / seed 0), every MLP neuron, 64
 ``test_balanced`` examples (all of which have a spurious counterfactual). ``--model`` and
-``--probes`` run the same measurement on any checkpoint and probe file (e.g. SmolLM2);
-``bench_exact`` takes any TransformerBridge / HookedTransformer.
+``--probes`` run the same measurement on any checkpoint (a directory, a hub name or an
+alias of ``icp_lens.loading``) and probe file; ``--model smollm2`` defaults to the
+profession -> pronoun probes (``icp_lens.data.pronouns``, ``train``), e.g.
+
+    python benchmarks/bench_scoring.py --model smollm2 --features 128 --examples 32
+
+``--features N`` takes N neurons evenly spaced over all of them, so every layer is
+represented as in a run over all neurons (``--first`` takes the first N instead: all in
+layer 0 on a large model, where no pass can skip a block). ``--ablate`` also times
+``exact_effects`` with block skipping turned off (every patched pass runs every block, and
+no attention output is reused; the other shortcuts stay), in the same run. ``bench_exact`` takes any
+TransformerBridge / HookedTransformer.
 
 Both sides run with one torch thread by default: on a shared 2-core machine, two threads
 make the many small forward passes of the baseline erratic (up to 25x slower in one
 repeat), which flatters the packed scorer; ``--threads 0`` keeps torch's default.
 
-    python benchmarks/bench_scoring.py [--section exact] [--examples 64] [--features 0] [--repeats 2]
-        [--model HF_DIR_OR_NAME --probes FILE.jsonl] [--threads 1]
+    python benchmarks/bench_scoring.py [--section exact] [--examples 64] [--features 0] [--first] [--repeats 2]
+        [--model HF_DIR_OR_NAME [--probes FILE.jsonl]] [--ablate] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # generic_activation_patch's progress bar (read when tqdm loads)
 
@@ -76,6 +87,31 @@ def tl_patching_loop(model, probes: ProbeSet, features: Sequence[Feature]) -> to
     return out
 
 
+def spread(features: Sequence[Feature], n: int) -> list[Feature]:
+    """``n`` of ``features`` evenly spaced over the list (so over the layers, for ``enumerate_features``)."""
+    if not 0 < n < len(features):
+        return list(features)
+    return [features[i * len(features) // n] for i in range(n)]
+
+
+@contextlib.contextmanager
+def no_block_skipping() -> Iterator[None]:
+    """``exact_effects`` as if the model could not skip blocks: every patched pass runs every block."""
+    from icp_lens.scoring import exact
+
+    runner_init = exact._Runner.__init__
+
+    def init(self, model) -> None:
+        runner_init(self, model)
+        self.on["prefix"] = self.on["attn"] = False  # HookedTransformer's start_at_layer too
+
+    exact._Runner.__init__ = init
+    try:
+        yield
+    finally:
+        exact._Runner.__init__ = runner_init
+
+
 def bench_exact(
     model,
     probes: ProbeSet,
@@ -84,29 +120,47 @@ def bench_exact(
     batch_size: int = 32,
     features_per_pass: int = 64,
     repeats: int = 2,
+    ablate: bool = False,
 ) -> dict[str, float]:
-    """Time ``exact_effects`` and the TransformerLens loop on the same work; best of ``repeats``."""
-    t_tl = t_exact = float("inf")
-    for _ in range(repeats):  # interleaved, so both see the same machine load
+    """Time ``exact_effects`` and the TransformerLens loop on the same work; best of ``repeats``.
+
+    ``ablate``: also time ``exact_effects`` without block skipping (``no_block_skipping``).
+    """
+    times = {"tl": float("inf"), "exact": float("inf"), "no_skip": float("inf")}
+    results = {}
+
+    def run(key: str) -> None:
         start = time.perf_counter()
-        baseline = tl_patching_loop(model, probes, features)
-        t_tl = min(t_tl, time.perf_counter() - start)
-        start = time.perf_counter()
-        effects = exact_effects(
-            model, probes, features, "resample", batch_size=batch_size, features_per_pass=features_per_pass,
-            progress=False,
-        )  # fmt: skip
-        t_exact = min(t_exact, time.perf_counter() - start)
-    n = len(features)
-    diff = (effects.values - baseline).abs().max().item()
-    print(f"exact patching: {n} features x {len(probes)} probe examples, resample from the spurious counterfactual")
-    print(f"  TransformerLens generic_activation_patch loop (baseline): {1e3 * t_tl / n:8.2f} ms/feature   ratio 1.00")
+        if key == "tl":
+            results[key] = tl_patching_loop(model, probes, features)
+        else:
+            with no_block_skipping() if key == "no_skip" else contextlib.nullcontext():
+                results[key] = exact_effects(
+                    model, probes, features, "resample", batch_size=batch_size,
+                    features_per_pass=features_per_pass, progress=False,
+                ).values  # fmt: skip
+        times[key] = min(times[key], time.perf_counter() - start)
+
+    for _ in range(repeats):  # interleaved, so all see the same machine load
+        for key in ("tl", "exact", "no_skip") if ablate else ("tl", "exact"):
+            run(key)
+    n, t_tl = len(features), times["tl"]
+    layers = sorted({f.layer for f in features})
     print(
-        f"  icp_lens exact_effects ({features_per_pass} features x {batch_size} examples per pass): "
-        f"{1e3 * t_exact / n:8.2f} ms/feature   ratio {t_tl / t_exact:.2f}x faster"
+        f"exact patching: {n} features (layers {layers[0]}..{layers[-1]}, {len(layers)} of them) x {len(probes)} "
+        f"probe examples, resample from the spurious counterfactual"
     )
-    print(f"  max |exact_effects - baseline| = {diff:.2e}")
-    return {"ratio": t_tl / t_exact, "max_abs_diff": diff}
+    print(f"  TransformerLens generic_activation_patch loop (baseline): {1e3 * t_tl / n:8.2f} ms/feature   ratio 1.00")
+    label = f"{features_per_pass} features x {batch_size} examples per pass"
+    out: dict[str, float] = {}
+    for key, name in (("exact", f"icp_lens exact_effects ({label})"), ("no_skip", "  ... without block skipping")):
+        if key in results:
+            diff = (results[key] - results["tl"]).abs().max().item()
+            print(f"  {name}: {1e3 * times[key] / n:8.2f} ms/feature   ratio {t_tl / times[key]:.2f}x faster")
+            print(f"    max |exact_effects - baseline| = {diff:.2e}")
+            out.update({f"ratio_{key}": t_tl / times[key], f"max_abs_diff_{key}": diff})
+    out["ratio"], out["max_abs_diff"] = out["ratio_exact"], out["max_abs_diff_exact"]
+    return out
 
 
 def bench_attribution(*args, **kwargs) -> None:
@@ -123,7 +177,9 @@ def main() -> None:
     parser.add_argument("--variant", default="lexical")
     parser.add_argument("--arch", default="gpt2")
     parser.add_argument("--examples", type=int, default=64, help="first N probe examples")
-    parser.add_argument("--features", type=int, default=0, help="first N MLP neurons (0: all)")
+    parser.add_argument("--features", type=int, default=0, help="N MLP neurons spread over all layers (0: all)")
+    parser.add_argument("--first", action="store_true", help="--features takes the first N neurons instead")
+    parser.add_argument("--ablate", action="store_true", help="also time exact_effects without block skipping")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--features-per-pass", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
@@ -137,13 +193,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     if args.model:
-        from icp_lens import boot_bridge
+        from icp_lens.loading import SMOLLM2, canonical_name, load_bridge
         from icp_lens.probes import read_probes
 
-        if not args.probes:
-            parser.error("--model needs --probes")
-        model = boot_bridge(args.model)
-        probes = ProbeSet(model, read_probes(args.probes, tokenizer=model.tokenizer)[: args.examples])
+        if not args.probes and canonical_name(args.model) != SMOLLM2:
+            parser.error("--model needs --probes (except smollm2: the pronoun probes)")
+        model = load_bridge(args.model)
+        if args.probes:
+            examples = read_probes(args.probes, tokenizer=model.tokenizer)
+        else:
+            from icp_lens.data.pronouns import pronoun_probes
+
+            examples = pronoun_probes("train")
+        probes = ProbeSet(model, examples[: args.examples])
         name = args.model
     else:
         from icp_lens.organisms import build_organism
@@ -155,10 +217,11 @@ def main() -> None:
     print(f"{name}: {len(probes)} probe examples, {torch.get_num_threads()} torch threads")
     if args.section in ("exact", "all"):
         features = enumerate_features(model, "neuron")
-        features = features[: args.features] if args.features else features
+        if args.features:
+            features = features[: args.features] if args.first else spread(features, args.features)
         bench_exact(
             model, probes, features, batch_size=args.batch_size, features_per_pass=args.features_per_pass,
-            repeats=args.repeats,
+            repeats=args.repeats, ablate=args.ablate,
         )  # fmt: skip
     if args.section in ("attribution", "all"):
         bench_attribution(model, probes)

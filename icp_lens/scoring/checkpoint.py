@@ -29,9 +29,11 @@ therefore answers without any forward pass.
 
 **A run with other settings is refused, not mixed in.** :func:`run_meta` records
 everything the stored numbers depend on: the feature list, intervention, metric,
-positions, ``batch_size`` and ``features_per_pass`` (which fix how the table is split
-into passes), a digest of the model's weights and a digest of the probe examples
-(:func:`fingerprint`). On loading, every one of these must equal the current run's, or
+positions, ``batch_size`` and ``features_per_pass``, the chunks the features were split
+into (``plan``: they depend on these and on whether the model can skip the blocks before a
+chunk's layer, so on the model class and the device; a checkpoint without this entry,
+from an older version, is refused too), a digest of the model's weights and a digest of
+the probe examples (:func:`fingerprint`). On loading, every one of these must equal the current run's, or
 a ``ValueError`` names the first that differs (``"... written for a different run:
 intervention is 'resample' there, 'zero' here ..."``). A file that is not a checkpoint
 of this format, or whose tensors have other shapes, is refused as well.
@@ -144,19 +146,24 @@ def run_meta(
     positions: tuple[int, ...] | None,
     batch_size: int,
     features_per_pass: int,
+    plan: Sequence[Sequence[int]] | None = None,
 ) -> dict[str, str]:
     """The checkpoint metadata describing a run: a resumed run must match every entry.
 
+    ``plan`` lists the feature indices of each chunk (one chunk per patched pass); it is
+    recorded as a digest, since the chunks also depend on the model class and the device.
     The keys are checked in this order, so a mismatch is reported on the first that differs.
     """
     model_fp, probes_fp = fingerprint(model, probes)
-    return {
+    meta = {
         "features": json.dumps([str(f) for f in features]),
         "intervention": intervention,
         "metric": metric,
         "positions": json.dumps(positions),
         "batch_size": str(batch_size),
         "features_per_pass": str(features_per_pass),
-        "model": model_fp,
-        "probes": probes_fp,
     }
+    if plan is not None:
+        chunks = json.dumps([[int(i) for i in chunk] for chunk in plan])
+        meta["plan"] = f"{len(plan)} chunks, " + hashlib.sha256(chunks.encode()).hexdigest()[:16]
+    return {**meta, "model": model_fp, "probes": probes_fp}
