@@ -14,7 +14,8 @@ sensitive attribute, causal vs spurious sensitivity; bootstrap intervals)::
 The metrics themselves are pure functions on per-example arrays
 (:mod:`icp_lens.evaluation.metrics`); :mod:`~icp_lens.evaluation.predictions` makes
 those arrays from a model; :mod:`~icp_lens.evaluation.pair_bias` scores
-CrowS-Pairs-style sentence pairs.
+CrowS-Pairs-style sentence pairs; :mod:`~icp_lens.evaluation.perplexity` measures
+what a mitigation costs on ordinary text.
 """
 
 from icp_lens.evaluation.metrics import (
@@ -36,6 +37,7 @@ from icp_lens.evaluation.metrics import (
     worst_group_accuracy,
 )
 from icp_lens.evaluation.pair_bias import PairBiasResult, pair_bias, sentence_loglik
+from icp_lens.evaluation.perplexity import PerplexityResult, perplexity
 from icp_lens.evaluation.predictions import Predictions, predict_examples
 from icp_lens.evaluation.report import METRICS, EvalReport, compare_reports, evaluate, evaluate_predictions
 
@@ -44,6 +46,7 @@ __all__ = [
     "EvalReport",
     "InsufficientDataError",
     "PairBiasResult",
+    "PerplexityResult",
     "Predictions",
     "accuracy",
     "bootstrap_ci",
@@ -60,6 +63,7 @@ __all__ = [
     "group_accuracy",
     "pair_bias",
     "pair_bias_score",
+    "perplexity",
     "predict_examples",
     "robustness_score",
     "sensitive_attribute",
