@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copy(args.out / "results.md", RESULTS / f"{name}.md")
         shutil.copy(args.out / "per_profession.png", RESULTS / f"{name}.png")
         payload = json.loads((args.out / "results.json").read_text())
-        payload["out"] = str(args.out)
+        payload["out"] = args.out.name  # the run's folder name only: no machine paths in the record
         (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
         print(f"recorded in {RESULTS / name}.{{md,json,png}}")
     return 0 if bool(result.table["met"].dropna().all()) else 1
