@@ -115,18 +115,23 @@ def capturing(
 def module_hooks(
     pre: Sequence[tuple[Any, Callable[..., Any]]] = (),
     post: Sequence[tuple[Any, Callable[..., Any]]] = (),
+    pre_kwargs: Sequence[tuple[Any, Callable[..., Any]]] = (),
 ) -> Iterator[None]:
     """Plain PyTorch hooks on ``torch.nn.Module`` objects, for models without hook points.
 
     ``pre`` pairs get ``register_forward_pre_hook`` (``fn(module, args) -> new args``),
-    ``post`` pairs ``register_forward_hook`` (``fn(module, args, output) -> new output``).
-    The pruner uses them to ablate a Hugging Face model directly (e.g. BERT, which no
-    hooked model wraps). All are removed on exit, also after an exception.
+    ``pre_kwargs`` pairs the same with keyword arguments (``fn(module, args, kwargs) ->
+    (new args, new kwargs)``), ``post`` pairs ``register_forward_hook`` (``fn(module,
+    args, output) -> new output``). The pruner uses them to ablate a Hugging Face model
+    directly (e.g. BERT, which no hooked model wraps), the exact scorer to feed and stop
+    blocks of a bridge's HF model. All are removed on exit, also after an exception.
     """
     handles: list[Any] = []
     try:
         for module, fn in pre:
             handles.append(module.register_forward_pre_hook(fn))
+        for module, fn in pre_kwargs:
+            handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
         for module, fn in post:
             handles.append(module.register_forward_hook(fn))
         yield

@@ -10,10 +10,11 @@ from conftest import load_backend
 
 from icp_lens import Edit, Feature, Scale, Zero, active_hook_count, enumerate_features, resample_from, run_with_edits
 from icp_lens.metrics import get_metric, logit_diff
-from icp_lens.model import hf_model
+from icp_lens.model import hf_model, is_bridge
 from icp_lens.probes import ProbeExample
 from icp_lens.probeset import ProbeSet
 from icp_lens.scoring import exact as exact_module
+from icp_lens.scoring import runner as runner_module
 from icp_lens.scoring.effects import InterventionSpec, probe_means
 from icp_lens.scoring.exact import exact_effects
 
@@ -101,7 +102,7 @@ def test_packed_prefix_reuse_equals_one_at_a_time(backend, micro_dirs, arch, mon
         torch.testing.assert_close(eff.values, want, rtol=0, atol=1e-5, equal_nan=True, msg=kind)
         torch.testing.assert_close(eff.clean, clean, rtol=0, atol=1e-5)
         assert eff.values[:, :5].isfinite().all() and eff.values[:, :5].abs().max() > 0.01, kind
-    bridge = exact_module.is_bridge(model)  # every shortcut was taken (none fell back)
+    bridge = is_bridge(model)  # every shortcut was taken (none fell back)
     assert all(r.on == {"kv": True, "prefix": True, "attn": bridge, "columns": bridge, "last": bridge} for r in runners)
     # positions and another metric: intervene on the last two positions only, measure KL
     eff = exact_effects(model, probes, features, "resample", positions=(-2, -1), metric="kl", progress=False)
@@ -122,7 +123,7 @@ def test_shortcuts_are_used_where_they_exist(micro) -> None:
     assert exact_module._first_change(batch.tokens, None, None, last_only=True) == 4  # last-block neurons
     assert exact_module._first_change(batch.tokens, batch.spurious, (1, 2)) == 5  # no change reaches the metric
     ctx = runner.clean(batch.tokens, {(0, start), (1, start)}, rows=6)
-    bridge = exact_module.is_bridge(micro)
+    bridge = is_bridge(micro)
     assert runner.on == {"kv": True, "prefix": True, "attn": bridge, "columns": bridge, "last": bridge}
     assert list(ctx.caches) == [4] and ctx.start_for(4) == 4 and ctx.start_for(2) == 0
     assert sorted(ctx.resid) == [0, 1] and sorted(ctx.attn) == ([0, 1] if bridge else [])
@@ -162,10 +163,12 @@ def test_patched_passes_skip_the_blocks_before_the_feature(backend, micro_dirs, 
 
 
 @pytest.mark.hooks
-def test_blocks_are_not_skipped_where_that_would_be_wrong(micro, monkeypatch) -> None:
-    """A skip that does not reproduce the clean run is dropped (other shortcuts stay); mixed layer types refuse it."""
-    if not exact_module.is_bridge(micro):
-        pytest.skip("BridgeBlocks is the bridge's block skipping")
+def test_blocks_are_not_skipped_where_that_would_be_wrong(micro_dirs, monkeypatch) -> None:
+    """A skip that does not reproduce the clean run is dropped (other shortcuts stay); mixed layer types refuse it.
+
+    Block skipping is the bridge's (a HookedTransformer has ``start_at_layer``), so this runs on the bridge only.
+    """
+    micro = load_backend("bridge", micro_dirs["gpt2"])
     from icp_lens.scoring import prefix as prefix_module
 
     probes = ProbeSet(micro, EXAMPLES)
@@ -194,14 +197,14 @@ def test_blocks_are_not_skipped_where_that_would_be_wrong(micro, monkeypatch) ->
         found.layer_types = ["sliding_attention", "full_attention"]
         return found
 
-    monkeypatch.setattr(exact_module.BridgeBlocks, "find", staticmethod(find_mixed))
+    monkeypatch.setattr(prefix_module.BridgeBlocks, "find", staticmethod(find_mixed))
     eff = exact_effects(micro, probes, features, "resample", features_per_pass=3, progress=False)
     torch.testing.assert_close(eff.values, want, rtol=0, atol=1e-5, equal_nan=True)
     assert runners[-1].on == {"kv": True, "prefix": True, "attn": True, "columns": True, "last": True}
     assert not runners[-1].skips(1)
 
     broken = prefix_module.BridgeBlocks.from_layer  # injects a wrong residual: the check must catch it
-    monkeypatch.setattr(exact_module.BridgeBlocks, "find", staticmethod(mixed))
+    monkeypatch.setattr(prefix_module.BridgeBlocks, "find", staticmethod(mixed))
     monkeypatch.setattr(
         prefix_module.BridgeBlocks, "from_layer", lambda self, layer, resid: broken(self, layer, 2 * resid)
     )
@@ -214,10 +217,9 @@ def test_blocks_are_not_skipped_where_that_would_be_wrong(micro, monkeypatch) ->
 
 @pytest.mark.hooks
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_logits_of_the_answer_columns_only(backend, micro_dirs, arch, monkeypatch) -> None:
-    """logit_diff reads a few vocabulary entries: the bridge's patched passes unembed only those."""
-    if backend != "bridge":
-        pytest.skip("ColumnUnembed is the bridge's")
+def test_logits_of_the_answer_columns_only(micro_dirs, arch, monkeypatch) -> None:
+    """logit_diff reads a few vocabulary entries: the bridge's patched passes unembed only those (bridge only)."""
+    backend = "bridge"
     from icp_lens.scoring import prefix as prefix_module
 
     needed = torch.tensor([[8, 9, -1], [9, 8, 7], [8, 9, -1]])
@@ -262,7 +264,7 @@ def test_full_passes_when_the_cache_would_be_too_large(micro, monkeypatch) -> No
     probes = ProbeSet(micro, EXAMPLES)
     features = mixed_features(micro)
     fast = exact_effects(micro, probes, features, "resample", features_per_pass=3, progress=False)
-    monkeypatch.setattr(exact_module, "_KV_BUDGET_BYTES", 0)
+    monkeypatch.setattr(runner_module, "_KV_BUDGET_BYTES", 0)
     full = exact_effects(micro, probes, features, "resample", features_per_pass=3, progress=False)
     torch.testing.assert_close(fast.values, full.values, rtol=0, atol=1e-5, equal_nan=True)
 

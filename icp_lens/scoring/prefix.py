@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from icp_lens.hooks import module_hooks
 from icp_lens.model import HookedModel, is_bridge
 
 #: column sets for ``ColumnUnembed`` are padded to a multiple of this
@@ -116,7 +117,6 @@ class BridgeBlocks:
     def attention_outputs(self, layers: list[int]) -> Iterator[dict[int, Tensor]]:
         """Record the attention sublayer's output ``[batch, pos, d_model]`` of ``layers`` during the block."""
         store: dict[int, Tensor] = {}
-        handles = []
 
         def make(layer: int) -> Callable[..., None]:
             def record(module: Any, args: Any, output: Any) -> None:
@@ -127,15 +127,9 @@ class BridgeBlocks:
 
             return record
 
-        try:
-            for layer in layers:
-                attn = self.attention(layer)
-                if attn is not None:
-                    handles.append(attn.register_forward_hook(make(layer)))
+        attns = [(layer, self.attention(layer)) for layer in layers]
+        with module_hooks(post=[(attn, make(layer)) for layer, attn in attns if attn is not None]):
             yield store
-        finally:
-            for handle in handles:
-                handle.remove()
 
     @contextmanager
     def from_layer(self, layer: int, resid: Tensor, attn_out: Tensor | None = None) -> Iterator[None]:
@@ -174,19 +168,18 @@ class BridgeBlocks:
             def known(*args: Any, **kwargs: Any) -> Any:
                 return (attn_out, *([None] * (arity - 1))) if arity else attn_out
 
-        handle = self.blocks[layer].register_forward_pre_hook(inject, with_kwargs=True)
-        try:
-            self.owner._modules[self.attr] = self._sliced[layer]
-            if attn is not None:  # in the instance's own __dict__ (a bridge component would pass a plain
-                object.__setattr__(attn, "forward", known)  # setattr on to the module it wraps)
-            yield
-        finally:
+        with module_hooks(pre_kwargs=[(self.blocks[layer], inject)]):
             try:
-                if attn is not None and "forward" in vars(attn):
-                    object.__delattr__(attn, "forward")
+                self.owner._modules[self.attr] = self._sliced[layer]
+                if attn is not None:  # in the instance's own __dict__ (a bridge component would pass a plain
+                    object.__setattr__(attn, "forward", known)  # setattr on to the module it wraps)
+                yield
             finally:
-                self.owner._modules[self.attr] = full
-                handle.remove()
+                try:
+                    if attn is not None and "forward" in vars(attn):
+                        object.__delattr__(attn, "forward")
+                finally:
+                    self.owner._modules[self.attr] = full
 
 
 def tiled_hf_cache(prefix: Any, k: int, batch: int, first_layer: int = 0) -> Any:
@@ -264,15 +257,13 @@ class ColumnUnembed:
         def stop(module: Any, args: tuple[Any, ...]) -> None:
             raise _Unembedding(args[0])
 
-        handle = self.linear.register_forward_pre_hook(stop)
-        try:
-            forward()
-        except _Unembedding as reached:
-            hidden = reached.hidden
-        else:
-            raise RuntimeError("the forward pass did not reach the unembedding")
-        finally:
-            handle.remove()
+        with module_hooks(pre=[(self.linear, stop)]):
+            try:
+                forward()
+            except _Unembedding as reached:
+                hidden = reached.hidden
+            else:
+                raise RuntimeError("the forward pass did not reach the unembedding")
         bias = self.linear.bias
         return torch.nn.functional.linear(
             hidden[:, -1], self.linear.weight[columns], None if bias is None else bias[columns]

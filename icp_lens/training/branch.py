@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from icp_lens.edits import Edit
 from icp_lens.features import feature_count
-from icp_lens.hooks import HookFn, hooked
+from icp_lens.hooks import HookFn, hooked, module_hooks
 from icp_lens.interventions import Mean, Resample, Zero
 from icp_lens.model import HookedModel
 
@@ -278,18 +278,6 @@ def branched(model: HookedModel, plan: BranchPlan, n_base: int, source: tuple[in
 
     pre = [(model.blocks[layer].attn, grow_mask) for layer in grown]
     with ExitStack() as stack:
-        stack.enter_context(_pre_hooks_with_kwargs(pre))
+        stack.enter_context(module_hooks(pre_kwargs=pre))
         stack.enter_context(hooked(model, hooks))
         yield
-
-
-@contextmanager
-def _pre_hooks_with_kwargs(pairs: Sequence[tuple[nn.Module, Any]]) -> Iterator[None]:
-    handles = []
-    try:
-        for module, fn in pairs:
-            handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
-        yield
-    finally:
-        for handle in reversed(handles):
-            handle.remove()
