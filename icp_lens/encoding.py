@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-__all__ = ["encode_texts", "length_batches"]
+__all__ = ["bos_first", "encode_texts", "length_batches"]
 
 
 def encode_texts(texts: Sequence[str], *, model: Any = None, tokenizer: Any = None) -> list[list[int]]:
@@ -29,6 +29,19 @@ def encode_texts(texts: Sequence[str], *, model: Any = None, tokenizer: Any = No
     if tokenizer is None:
         raise ValueError("encode_texts needs a model with to_tokens (bridge, HookedTransformer) or a tokenizer")
     return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
+
+
+def bos_first(tokenizer: Any, texts: Sequence[str], *, purpose: str = "this measure") -> list[list[int]]:
+    """``[bos, *ids]`` for each text: the tokenizer's BOS, then the text without special tokens.
+
+    Whatever the tokenizer adds by default, the first word then has a prediction to score
+    and a bridge (``to_tokens`` with BOS) sees the same ids. ``purpose`` names the caller
+    in the error raised when the tokenizer has no BOS.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        raise ValueError(f"{purpose} encodes texts BOS first, but the tokenizer has no bos_token_id")
+    return [[bos, *ids] for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
 def length_batches(

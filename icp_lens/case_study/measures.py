@@ -30,7 +30,7 @@ import torch
 from jaxtyping import Float
 
 from icp_lens.data import explicit_gender_probes, pronoun_probes, stereotype_gap
-from icp_lens.encoding import length_batches
+from icp_lens.encoding import bos_first, length_batches
 from icp_lens.probes import ProbeExample, single_token_id
 
 __all__ = ["imdb_texts", "next_token_margins", "profession_of", "per_profession", "bias_measures", "MEASURES"]
@@ -47,13 +47,6 @@ MEASURES: dict[str, tuple[str, str]] = {
 }
 
 
-def _bos_encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        raise ValueError("the case study encodes prompts BOS first; the tokenizer has no bos_token_id")
-    return [[bos, *ids] for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
-
-
 @torch.no_grad()
 def next_token_margins(
     model: Any, tokenizer: Any, examples: Sequence[ProbeExample], *, batch_size: int = 64
@@ -61,7 +54,7 @@ def next_token_margins(
     """``logit(answer) - mean logit(alternatives)`` at the last position of each prompt (BOS first)."""
     if not examples:
         raise ValueError("next_token_margins needs at least one example")
-    encoded = _bos_encode(tokenizer, [ex.prompt for ex in examples])
+    encoded = bos_first(tokenizer, [ex.prompt for ex in examples], purpose="the case study")
     ids: dict[str, int] = {}
 
     def tid(text: str) -> int:

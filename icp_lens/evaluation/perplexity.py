@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from icp_lens.encoding import length_batches
+from icp_lens.encoding import bos_first, length_batches
 
 __all__ = ["PerplexityResult", "perplexity"]
 
@@ -46,16 +46,11 @@ class PerplexityResult:
 
 
 def _encode(tokenizer: Any, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        raise ValueError("perplexity needs a tokenizer with a bos_token_id (the first word is scored after BOS)")
-    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    out = []
-    for i, row in enumerate(ids):
-        if not row:
+    encoded = bos_first(tokenizer, texts, purpose="perplexity (the first word is scored after BOS)")
+    for i, row in enumerate(encoded):
+        if len(row) < 2:
             raise ValueError(f"text {i} encodes to no tokens")
-        out.append([bos, *row][:max_tokens])
-    return out
+    return [row[:max_tokens] for row in encoded]
 
 
 @torch.no_grad()
