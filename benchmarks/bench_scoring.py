@@ -30,7 +30,12 @@ make the many small forward passes of the baseline erratic (up to 25x slower in 
 repeat), which flatters the packed scorer; ``--threads 0`` keeps torch's default.
 
     python benchmarks/bench_scoring.py [--section exact] [--examples 64] [--features 0] [--first] [--repeats 2]
-        [--model HF_DIR_OR_NAME [--probes FILE.jsonl]] [--ablate] [--threads 1]
+        [--model HF_DIR_OR_NAME [--probes FILE.jsonl]] [--ablate] [--threads 1] [--float64 N]
+
+``--float64 N`` repeats the comparison on N of the features with the model in float64 and
+prints the float32 rounding floor (how far the baseline's own float32 values are from its
+float64 values): on a 30-layer model the two sides' float32 difference is round-off when it
+is at or below that floor, and the float64 difference shows the results are equal.
 """
 
 from __future__ import annotations
@@ -163,6 +168,41 @@ def bench_exact(
     return out
 
 
+def float64_agreement(model, probes: ProbeSet, features: Sequence[Feature], *, batch_size: int = 32,
+                      features_per_pass: int = 64) -> dict[str, float]:  # fmt: skip
+    """Equality without float32 round-off: both sides again in float64, on ``features``.
+
+    Printed: max |exact_effects - baseline| in float64 (what "equal" means once rounding is
+    gone), and the float32 rounding floor: how far the baseline's own float32 values lie
+    from its float64 values. A float32 difference between the two sides at or below that
+    floor is round-off (a KV cache sums the prefix in another order), not a wrong result.
+    """
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        tl = tl_patching_loop(model, probes, features).double()
+        ex = exact_effects(model, probes, features, "resample", batch_size=batch_size,
+                           features_per_pass=features_per_pass, progress=False).values.double()  # fmt: skip
+        return tl, ex
+
+    tl32, ex32 = both()
+    model.to(torch.float64)
+    try:  # the probe tokens do not depend on the dtype
+        tl64, ex64 = both()
+    finally:
+        model.to(torch.float32)
+    out = {
+        "max_abs_diff_fp32": (ex32 - tl32).abs().max().item(),
+        "max_abs_diff_fp64": (ex64 - tl64).abs().max().item(),
+        "fp32_floor_baseline": (tl32 - tl64).abs().max().item(),
+        "fp32_floor_exact": (ex32 - tl64).abs().max().item(),
+    }
+    print(f"  float64 check on {len(features)} features: max |exact_effects - baseline| float32 "
+          f"{out['max_abs_diff_fp32']:.2e}, float64 {out['max_abs_diff_fp64']:.2e}; float32 rounding floor "
+          f"(baseline float32 vs float64) {out['fp32_floor_baseline']:.2e}, exact_effects float32 vs "
+          f"baseline float64 {out['fp32_floor_exact']:.2e}")  # fmt: skip
+    return out
+
+
 def bench_attribution(*args, **kwargs) -> None:
     """Reserved: the attribution scorer's section (added with ``icp_lens.scoring.attribution``)."""
     # ---- attribution section goes here -------------------------------------------------------
@@ -183,6 +223,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--features-per-pass", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--float64",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also compare both sides in float64 on N of the features (the float32 rounding floor)",
+    )
     parser.add_argument(
         "--threads", type=int, default=1,
         help="torch threads for both sides (0: torch's default); one thread keeps timings stable on a shared machine",
@@ -223,6 +270,9 @@ def main() -> None:
             model, probes, features, batch_size=args.batch_size, features_per_pass=args.features_per_pass,
             repeats=args.repeats, ablate=args.ablate,
         )  # fmt: skip
+        if args.float64:
+            float64_agreement(model, probes, spread(features, args.float64), batch_size=args.batch_size,
+                              features_per_pass=args.features_per_pass)  # fmt: skip
     if args.section in ("attribution", "all"):
         bench_attribution(model, probes)
 

@@ -6,9 +6,11 @@ same seeded batch sequence, all with the same optimiser, schedule and clipping):
 
 - ``erm``: the task loss alone;
 - ``invariance``: task + lam * KL(clean, intervened), today's step: the intervened rows
-  branch off the clean rows at the first edited layer and skip the attention their edits
-  overwrite (:mod:`icp_lens.training.branch`), and only the last position (all the
-  losses read) is unembedded;
+  either branch off the clean rows at the first edited layer and skip the attention their
+  edits overwrite (:mod:`icp_lens.training.branch`), or, where the counterfactual shares
+  the prompt's first ``p`` tokens (lexical: the planted token is the last word), run
+  positions ``p..`` only on the clean keys and values, whichever computes less; only the
+  last position (all the losses read) is unembedded;
 - ``invariance_half``: the pair terms on half of each batch (``pair_fraction=0.5``), a
   cheaper objective;
 - ``... (old)``: the same steps as before this change (``BatchLoss.branch = False``:

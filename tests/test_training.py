@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -466,11 +467,12 @@ def step_gradients(trainer: Trainer, batch, *, branch: bool, pairs=None, seed: i
     return {k: float(v.detach()) for k, v in terms.items()}, grads, trainer.loss.forward.last_path
 
 
-def assert_same_step(trainer: Trainer, batch, pairs=None, *, tol: float = 1e-5) -> None:
+def assert_same_step(trainer: Trainer, batch, pairs=None, *, tol: float = 1e-5, path: str = "branched") -> None:
+    """The fast step (taking ``path``: ``"branched"`` or ``"suffix"``) equals the stacked reference."""
     hooks = active_hook_count(trainer.model)
     terms_ref, grads_ref, path_ref = step_gradients(trainer, batch, branch=False, pairs=pairs, last_only=False)
-    terms, grads, path = step_gradients(trainer, batch, branch=True, pairs=pairs)
-    assert (path_ref, path) == ("stacked", "branched")
+    terms, grads, got = step_gradients(trainer, batch, branch=True, pairs=pairs)
+    assert (path_ref, got) == ("stacked", path)
     assert terms.keys() == terms_ref.keys()
     for name, value in terms_ref.items():
         assert terms[name] == pytest.approx(value, abs=tol), name
@@ -498,7 +500,9 @@ def test_branched_invariance_step_equals_the_stacked_reference(arch, case, micro
         cfg = config(interventions=(intervention,), mean_reference_size=32)
         trainer = Trainer(micro_dirs[arch], micro_examples(16), cfg, features=feats)
         trainer.loss.means = trainer._fit_means()
-        assert_same_step(trainer, next(iter(trainer.train_data.batches(8))))
+        # the counterfactuals differ in the last word: a paired resample runs that position only
+        path = "suffix" if intervention == "resample" else "branched"
+        assert_same_step(trainer, next(iter(trainer.train_data.batches(8))), path=path)
 
 
 def test_branched_step_with_a_pair_pool_part_of_the_batch_and_a_representation(micro_dirs) -> None:
@@ -506,7 +510,7 @@ def test_branched_step_with_a_pair_pool_part_of_the_batch_and_a_representation(m
     trainer = Trainer(micro_dirs["gpt2"], micro_examples(counterfactuals=False), config(pair_fraction=0.5),
                       features=feats, pairs=micro_examples(8))  # fmt: skip
     batch = next(iter(trainer.train_data.batches(8)))
-    assert_same_step(trainer, batch, pairs=trainer._pair_batch(0))
+    assert_same_step(trainer, batch, pairs=trainer._pair_batch(0), path="suffix")
     contrastive = config(objective="contrastive", interventions=("zero",), extra_terms={"invariance": 0.5})
     trainer = Trainer(micro_dirs["llama"], micro_examples(counterfactuals=False), contrastive, features=feats)
     assert trainer.loss.representation == "blocks.1.hook_resid_post"  # captured on the grown batch
@@ -515,9 +519,11 @@ def test_branched_step_with_a_pair_pool_part_of_the_batch_and_a_representation(m
 
 def test_branched_step_under_a_pruning_plan_and_a_training_run(micro_dirs) -> None:
     feats = BRANCH_CASES["every L0 head (shared and dead)"]
-    trainer = Trainer(micro_dirs["gpt2"], micro_examples(), config(), features=feats, prune=[Feature("head", 1, 0)])
-    with trainer.pruned():
-        assert_same_step(trainer, next(iter(trainer.train_data.batches(8))))
+    for intervention, path in (("resample", "suffix"), ("zero", "branched")):
+        cfg = config(interventions=(intervention,))
+        trainer = Trainer(micro_dirs["gpt2"], micro_examples(), cfg, features=feats, prune=[Feature("head", 1, 0)])
+        with trainer.pruned():
+            assert_same_step(trainer, next(iter(trainer.train_data.batches(8))), path=path)
     runs = {}
     tokens = next(iter(trainer.train_data.batches(32))).tokens
     for branch in (False, True):
@@ -536,11 +542,13 @@ def test_branched_step_falls_back_where_it_cannot_be_exact(micro_dirs, monkeypat
     from icp_lens.training import forward
 
     feats = BRANCH_CASES["L0 heads, L1 neuron (shared L0 attention)"]
-    trainer = Trainer(micro_dirs["gpt2"], micro_examples(8), config(), features=feats)
+    trainer = Trainer(micro_dirs["gpt2"], micro_examples(8), config(interventions=("zero",)), features=feats)
     batch = next(iter(trainer.train_data.batches(8)))
     assert step_gradients(trainer, batch.head(1), branch=True)[2] == "stacked"  # one row: a wrong size would broadcast
-    dropout = Trainer(micro_dirs["gpt2"], micro_examples(8), config(dropout=0.1), features=feats)
-    assert step_gradients(dropout, batch, branch=True)[2] == "stacked"  # rows would share dropout masks
+    for intervention in ("zero", "resample"):  # both fast paths
+        cfg = config(dropout=0.1, interventions=(intervention,))
+        dropout = Trainer(micro_dirs["gpt2"], micro_examples(8), cfg, features=feats)
+        assert step_gradients(dropout, batch, branch=True)[2] == "stacked"  # rows would share dropout masks
     assert trainer.loss.branch  # neither switched the fast path off
 
     def wrong(*args, **kwargs):  # a branched pass whose logits disagree with the reference
@@ -553,6 +561,80 @@ def test_branched_step_falls_back_where_it_cannot_be_exact(micro_dirs, monkeypat
         terms, _, path = step_gradients(trainer, batch, branch=True)
     assert path == "stacked" and not trainer.loss.branch
     assert terms["loss"] == pytest.approx(step_gradients(trainer, batch, branch=False)[0]["loss"])
+
+
+def test_suffix_step_runs_the_changed_positions_only_and_falls_back_when_wrong(micro_dirs, monkeypatch) -> None:
+    from icp_lens.training import forward
+
+    feats = BRANCH_CASES["L0 heads, L1 neuron (shared L0 attention)"]
+    trainer = Trainer(micro_dirs["llama"], micro_examples(8), config(), features=feats)
+    batch = next(iter(trainer.train_data.batches(8)))
+    start = forward.shared_prefix(batch.tokens, batch.spurious)
+    assert 0 < start == batch.tokens.shape[1] - 1  # only the last word differs
+    edits = trainer.loss._choose_edits(batch, torch.Generator().manual_seed(0), (0, 8))
+    assert {e.positions for e in edits} == {(start,)}  # the resample starts where the counterfactual differs
+    seen = []
+    real_forward = type(trainer.model).forward
+
+    def spy(self, tokens, *args, **kwargs):
+        seen.append(tuple(tokens.shape))
+        return real_forward(self, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(type(trainer.model), "forward", spy)
+    assert step_gradients(trainer, batch.head(1), branch=True)[2] == "suffix"  # one row is fine here
+    assert (1, 1) in seen  # the intervened copy ran one position
+    assert_same_step(trainer, batch.head(1), path="suffix")
+    monkeypatch.undo()
+    # a counterfactual equal to its prompt: no edit, no invariance term
+    assert trainer.loss._choose_edits(replace(batch, spurious=batch.tokens), torch.Generator(), (0, 8)) == []
+
+    def wrong(*args, **kwargs):  # a suffix pass whose logits disagree with the reference
+        out = real(*args, **kwargs)
+        return {k: (v[0] + 1.0, v[1] + 1.0, v[2]) for k, v in out.items()}
+
+    real = forward.suffix_forward
+    monkeypatch.setattr(forward, "suffix_forward", wrong)
+    trainer.loss.forward.checked.clear()  # the next suffix pass is checked again
+    with pytest.warns(RuntimeWarning, match="branched invariance pass is off"):
+        terms, _, path = step_gradients(trainer, batch, branch=True)
+    assert path == "stacked" and not trainer.loss.branch
+    assert terms["loss"] == pytest.approx(step_gradients(trainer, batch, branch=False)[0]["loss"])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_branched_step_with_edits_from_a_later_position(arch, micro_dirs) -> None:
+    """A counterfactual that differs early (the second word) and heads covering every layer: the
+    branched pass is cheaper than the suffix pass, and edits start where the counterfactual differs."""
+    swap = {"a": "b", "b": "a", "c": "d", "d": "c"}
+    examples = []
+    for ex in micro_examples(16):
+        words = ex.prompt.split(" ")
+        cf = " ".join([words[0], swap[words[1]], *words[2:]])
+        examples.append(replace(ex, spurious_counterfactual=cf))
+    n_heads = {"gpt2": 2, "llama": 4}[arch]  # tests/micro.py
+    feats = [Feature("head", layer, h) for layer in (0, 1) for h in range(n_heads)]
+    trainer = Trainer(micro_dirs[arch], examples, config(), features=feats)
+    batch = next(iter(trainer.train_data.batches(8)))
+    edits = trainer.loss._choose_edits(batch, torch.Generator().manual_seed(0), (0, 8))
+    assert edits[0].positions[0] == forward_shared_prefix(batch) > 0
+    assert_same_step(trainer, batch, path="branched")
+
+
+def forward_shared_prefix(batch) -> int:
+    from icp_lens.training.forward import shared_prefix
+
+    return shared_prefix(batch.tokens, batch.spurious)
+
+
+def test_shared_prefix() -> None:
+    from icp_lens.training.forward import shared_prefix
+
+    a = torch.tensor([[1, 2, 3, 4], [1, 2, 5, 6]])
+    assert shared_prefix(a, a) == 4
+    assert shared_prefix(a, torch.tensor([[1, 2, 3, 9], [1, 2, 7, 6]])) == 2  # the earliest row decides
+    assert shared_prefix(a, torch.tensor([[0, 2, 3, 4], [1, 2, 5, 6]])) == 0
+    with pytest.raises(ValueError, match="equal shapes"):
+        shared_prefix(a, a[:, :3])
 
 
 @pytest.mark.slow
@@ -568,4 +650,4 @@ def test_branched_step_equals_the_reference_on_a_seeded_organism() -> None:
     for feats in sets:
         trainer = Trainer(organism.model_dir, train, config(batch_size=64), features=feats)
         batch = next(b for b in trainer.train_data.epoch(0, 64) if b.spurious is not None)
-        assert_same_step(trainer, batch)
+        assert_same_step(trainer, batch, path="suffix")  # the planted token is the last word

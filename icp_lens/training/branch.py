@@ -57,7 +57,7 @@ from icp_lens.hooks import HookFn, hooked, module_hooks
 from icp_lens.interventions import Mean, Resample, Zero
 from icp_lens.model import HookedModel
 
-__all__ = ["FusedEdit", "BranchPlan", "fuse_edits", "plan_branch", "branched", "has_active_dropout"]
+__all__ = ["FusedEdit", "BranchPlan", "fuse_edits", "suffix_start", "plan_branch", "branched", "has_active_dropout"]
 
 FillMode = Literal["zero", "value", "source"]
 
@@ -70,7 +70,9 @@ class FusedEdit:
     ``values`` ``[k, *unit]`` or ``[pos, k, *unit]`` when ``per_position``); ``"source"``
     (resampled activations, ``values`` ``[rows, pos_source, k, *unit]``, right-aligned
     when the source is longer). ``n_units`` is the hook point's unit count, so
-    ``covers_all`` says whether the edit overwrites the whole activation.
+    ``covers_all`` says whether the edit overwrites the whole activation. ``start``: the first
+    edited position (a ``resample`` from a counterfactual that shares the prompt's first
+    tokens); before it the branch keeps its own values, which equal the clean rows'.
     """
 
     hook_name: str
@@ -81,46 +83,56 @@ class FusedEdit:
     values: Tensor | None
     per_position: bool
     n_units: int
+    start: int = 0
 
     @property
     def covers_all(self) -> bool:
         return self.index.numel() == self.n_units
 
     def replacement(self, n: int, seq_len: int, like: Tensor) -> Tensor:
-        """The new values of the edited units, ``[n, seq_len, k, *unit]`` (dtype/device of ``like``)."""
+        """The new values of the edited units at positions ``start..``, ``[n, seq_len - start, k, *unit]``
+        (dtype/device of ``like``)."""
         unit = tuple(like.shape[3:])
-        k = self.index.numel()
+        k, width = self.index.numel(), seq_len - self.start
         if self.mode == "zero":
-            return like.new_zeros((n, seq_len, k, *unit))
+            return like.new_zeros((n, width, k, *unit))
         assert self.values is not None
         values = self.values.to(like.device, like.dtype)
         if self.mode == "value":
-            values = values[None] if self.per_position else values[None, None]
-            return values.expand(n, seq_len, k, *unit)
-        return values[:, values.shape[1] - seq_len :]
+            values = values[None, self.start :] if self.per_position else values[None, None]
+            return values.expand(n, width, k, *unit)
+        return values[:, values.shape[1] - width :]
 
     def apply(self, rows: Tensor) -> Tensor:
         """``rows`` (the branch's activation, ``[n, pos, units, *unit]``) with the edited units replaced."""
         index = self.index.to(rows.device)
-        return rows.index_copy(2, index, self.replacement(rows.shape[0], rows.shape[1], rows))
+        if self.start == 0:
+            return rows.index_copy(2, index, self.replacement(rows.shape[0], rows.shape[1], rows))
+        tail = rows[:, self.start :].index_copy(2, index, self.replacement(rows.shape[0], rows.shape[1], rows))
+        return torch.cat([rows[:, : self.start], tail], dim=1)
 
     def full(self, n: int, like: Tensor) -> Tensor:
-        """The whole activation of ``n`` branch rows when the edit ``covers_all`` (shape of ``like``'s rows)."""
-        assert self.covers_all
+        """The whole activation of ``n`` branch rows when the edit ``covers_all`` and ``start == 0``
+        (shape of ``like``'s rows)."""
+        assert self.covers_all and self.start == 0
         return self.replacement(n, like.shape[1], like)  # the index is sorted and complete: arange(n_units)
 
 
 def fuse_edits(model: HookedModel, edits: Sequence[Edit], rows: int, seq_len: int) -> dict[str, FusedEdit] | None:
     """The edits grouped by hook point and fused, or ``None`` if the fast path cannot express them exactly.
 
-    The step's edits (from ``BatchLoss._choose_edits``) touch all positions of the anchor
-    rows ``(0, rows)``; each hook point must carry one kind of intervention (``Zero``,
-    ``Mean`` or ``Resample``). Anything else (and any case where the reference would
-    raise, e.g. a counterfactual shorter than the prompt) goes to the reference path.
+    The step's edits (from ``BatchLoss._choose_edits``) touch the anchor rows ``(0, rows)``
+    at all positions, or all of them at positions ``start..`` (a suffix); each hook point
+    must carry one kind of intervention (``Zero``, ``Mean`` or ``Resample``). Anything else
+    (and any case where the reference would raise, e.g. a counterfactual shorter than the
+    prompt) goes to the reference path.
     """
+    start = suffix_start(edits, seq_len)
+    if start is None:
+        return None
     groups: dict[str, list[Edit]] = {}
     for edit in edits:
-        if edit.positions is not None or edit.rows != (0, rows):
+        if edit.rows != (0, rows):
             return None
         groups.setdefault(edit.feature.hook_name, []).append(edit)
     fused: dict[str, FusedEdit] = {}
@@ -160,9 +172,24 @@ def fuse_edits(model: HookedModel, edits: Sequence[Edit], rows: int, seq_len: in
         fused[hook_name] = FusedEdit(
             hook_name=hook_name, kind=feature.kind, layer=feature.layer,
             index=torch.tensor(order, dtype=torch.long), mode=mode, values=values, per_position=per_position,
-            n_units=feature_count(model, feature.kind),
+            n_units=feature_count(model, feature.kind), start=start,
         )  # fmt: skip
     return fused
+
+
+def suffix_start(edits: Sequence[Edit], seq_len: int) -> int | None:
+    """The first edited position when every edit covers all positions (0) or the same suffix
+    ``start..seq_len - 1``; ``None`` for any other position pattern."""
+    starts = set()
+    for edit in edits:
+        positions = edit.positions
+        if positions is None:
+            starts.add(0)
+        elif positions and positions == tuple(range(positions[0], seq_len)) and positions[0] >= 0:
+            starts.add(positions[0])
+        else:
+            return None
+    return starts.pop() if len(starts) == 1 else None
 
 
 @dataclass(frozen=True)
@@ -239,9 +266,10 @@ def branched(model: HookedModel, plan: BranchPlan, n_base: int, source: tuple[in
         edit = plan.edit("head", layer)
 
         def hook_fn(z: Tensor, hook: Any) -> Tensor:
-            if edit is not None and edit.covers_all:
+            if edit is not None and edit.covers_all and edit.start == 0:
                 return torch.cat([z, edit.full(n, z)])
-            copy = z[lo:hi]  # shared prefix: the branch's heads equal the anchor rows' heads
+            # shared prefix (or positions before the edits start): the branch's heads equal the anchor rows'
+            copy = z[lo:hi]
             return torch.cat([z, edit.apply(copy) if edit is not None else copy])
 
         return hook_fn

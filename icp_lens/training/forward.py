@@ -1,4 +1,4 @@
-"""One training step's forward passes: the reference stacked pass and the branched fast path.
+"""One training step's forward passes: the reference stacked pass and the two fast paths.
 
 :class:`~icp_lens.training.objectives.BatchLoss` names the row *blocks* a step needs
 (``x``: the training batch; ``a``: a pair batch; ``cf``: spurious counterfactuals) and,
@@ -11,8 +11,12 @@ first rows of ``x``) with the step's edits. This module runs them:
 - :func:`branched_forward`, the fast path (:mod:`icp_lens.training.branch`): ``do`` is
   not run from the embeddings but branched off the anchor rows at the first edited
   layer, and attention the intervened copy would throw away is skipped;
-- :class:`StepForward`, what ``BatchLoss`` calls: the fast path where it applies
-  (otherwise the reference), with the first branched pass of each plan shape checked
+- :func:`suffix_forward`, the fast path for edits that start at a later position (a
+  ``resample`` from a counterfactual that shares the prompt's first ``p`` tokens): the
+  clean pass keeps its key/value cache, and ``do`` runs positions ``p..`` only, reading
+  the clean keys and values of positions ``< p`` (with their gradient) from that cache;
+- :class:`StepForward`, what ``BatchLoss`` calls: the cheaper fast path where one applies
+  (otherwise the reference), with the first fast pass of each plan shape checked
   against the reference.
 
 Both passes can unembed the last position only (``last_only``, a bridge's
@@ -21,7 +25,8 @@ unembedding of every position is a large share of a small model's forward pass.
 
 :func:`capture_prefix` computes the values a ``resample`` intervention patches in: the
 flagged features' activations on the counterfactual, without gradient, running the model
-only as far as the last flagged hook point.
+only as far as the last flagged hook point. :func:`shared_prefix` is the number of
+leading positions where a batch and its counterfactuals agree in every row.
 """
 
 from __future__ import annotations
@@ -39,10 +44,20 @@ from torch import Tensor
 from icp_lens.edits import Edit, intervene
 from icp_lens.features import Feature
 from icp_lens.hooks import HookFn, capturing, hooked
+from icp_lens.interventions import Mean, Resample, Zero
 from icp_lens.model import HookedModel, is_bridge, model_dims
-from icp_lens.training.branch import branched, fuse_edits, has_active_dropout, plan_branch
+from icp_lens.scoring.prefix import hf_cache_prefix
+from icp_lens.training.branch import branched, fuse_edits, has_active_dropout, plan_branch, suffix_start
 
-__all__ = ["Outputs", "capture_prefix", "stacked_forward", "branched_forward", "StepForward"]
+__all__ = [
+    "Outputs",
+    "capture_prefix",
+    "shared_prefix",
+    "stacked_forward",
+    "branched_forward",
+    "suffix_forward",
+    "StepForward",
+]
 
 #: ``block -> (logits, last-position logits, captured representation or None)``
 Outputs = dict[str, tuple[Tensor, Tensor, Tensor | None]]
@@ -76,6 +91,37 @@ def capture_prefix(model: HookedModel, features: Sequence[Feature], tokens: Tens
         except _StopForward:
             pass
     return store
+
+
+def shared_prefix(tokens: Tensor, other: Tensor) -> int:
+    """How many leading positions ``tokens`` and ``other`` (same shape) agree on in every row.
+
+    A model is causal, so up to there any activation on ``other`` equals the one on
+    ``tokens``: a ``resample`` from ``other`` changes nothing before it.
+    """
+    if tokens.shape != other.shape:
+        raise ValueError(f"shared_prefix needs equal shapes, got {tuple(tokens.shape)} and {tuple(other.shape)}")
+    differs = (tokens != other).any(0).nonzero()
+    return int(differs[0]) if differs.numel() else int(tokens.shape[1])
+
+
+def _suffix_edits(edits: Sequence[Edit], start: int, seq_len: int, n: int) -> list[Edit] | None:
+    """``edits`` (all at positions ``start..`` of rows ``(0, n)``) re-addressed to a pass over positions
+    ``start..`` only; ``None`` if one of them cannot be (then the suffix path does not apply)."""
+    suffix = tuple(range(start, seq_len))
+    out = []
+    for e in edits:
+        if e.positions != suffix or e.rows != (0, n):
+            return None
+        iv = e.intervention
+        if isinstance(iv, Resample) and iv.source.shape[1] == seq_len:
+            iv = Resample(iv.source[:, start:], "exact")
+        elif isinstance(iv, Mean) and iv.per_position:
+            iv = Mean(iv.value[start:], per_position=True)
+        elif not isinstance(iv, (Zero, Mean)):
+            return None
+        out.append(replace(e, intervention=iv, positions=None, rows=None))
+    return out
 
 
 def _passes(blocks: list[tuple[str, Tensor]]) -> list[tuple[Tensor, dict[str, tuple[int, int]]]]:
@@ -199,7 +245,7 @@ def _branched_forward(
         if not _representation_ok(rep_hook, plan.first_layer):
             return None
         lo = spans[source][0]
-        kinds = tuple(sorted((e.kind, e.layer, e.covers_all) for e in plan.edits.values()))
+        kinds = tuple(sorted((e.kind, e.layer, e.covers_all, e.start > 0) for e in plan.edits.values()))
         shape = (plan.first_layer, tuple(sorted(plan.shrunk)), kinds, tuple(spans), rep_hook)
         with ExitStack() as stack:
             stack.enter_context(branched(model, plan, n_base, (lo, lo + n)))
@@ -211,6 +257,67 @@ def _branched_forward(
             raise RuntimeError(f"The branched pass returned {logits.shape[0]} rows, expected {grown}")
         _split(logits, captured, {**spans, "do": (n_base, grown)}, out)
     return out, shape
+
+
+def suffix_forward(
+    model: HookedModel,
+    blocks: list[tuple[str, Tensor]],
+    edits: Sequence[Edit],
+    source: str,
+    n: int,
+    rep_hook: str | None = None,
+    *,
+    last_only: bool = False,
+) -> Outputs | None:
+    """The blocks plus ``"do"``, where every edit starts at the same position ``p > 0``: ``do``
+    runs positions ``p..`` only, on the clean pass's keys and values of positions ``< p``.
+
+    Before ``p`` the intervened copy computes exactly what the clean rows compute, so its
+    keys and values there *are* the clean ones: the copy attends to them through the
+    clean pass's cache (the gradient of the invariance term reaches the clean prefix
+    through them, as in the stacked pass, where it reaches the copy's identical prefix).
+    On an organism whose planted token is the last word this runs 2 of 12 positions.
+    ``None`` when it does not apply (then use another path): not a ``TransformerBridge``,
+    edits that do not all start at one ``p > 0``, an intervention it cannot re-address,
+    or a model whose forward returns no full key/value cache.
+    """
+    if not edits or not is_bridge(model):
+        return None
+    positions = edits[0].positions
+    if not positions or positions[0] <= 0:
+        return None
+    start = positions[0]
+    out: Outputs = {}
+    cache = None
+    for tokens, spans in _passes(blocks):
+        with capturing(model, [rep_hook] if rep_hook else [], detach=False) as store:
+            if source in spans:
+                if tokens.shape[1] != positions[-1] + 1:
+                    return None
+                kwargs = {"logits_to_keep": 1} if last_only else {}
+                logits, cache = model(tokens, return_type="logits_and_cache", **kwargs)
+                lo = spans[source][0]
+                seq_len = tokens.shape[1]
+            else:
+                logits = _run(model, tokens, last_only)
+        _split(logits, store.get(rep_hook) if rep_hook else None, spans, out)
+    if cache is None:
+        return None
+    moved = _suffix_edits(edits, start, seq_len, n)
+    prefix = hf_cache_prefix(cache, start, seq_len)
+    if moved is None or prefix is None:
+        return None
+    for layer in prefix.layers:  # this copy's rows: the intervened copy of source's first n rows
+        layer.keys, layer.values = layer.keys[lo : lo + n], layer.values[lo : lo + n]
+    do_tokens = dict(blocks)[source][:n, start:]
+    with ExitStack() as stack:
+        stack.enter_context(intervene(model, moved))
+        store = stack.enter_context(capturing(model, [rep_hook] if rep_hook else [], detach=False))
+        kwargs = {"past_key_values": prefix, **({"logits_to_keep": 1} if last_only else {})}
+        logits = model(do_tokens, **kwargs)
+        captured = store.get(rep_hook) if rep_hook else None
+    out["do"] = (logits, logits[:, -1], captured)
+    return out
 
 
 class StepForward:
@@ -243,13 +350,25 @@ class StepForward:
         rep_hook: str | None = None,
     ) -> Outputs:
         """``do = (source block, rows, tokens)``: the intervened copy of ``source``'s first rows."""
+        if do is not None and self.branch and self._prefers_suffix(blocks, edits, do):
+            try:
+                out = suffix_forward(self.model, blocks, edits, do[0], do[1], rep_hook, last_only=self.last_only)
+            except Exception as exc:  # a model whose cache the suffix pass cannot reuse: use the reference
+                self._disable(f"it failed ({type(exc).__name__}: {exc})")
+                out = None
+            if out is not None:
+                hooks = tuple(sorted({e.feature.hook_name for e in edits}))
+                shape = ("suffix", hooks, tuple(name for name, _ in blocks), rep_hook)
+                if shape not in self.checked:
+                    self._check(out, blocks, edits, do, rep_hook)
+                    self.checked.add(shape)
+                if self.branch:
+                    self.last_path = "suffix"
+                    return out
         if do is not None and self.branch:
             try:
-                training = bool(self.model.training)
-                if training not in self._dropout:
-                    self._dropout[training] = has_active_dropout(self.model)
                 result = _branched_forward(self.model, blocks, edits, do[0], do[1], rep_hook,
-                                           last_only=self.last_only, dropout=self._dropout[training])  # fmt: skip
+                                           last_only=self.last_only, dropout=self._dropout_on())  # fmt: skip
             except Exception as exc:  # an architecture the hooks do not fit: use the reference from now on
                 self._disable(f"it failed ({type(exc).__name__}: {exc})")
                 result = None
@@ -265,13 +384,45 @@ class StepForward:
         full = blocks + [("do", do[2])] if do is not None else blocks
         return stacked_forward(self.model, full, edits if do is not None else [], rep_hook, last_only=self.last_only)
 
+    def _prefers_suffix(
+        self, blocks: list[tuple[str, Tensor]], edits: Sequence[Edit], do: tuple[str, int, Tensor]
+    ) -> bool:
+        """Whether the suffix pass is the cheaper fast path for these edits.
+
+        Both paths compute the intervened copy's forward and backward; their costs are
+        estimated as a fraction of a full pass over the copy. The suffix pass runs every
+        layer at positions ``p..``: ``(T - p) / T``. The branched pass runs positions all,
+        from the first edited layer, each layer's attention counting half a layer unless
+        the plan skips it for the copy. An organism whose planted token is the last word
+        takes the suffix pass (2 of 12 positions); one whose planted name is the first word
+        and whose flagged heads cover whole layers takes the branched pass.
+        """
+        seq_len = do[2].shape[1]
+        start = suffix_start(edits, seq_len) if edits else None
+        if not start or self._dropout_on() or not is_bridge(self.model):
+            return False
+        fused = fuse_edits(self.model, edits, do[1], seq_len)
+        if fused is None:
+            return True
+        plan = plan_branch(fused, plan_layers := model_dims(self.model).n_layers)
+        branched_cost = sum(1.0 if layer not in plan.shrunk else 0.5 for layer in range(plan.first_layer, plan_layers))
+        return (seq_len - start) / seq_len < branched_cost / plan_layers
+
+    def _dropout_on(self) -> bool:
+        """Whether a dropout module is active (looked up once per train/eval mode)."""
+        training = bool(self.model.training)
+        if training not in self._dropout:
+            self._dropout[training] = has_active_dropout(self.model)
+        return self._dropout[training]
+
     def _check(self, out: Outputs, blocks: list[tuple[str, Tensor]], edits: Sequence[Edit],
                do: tuple[str, int, Tensor], rep_hook: str | None) -> None:  # fmt: skip
         with torch.no_grad():
             reference = stacked_forward(self.model, blocks + [("do", do[2])], edits, rep_hook, last_only=self.last_only)
         worst = 0.0
-        for name, (logits, _, _) in reference.items():
-            got = out[name][0].detach()
+        for name, (full, last, _) in reference.items():
+            # the suffix pass's ``do`` logits cover its own positions only: compare the last one
+            logits, got = (last, out[name][1].detach()) if name == "do" else (full, out[name][0].detach())
             worst = max(worst, float((got - logits).abs().max() / (1.0 + logits.abs().max())))
         if worst > self.tolerance:
             self._disable(f"its logits differ from the reference pass by {worst:.2e} (relative)")

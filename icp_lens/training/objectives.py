@@ -38,11 +38,19 @@ feature takes its value on the spurious counterfactual: needs counterfactuals),
 ``resample_batch`` (its value on another example of the batch), ``mean`` (its mean over
 the training prompts, fitted once at the start) and ``zero``.
 
-*The invariance rows branch.* The ``x with edits`` rows are not run from the embeddings:
-they branch off the clean rows at the first edited layer, and attention whose output the
-edits overwrite is not computed for them (:mod:`icp_lens.training.branch`); the values
-and gradients are the stacked pass's. ``BatchLoss(..., branch=False)`` runs the stacked
-reference instead.
+A ``resample`` from the spurious counterfactual patches the positions from the first one
+where a counterfactual of the batch differs from its prompt: before it the model (causal)
+computes the same activations on both, so patching there would change no value, only
+stop the gradient through the patched units. (With ``resample_batch``, ``mean`` and
+``zero`` every position is patched.)
+
+*The invariance rows branch.* The ``x with edits`` rows are not run from the embeddings.
+Either they branch off the clean rows at the first edited layer, and attention whose
+output the edits overwrite is not computed for them (:mod:`icp_lens.training.branch`), or,
+when the edits start at a later position ``p``, they run positions ``p..`` only on the
+clean rows' keys and values of the positions before (``forward.suffix_forward``);
+whichever computes less. The values and gradients are the stacked pass's.
+``BatchLoss(..., branch=False)`` runs the stacked reference instead.
 """
 
 from __future__ import annotations
@@ -59,7 +67,7 @@ from icp_lens.interventions import Mean, Resample, Zero
 from icp_lens.model import HookedModel, model_dims
 from icp_lens.training import losses as L
 from icp_lens.training.data import TrainBatch
-from icp_lens.training.forward import StepForward, capture_prefix
+from icp_lens.training.forward import StepForward, capture_prefix, shared_prefix
 
 if TYPE_CHECKING:  # pragma: no cover
     from icp_lens.training.config import TrainConfig
@@ -200,6 +208,13 @@ class BatchLoss:
             align = "exact" if source.shape[1] == batch.tokens.shape[1] else "right"
             activations = capture_prefix(self.model, feats, source)
             interventions = {f: Resample(f.select(activations[f.hook_name]), align) for f in feats}
+            if name == "resample" and align == "exact":
+                start = shared_prefix(batch.tokens, source)
+                if start == batch.tokens.shape[1]:  # the counterfactuals equal the prompts: nothing to intervene on
+                    return []
+                if start > 0:  # before it the counterfactual's activations are the prompt's own
+                    positions = tuple(range(start, batch.tokens.shape[1]))
+                    return [Edit(f, interventions[f], positions=positions, rows=rows) for f in feats]
         return [Edit(f, interventions[f], rows=rows) for f in feats]
 
     def _represent(self, last: Tensor, captured: Tensor | None, batch: TrainBatch) -> Tensor:
