@@ -13,9 +13,17 @@ On an organism (default: the default organism, ``lexical`` / ``gpt2`` / seed 0),
    rank correlation over the exact top 200 (target >= 0.9) and over all features, whether
    the exact top 20 is inside the attribution top 100 (target: yes), and the same per
    (kind, layer) group to show where AtP fails.
+3. **AtP*** (Kramár et al. 2024; ``icp_lens.scoring.atp_star``). ``--qk-fix`` adds every
+   attention query and key (kinds ``query``, ``key``) to the features and scores them with
+   the QK fix (the attention pattern recomputed exactly) next to plain AtP; ``--grad-drop``
+   adds GradDrop (a magnitude: its score is the mean over examples of
+   ``1/(L-1) sum_l |AtP_{-l}|``); both together add AtP* (QK fix + GradDrop). Each is timed
+   against the same baseline and compared with exact patching of the same features.
+   ``--no-ig`` skips the IG runs.
 
     python benchmarks/bench_attribution.py [--variant lexical] [--arch gpt2] [--examples 2000]
         [--intervention resample] [--repeats 5] [--threads N] [--no-exact]
+        [--qk-fix] [--grad-drop] [--no-ig]
 """
 
 from __future__ import annotations
@@ -132,6 +140,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timing repeats, interleaved (best of)")
     parser.add_argument("--no-exact", action="store_true", help="timing only")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--qk-fix", action="store_true", help="add queries and keys; time and score AtP's QK fix")
+    parser.add_argument("--grad-drop", action="store_true", help="time and score GradDrop (AtP* with --qk-fix)")
+    parser.add_argument("--no-ig", action="store_true", help="skip the integrated-gradients runs")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -140,13 +151,14 @@ def main() -> None:
     model = organism.load_bridge()
     examples = read_probes(organism.data_path("test_balanced"), tokenizer=model.tokenizer)[: args.examples]
     probes = ProbeSet(model, examples)
-    features = enumerate_features(model, "neuron") + enumerate_features(model, "head")
+    kinds = ["neuron", "head"] + (["query", "key"] if args.qk_fix else [])
+    features = [f for kind in kinds for f in enumerate_features(model, kind)]
     labels = [str(f) for f in features]
     spec = InterventionSpec.parse(args.intervention)
     kw = dict(metric=args.metric, batch_size=args.batch_size, progress=False)
     print(
         f"organism {args.variant}/{args.arch}/seed{args.seed}: {len(probes)} test_balanced examples, "
-        f"{len(features)} features (all neurons and heads), intervention {spec.label}, metric {args.metric}"
+        f"{len(features)} features (all of {', '.join(kinds)}), intervention {spec.label}, metric {args.metric}"
     )
 
     heads = [f for f in features if f.kind == "head"]
@@ -155,14 +167,27 @@ def main() -> None:
         "plain forward + backward (baseline)": lambda: plain_forward_backward(
             model, probes, get_metric(args.metric), args.batch_size
         ),
-        "AtP, all neurons + heads": lambda: attribution_effects(model, probes, features, spec, method="atp", **kw),
-        f"IG, {args.ig_steps} steps, one path per hook": lambda: attribution_effects(
-            model, probes, features, spec, method="ig", ig_steps=args.ig_steps, **kw
-        ),
-        f"IG, {args.ig_steps} steps, one path per head": lambda: attribution_effects(
-            model, probes, heads, spec, **ig_heads_kw
-        ),
+        f"AtP, all {' + '.join(kinds)}": lambda: attribution_effects(model, probes, features, spec, method="atp", **kw),
     }
+    if not args.no_ig:
+        runs[f"IG, {args.ig_steps} steps, one path per hook"] = lambda: attribution_effects(
+            model, probes, features, spec, method="ig", ig_steps=args.ig_steps, **kw
+        )
+        runs[f"IG, {args.ig_steps} steps, one path per head"] = lambda: attribution_effects(
+            model, probes, heads, spec, **ig_heads_kw
+        )
+    star = {}  # estimator label -> run name
+    if args.qk_fix:
+        star["AtP+QK"] = "AtP + QK fix"
+        runs["AtP + QK fix"] = lambda: attribution_effects(model, probes, features, spec, qk_fix=True, **kw)
+    if args.grad_drop:
+        star["GradDrop"] = "GradDrop"
+        runs["GradDrop"] = lambda: attribution_effects(model, probes, features, spec, grad_drop=True, **kw)
+    if args.qk_fix and args.grad_drop:
+        star["AtP*"] = "AtP* (QK fix + GradDrop)"
+        runs["AtP* (QK fix + GradDrop)"] = lambda: attribution_effects(
+            model, probes, features, spec, qk_fix=True, grad_drop=True, **kw
+        )
     # Interleaved repeats, best of each: on a shared machine the load changes during a run,
     # and interleaving exposes every method to the same conditions.
     runs["plain forward + backward (baseline)"]()  # warm-up
@@ -175,28 +200,34 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
     base = min(times["plain forward + backward (baseline)"])
     for name, ts in times.items():
-        target = "  (target <= 3)" if name.startswith("AtP") else ""
+        target = "  (target <= 3)" if name.startswith("AtP,") else ""
         print(f"{name:<38} {min(ts):8.3f} s   ratio {min(ts) / base:6.2f}{target}")
     if args.no_exact:
         return
 
-    atp, ig, ig_heads = (results[name] for name in list(runs)[1:])
+    names = list(runs)
+    atp = results[names[1]]
     start = time.perf_counter()
     exact = exact_scores(model, probes, features, spec, args.metric, args.batch_size)
     print(f"exact patching, one feature at a time (packed): {time.perf_counter() - start:7.3f} s")
     atp_s = atp.values.abs().nanmean(1).numpy()
-    ig_s = ig.values.abs().nanmean(1).numpy()
-    mixed = atp_s.copy()  # AtP for neurons, per-head IG for heads
-    mixed[[i for i, f in enumerate(features) if f.kind == "head"]] = ig_heads.values.abs().nanmean(1).numpy()
     agreement("AtP", atp_s, exact, labels)
-    agreement("IG/hook", ig_s, exact, labels)
-    agreement("AtP+IG/head", mixed, exact, labels)
-    print("per kind and layer, AtP (score = mean |dP|):")
-    per_group(atp_s, exact, features)
-    print("per kind and layer, IG with one path per hook:")
-    per_group(ig_s, exact, features)
-    print("per kind and layer, AtP for neurons + IG with one path per head:")
-    per_group(mixed, exact, features)
+    groups = [("AtP (score = mean |dP|)", atp_s)]
+    if not args.no_ig:
+        ig, ig_heads = results[names[2]], results[names[3]]
+        ig_s = ig.values.abs().nanmean(1).numpy()
+        mixed = atp_s.copy()  # AtP for neurons, per-head IG for heads
+        mixed[[i for i, f in enumerate(features) if f.kind == "head"]] = ig_heads.values.abs().nanmean(1).numpy()
+        agreement("IG/hook", ig_s, exact, labels)
+        agreement("AtP+IG/head", mixed, exact, labels)
+        groups += [("IG with one path per hook", ig_s), ("AtP for neurons + IG with one path per head", mixed)]
+    for label, name in star.items():  # GradDrop's values are magnitudes already: the same mean gives its score
+        est = results[name].values.abs().nanmean(1).numpy()
+        agreement(label, est, exact, labels)
+        groups.append((f"{name} ({results[name].estimator})", est))
+    for label, est in groups:
+        print(f"per kind and layer, {label}:")
+        per_group(est, exact, features)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--probe", type=Path, required=True, help="probe JSONL file")
     score.add_argument("--out", type=Path, required=True, help="output table (.csv or .parquet)")
     score.add_argument("--method", choices=["hybrid", "attribution", "exact"], default="hybrid")
-    score.add_argument("--kinds", type=_csv_list, default=["neuron", "head"], help="e.g. neuron,head,resid,value")
+    score.add_argument(
+        "--kinds", type=_csv_list, default=["neuron", "head"], help="e.g. neuron,head,resid,value,query,key"
+    )
     score.add_argument(
         "--intervention",
         type=_csv_list,

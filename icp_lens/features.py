@@ -9,13 +9,22 @@ kind        hook point                        activation shape         the featu
 ``head``    ``blocks.L.attn.hook_z``          ``[batch, pos, h, d]``   one head's output z
 ``resid``   ``blocks.L.hook_resid_pre``       ``[batch, pos, d_model]``one residual dim
 ``value``   ``blocks.L.attn.hook_v``          ``[batch, pos, h_kv, d]``one head's value v
+``query``   ``blocks.L.attn.hook_q``          ``[batch, pos, h, d]``   one head's query q
+``key``     ``blocks.L.attn.hook_k``          ``[batch, pos, h_kv, d]``one head's key k
 ==========  ================================  =======================  ====================
 
 In every case the feature is a slice along dimension 2 of the activation: a scalar per
-position for neurons and residual dimensions, a ``d_head`` vector per position for heads
-and value vectors. ``Feature.select`` takes that slice, so interventions are written once
-for all kinds. For grouped-query attention models the ``value`` index runs over the
-key/value heads (``n_key_value_heads``), the ``head`` index over the query heads.
+position for neurons and residual dimensions, a ``d_head`` vector per position for heads,
+value, query and key vectors. ``Feature.select`` takes that slice, so interventions are
+written once for all kinds. For grouped-query attention models the ``value`` and ``key``
+indices run over the key/value heads (``n_key_value_heads``), the ``head`` and ``query``
+indices over the query heads.
+
+Query and key features move only *where* a head attends (its attention pattern). On both
+``TransformerBridge`` and ``HookedTransformer`` ``hook_q``/``hook_k`` sit before the rotary
+embedding (Llama, NeoX: ``hook_rot_q``/``hook_rot_k`` come after), so an intervention on
+them is rotated like the clean vector. They are scored (exact patching, attribution and
+its QK fix, ``icp_lens.scoring``) but not pruned (``icp_lens.pruning.arch``).
 
 Features are frozen, hashable and ordered, so they can key dictionaries, live in sets and
 be sorted into a stable (kind, layer, index) order. ``str(feature)`` is a compact label
@@ -46,7 +55,7 @@ __all__ = [
     "validate_feature",
 ]
 
-FeatureKind = Literal["neuron", "head", "resid", "value"]
+FeatureKind = Literal["neuron", "head", "resid", "value", "query", "key"]
 FEATURE_KINDS: tuple[str, ...] = get_args(FeatureKind)
 
 _HOOK_TEMPLATES: dict[str, str] = {
@@ -54,6 +63,8 @@ _HOOK_TEMPLATES: dict[str, str] = {
     "head": "blocks.{layer}.attn.hook_z",
     "resid": "blocks.{layer}.hook_resid_pre",
     "value": "blocks.{layer}.attn.hook_v",
+    "query": "blocks.{layer}.attn.hook_q",
+    "key": "blocks.{layer}.attn.hook_k",
 }
 _LABEL = re.compile(r"^\s*(?P<kind>[a-z]+)\s+L(?P<layer>\d+)\.(?P<index>\d+)\s*$")
 
@@ -121,6 +132,8 @@ def feature_count(model: HookedModel, kind: FeatureKind) -> int:
         "head": dims.n_heads,
         "resid": dims.d_model,
         "value": dims.n_kv_heads,
+        "query": dims.n_heads,
+        "key": dims.n_kv_heads,
     }[kind]
 
 

@@ -26,11 +26,15 @@ def test_feature_is_frozen_hashable_printable_and_parses_back() -> None:
         ("head", "blocks.2.attn.hook_z"),
         ("resid", "blocks.2.hook_resid_pre"),
         ("value", "blocks.2.attn.hook_v"),
+        ("query", "blocks.2.attn.hook_q"),
+        ("key", "blocks.2.attn.hook_k"),
     ],
 )
 def test_hook_names(kind: str, hook: str) -> None:
     assert hook_name_for(kind, 2) == hook  # type: ignore[arg-type]
     assert Feature(kind, 2, 0).hook_name == hook  # type: ignore[arg-type]
+    assert Feature.parse(f"{kind} L2.1") == Feature(kind, 2, 1)  # type: ignore[arg-type]
+    assert str(Feature(kind, 2, 1)) == f"{kind} L2.1"  # type: ignore[arg-type]
 
 
 def test_bad_features_fail_loudly() -> None:
@@ -43,7 +47,8 @@ def test_bad_features_fail_loudly() -> None:
 
 
 def test_enumerate_and_validate_on_micro(micro) -> None:
-    assert [feature_count(micro, k) for k in ("neuron", "head", "resid", "value")] == [16, 2, 8, 2]
+    kinds = ("neuron", "head", "resid", "value", "query", "key")
+    assert [feature_count(micro, k) for k in kinds] == [16, 2, 8, 2, 2, 2]
     neurons = enumerate_features(micro, "neuron")
     assert len(neurons) == 32 and neurons[0] == Feature("neuron", 0, 0) and neurons[-1] == Feature("neuron", 1, 15)
     assert enumerate_features(micro, "head", layers=1) == [Feature("head", 1, 0), Feature("head", 1, 1)]
@@ -61,3 +66,9 @@ def test_grouped_query_attention_counts(micro_dirs) -> None:
     llama = load_backend("bridge", micro_dirs["llama"])
     assert feature_count(llama, "head") == 4  # query heads
     assert feature_count(llama, "value") == 2  # key/value heads
+    assert feature_count(llama, "query") == 4  # one query per query head
+    assert feature_count(llama, "key") == 2  # one key per key/value head
+    assert enumerate_features(llama, "key", layers=1) == [Feature("key", 1, 0), Feature("key", 1, 1)]
+    with pytest.raises(IndexError, match="valid key indices 0..1"):
+        validate_feature(llama, Feature("key", 0, 2))
+    validate_feature(llama, Feature("query", 0, 3))

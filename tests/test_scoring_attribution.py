@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from icp_lens import Edit, Feature, Scale, Zero, active_hook_count, capturing, hooked, resample_from, run_with_edits
-from icp_lens.features import enumerate_features
+from icp_lens.features import FEATURE_KINDS, enumerate_features
 from icp_lens.metrics import answer_prob, kl_to_clean, logit_diff
 from icp_lens.probes import ProbeExample
 from icp_lens.probeset import ProbeSet
@@ -15,7 +15,7 @@ from icp_lens.scoring.attribution import attribution_effects
 from icp_lens.scoring.effects import InterventionSpec
 
 FEATURES = [Feature("neuron", 0, 3), Feature("neuron", 1, 7), Feature("head", 0, 1), Feature("head", 1, 0)]
-FEATURES += [Feature("resid", 1, 2), Feature("value", 0, 1)]
+FEATURES += [Feature("resid", 1, 2), Feature("value", 0, 1), Feature("query", 1, 1), Feature("key", 0, 0)]
 
 
 def examples(with_spurious: bool = True) -> list[ProbeExample]:
@@ -112,7 +112,8 @@ def test_atp_on_other_architectures(backend, micro_dirs, arch) -> None:
 
     model = load_backend(backend, micro_dirs[arch])
     probes = ProbeSet(model, examples())
-    features = [f for kind in ("neuron", "head", "resid", "value") for f in enumerate_features(model, kind)]
+    kinds = ("neuron", "head", "resid", "value", "query", "key")
+    features = [f for kind in kinds for f in enumerate_features(model, kind)]
     for intervention in ("resample", "mean"):
         spec = InterventionSpec.parse(intervention)
         effects = attribution_effects(model, probes, features, spec, progress=False)
@@ -209,7 +210,7 @@ def test_no_parameter_grads_grad_mode_and_hooks_restored(micro) -> None:
 @pytest.mark.parametrize("method", ["atp", "ig"])
 def test_every_kind_and_intervention_runs(micro, method) -> None:
     probes = ProbeSet(micro, examples())
-    kinds = [f for kind in ("neuron", "head", "resid", "value") for f in enumerate_features(micro, kind)]
+    kinds = [f for kind in FEATURE_KINDS for f in enumerate_features(micro, kind)]
     (batch,) = list(probes.batches(16))
     with torch.no_grad():
         clean = in_order(batch, answer_prob(micro(batch.tokens)[:, -1], batch))

@@ -20,7 +20,10 @@ mean-ablating it equals that plus folding ``mean @ W_slice`` into the output bia
 For a value feature the slice is of outputs: zero its weights and bias (zero mode), or
 zero its weights and set its bias to the mean (mean mode). Residual-stream
 dimensions are not prunable: a dimension of ``hook_resid_pre`` is the sum of every
-earlier writer, and no weight edit sets it at one layer only.
+earlier writer, and no weight edit sets it at one layer only. Query and key features
+are not pruned either: they only move where a head attends (a zeroed key makes its head
+attend to every position alike rather than removing the head), so pruning the head itself
+(``head``) or its value (``value``) is the edit that removes what it carries.
 
 An architecture without the needed bias (Llama's ``down_proj``/``o_proj`` by default)
 gets it through its config flag (``mlp_bias``, ``attention_bias``) with every newly
@@ -36,9 +39,24 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-__all__ = ["ArchSpec", "ARCHS", "arch_spec", "head_dim", "Site", "site_of", "PRUNABLE_KINDS"]
+__all__ = ["ArchSpec", "ARCHS", "arch_spec", "head_dim", "Site", "site_of", "PRUNABLE_KINDS", "unprunable_reason"]
 
 PRUNABLE_KINDS: tuple[str, ...] = ("neuron", "head", "value")
+_UNPRUNABLE: dict[str, str] = {
+    "resid": "A residual-stream dimension is the sum of every earlier writer, so no weight edit removes it at "
+    "one layer only.",
+    "query": "A query or key only moves where its head attends (zeroing it makes the head attend uniformly, it "
+    "does not remove the head); prune the head ('head') or its value ('value') instead.",
+}
+_UNPRUNABLE["key"] = _UNPRUNABLE["query"]
+
+
+def unprunable_reason(kinds: list[str], what: str) -> str:
+    """The error message for pruning features of ``kinds`` (``what`` names them): the prunable kinds and why."""
+    reasons = dict.fromkeys(_UNPRUNABLE[k] for k in kinds if k in _UNPRUNABLE)
+    return " ".join([f"Cannot prune {what}; prunable kinds: {list(PRUNABLE_KINDS)}.", *reasons])
+
+
 ValueLayout = Literal["gpt2_fused", "neox_fused", "separate"]
 
 
@@ -162,10 +180,7 @@ def _path(model: nn.Module, module: nn.Module) -> str:
 def site_of(model: nn.Module, kind: str, layer: int, index: int) -> Site:
     """Where feature ``(kind, layer, index)`` lives in HF ``model``; bad features raise."""
     if kind not in PRUNABLE_KINDS:
-        raise ValueError(
-            f"Cannot prune {kind!r} features; prunable kinds: {list(PRUNABLE_KINDS)}. A residual-stream "
-            "dimension is the sum of every earlier writer, so no weight edit removes it at one layer only."
-        )
+        raise ValueError(unprunable_reason([kind], f"{kind!r} features"))
     spec = arch_spec(model)
     block = layer_module(model, layer)
     cfg = model.config

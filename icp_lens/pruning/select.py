@@ -1,11 +1,12 @@
 """Choosing the features to prune from a score table.
 
-``select_features`` applies, in order: a filter to prunable kinds (residual dimensions
-cannot be pruned), an optional minimum selectivity, the threshold tau
-(``score > tau``), per-layer caps (at most ``per_layer_cap`` features from any one
-layer, the highest scoring kept) and ``top_k``. ``hybrid_split`` returns two disjoint
-sets: the extreme features to prune and the moderate ones to hand to the invariance
-trainer, which keeps their capacity while making the output independent of them.
+``select_features`` applies, in order: a filter to prunable kinds (residual dimensions,
+queries and keys cannot be pruned; their rows of a score table are skipped), an
+optional minimum selectivity, the threshold tau (``score > tau``), per-layer caps (at
+most ``per_layer_cap`` features from any one layer, the highest scoring kept) and
+``top_k``. ``hybrid_split`` returns two disjoint sets: the extreme features to prune and
+the moderate ones to hand to the invariance trainer, which keeps their capacity while
+making the output independent of them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import pandas as pd
 
 from icp_lens.features import Feature
-from icp_lens.pruning.arch import PRUNABLE_KINDS
+from icp_lens.pruning.arch import PRUNABLE_KINDS, unprunable_reason
 
 __all__ = ["select_features", "HybridSplit", "hybrid_split", "score_frame"]
 
@@ -69,7 +70,7 @@ def select_features(
         raise ValueError("Choose features with threshold=..., top_k=... or both")
     bad = sorted(set(kinds) - set(PRUNABLE_KINDS))
     if bad:
-        raise ValueError(f"Cannot prune kinds {bad}; prunable kinds: {list(PRUNABLE_KINDS)}")
+        raise ValueError(unprunable_reason(bad, f"kinds {bad}"))
     for name, value in (("top_k", top_k), ("per_layer_cap", per_layer_cap)):
         if value is not None and value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")

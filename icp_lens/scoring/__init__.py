@@ -5,7 +5,7 @@ exact patching verifies the top ones); the result is a ``ScoreTable``.
 """
 
 from icp_lens.scoring.attribution import attribution_effects
-from icp_lens.scoring.effects import Effects, InterventionSpec, probe_means
+from icp_lens.scoring.effects import UNSIGNED_ESTIMATORS, Effects, InterventionSpec, probe_means
 from icp_lens.scoring.exact import exact_effects
 from icp_lens.scoring.hybrid import METHODS, all_features, score
 from icp_lens.scoring.table import ScoreTable
@@ -17,6 +17,7 @@ __all__ = [
     "InterventionSpec",
     "ScoreTable",
     "TokenScoreTable",
+    "UNSIGNED_ESTIMATORS",
     "all_features",
     "attribution_effects",
     "exact_effects",

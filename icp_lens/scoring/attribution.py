@@ -49,9 +49,25 @@ Different hooks are never interpolated together (a later hook's value must stay 
 function of the earlier ones for gradients to flow through it). Requesting a single
 feature makes the two choices identical.
 
-Not implemented: AtP*'s two fixes (recomputing the attention softmax exactly for
-key/query-side changes, and GradDrop). Use ``method="ig"`` or exact patching of the top
-candidates where AtP is unreliable.
+AtP* (Kramár et al. 2024) -- two options of ``method="atp"``, explained in
+``icp_lens.scoring.atp_star``:
+
+* ``qk_fix=True``: for ``query`` and ``key`` features (``hook_q``/``hook_k``) the head's
+  attention pattern is recomputed exactly with the patched query or key, and only what
+  follows the pattern is linearised: ``dP ~= sum dP/dA * (A' - A)`` over the head's
+  pattern entries. Saturated heads, whose softmax gradient is near zero, are no longer
+  scored near zero. Other kinds are scored by plain AtP. Estimator ``"atp+qk"``.
+  Cost: up to two extra partial forward passes per batch.
+* ``grad_drop=True``: the AtP estimate is recomputed once per block ``l`` with the
+  gradient through that block's attention and MLP outputs zeroed, and the score is
+  ``1/(L-1) sum_l |AtP_{-l}|``: a non-negative *ranking* score that finds features whose
+  paths cancel in the gradient (AtP near zero, exact effect not), not a signed estimate.
+  Estimator ``"graddrop"`` (``"atp*"`` together with ``qk_fix``); ``Effects.signed`` is
+  False and sign-reading weights are refused. Cost: ``L`` backward passes per batch.
+
+Both need a gradient at the clean run (not ``kl``) and are refused with ``method="ig"``
+(IG's paths already go beyond first order). Where neither suffices, exact patching of
+the top candidates (``score(method="hybrid")``) is the ground truth.
 """
 
 from __future__ import annotations
@@ -68,8 +84,9 @@ from icp_lens.features import Feature, validate_feature
 from icp_lens.hooks import capturing, hooked
 from icp_lens.interventions import Mean
 from icp_lens.metrics import Metric, get_metric
-from icp_lens.model import HookedModel
+from icp_lens.model import HookedModel, model_dims
 from icp_lens.probeset import ProbeBatch, ProbeSet
+from icp_lens.scoring.atp_star import QK_KINDS, GradDrop, QKFix, atp_batch
 from icp_lens.scoring.effects import Effects, InterventionSpec, check_batches, counterfactual_tokens, probe_means
 
 __all__ = ["AttributionMethod", "IGPaths", "attribution_effects"]
@@ -215,37 +232,6 @@ def _metric_values(metric: Metric, logits: Tensor, batch: ProbeBatch, clean_last
     return out
 
 
-def _atp_batch(
-    model: HookedModel, plan: _Plan, batch: ProbeBatch, metric: Metric, positions: tuple[int, ...] | None
-) -> tuple[dict[str, Tensor] | None, Tensor]:
-    leaves: dict[str, Tensor] = {}
-    clean: dict[str, Tensor] = {}
-
-    def make(name: str):
-        def hook(act: Tensor, hook: Any) -> Tensor:
-            clean[name] = act.detach()
-            leaf = torch.zeros_like(act, requires_grad=True)
-            leaves[name] = leaf
-            return act + leaf
-
-        return hook
-
-    with hooked(model, [(n, make(n)) for n in plan.names]):
-        logits = model(batch.tokens)
-    clean_last = logits[:, -1].detach()
-    values = _metric_values(metric, logits, batch, clean_last)
-    grads = torch.autograd.grad(values.sum(), [leaves[n] for n in plan.names], allow_unused=True)
-    deltas = plan.deltas(model, batch, clean, positions)
-    if deltas is None:
-        return None, values.detach()
-    scores = {}
-    for name, g in zip(plan.names, grads, strict=True):
-        if g is None:  # the hook does not reach the metric (cannot happen in a causal LM)
-            g = torch.zeros_like(deltas[name])
-        scores[name] = plan.reduce(name, g * deltas[name])
-    return scores, values.detach()
-
-
 def _tile(batch: ProbeBatch, k: int) -> ProbeBatch:
     """The batch repeated ``k`` times along the batch dimension (what the metric reads)."""
     return ProbeBatch(
@@ -327,6 +313,8 @@ def attribution_effects(
     method: AttributionMethod = "atp",
     ig_steps: int = 8,
     ig_paths: IGPaths = "hook",
+    qk_fix: bool = False,
+    grad_drop: bool = False,
     positions: tuple[int, ...] | None = None,
     batch_size: int = 32,
     means: Mapping[Feature, Mean | Tensor] | None = None,
@@ -338,13 +326,17 @@ def attribution_effects(
     counterfactual for ``resample``) scores all ``features``. ``method="ig"``: integrated
     gradients with ``ig_steps`` midpoints along one path per hook point
     (``ig_paths="hook"``) or per feature (``"feature"``); see the module docstring for what
-    is interpolated. ``intervention`` and ``metric`` are as for ``exact_effects``;
+    is interpolated. AtP* options of ``method="atp"`` (module docstring): ``qk_fix``
+    recomputes the attention pattern exactly for ``query``/``key`` features; ``grad_drop``
+    returns GradDrop's non-negative ranking score instead of a signed estimate (both: AtP*).
+    ``intervention`` and ``metric`` are as for ``exact_effects``;
     ``positions`` restricts the intervention to some positions (negative counts from the
     end; None: all); ``means`` (``probe_means``'s output) overrides the probe-set means for
     ``mean``. Examples without the needed counterfactual get ``NaN``.
 
     Returns ``Effects`` with ``exact=False``, ``values`` ``[n_features, n_examples]`` in
-    probe-set order. Parameters never receive ``.grad``; their ``requires_grad`` flags and
+    probe-set order, and ``estimator`` one of ``"atp"``, ``"atp+qk"``, ``"graddrop"``,
+    ``"atp*"``, ``"ig"``. Parameters never receive ``.grad``; their ``requires_grad`` flags and
     the global grad mode are restored, so this runs inside ``torch.no_grad()`` too.
     """
     spec = InterventionSpec.parse(intervention)
@@ -354,6 +346,11 @@ def attribution_effects(
         raise ValueError(f"Unknown ig_paths {ig_paths!r}; valid: ['hook', 'feature']")
     if ig_steps < 1:
         raise ValueError(f"ig_steps must be >= 1, got {ig_steps}")
+    if method == "ig" and (qk_fix or grad_drop):
+        raise ValueError(
+            f"qk_fix and grad_drop are options of method='atp' (AtP*); got method='ig' with qk_fix={qk_fix}, "
+            f"grad_drop={grad_drop}. Valid: method='atp' with any of qk_fix/grad_drop, or method='ig' with neither"
+        )
     features = tuple(features)
     if not features:
         raise ValueError("attribution_effects needs at least one feature (e.g. enumerate_features(model, 'neuron'))")
@@ -373,10 +370,15 @@ def attribution_effects(
     metric_fn = get_metric(metric)
     metric_name = metric if isinstance(metric, str) else getattr(metric, "__name__", "custom")
     if method == "atp" and metric_name == "kl":
+        options = " (with qk_fix/grad_drop too: both read the same zero gradient)" if qk_fix or grad_drop else ""
         raise ValueError(
             "AtP of the 'kl' metric is identically zero (KL to the clean output has zero gradient at the "
-            "clean run); use method='ig' or exact patching"
+            f"clean run){options}; use method='ig' (without qk_fix/grad_drop) or exact patching"
         )
+    qk = QKFix(features) if qk_fix and any(f.kind in QK_KINDS for f in features) else None
+    drop = GradDrop(model_dims(model).n_layers) if grad_drop else None
+    estimator = "ig" if method == "ig" else {(False, False): "atp", (True, False): "atp+qk", (False, True): "graddrop",
+                                             (True, True): "atp*"}[(bool(qk_fix), bool(grad_drop))]  # fmt: skip
     if spec.kind == "mean":
         if means is None:
             means = probe_means(model, probes, features, batch_size=batch_size)
@@ -389,7 +391,7 @@ def attribution_effects(
     clean = torch.full((n_examples,), float("nan"))
 
     with _activation_grads_only(model):
-        for batch in tqdm(batch_list, desc=f"attribution {method} {spec.label}", disable=not progress, unit="batch"):
+        for batch in tqdm(batch_list, desc=f"attribution {estimator} {spec.label}", disable=not progress, unit="batch"):
             rows = batch.index.cpu()
             if which is not None and getattr(batch, which) is None:  # NaN effects; clean is defined
                 with torch.no_grad():
@@ -397,7 +399,11 @@ def attribution_effects(
                     clean[rows] = _metric_values(metric_fn, logits, batch, logits[:, -1]).float().cpu()
                 continue
             if method == "atp":
-                scores, clean_values = _atp_batch(model, plan, batch, metric_fn, positions)
+
+                def metric_values(logits: Tensor, batch: ProbeBatch = batch) -> Tensor:
+                    return _metric_values(metric_fn, logits, batch, logits[:, -1].detach())
+
+                scores, clean_values = atp_batch(model, plan, batch, metric_values, positions, qk=qk, grad_drop=drop)
             else:
                 scores, clean_values = _ig_batch(model, plan, batch, metric_fn, positions, ig_steps, ig_paths)
             clean[rows] = clean_values.float().cpu()
@@ -411,4 +417,4 @@ def attribution_effects(
             rows = [i for i, f in enumerate(features) if f.hook_name == name]
             units = torch.tensor([features[i].index for i in rows], dtype=torch.long)
             values[torch.tensor(rows, dtype=torch.long)] = per_hook[name][:, units].T
-    return Effects(features, spec.label, values, clean, exact=False, metric=metric_name)
+    return Effects(features, spec.label, values, clean, exact=False, metric=metric_name, estimator=estimator)

@@ -89,9 +89,20 @@ class InterventionSpec:
         return {"resample": "spurious", "resample_causal": "causal"}.get(self.kind)  # type: ignore[return-value]
 
 
+#: estimators whose values are non-negative ranking scores, not signed effects ``dP``
+UNSIGNED_ESTIMATORS: tuple[str, ...] = ("graddrop", "atp*")
+
+
 @dataclass(frozen=True, eq=False)
 class Effects:
-    """``dP`` for each feature and probe example under one intervention."""
+    """``dP`` for each feature and probe example under one intervention.
+
+    ``estimator`` names how the values were obtained: ``"exact"`` (patching), ``"atp"``,
+    ``"atp+qk"`` (AtP with the QK fix), ``"ig"``, or ``"graddrop"`` / ``"atp*"`` (GradDrop
+    without / with the QK fix), whose values are non-negative ranking scores rather than
+    signed effects (``signed`` is False; see ``icp_lens.scoring.atp_star``). Default:
+    ``"exact"`` or ``"atp"`` by ``exact``.
+    """
 
     features: tuple[Feature, ...]
     intervention: str
@@ -99,6 +110,7 @@ class Effects:
     clean: Float[Tensor, " n_examples"]
     exact: bool
     metric: str = "logit_diff"
+    estimator: str | None = None
 
     def __post_init__(self) -> None:
         if self.values.shape != (len(self.features), self.clean.shape[0]):
@@ -106,6 +118,13 @@ class Effects:
                 f"Effects.values has shape {tuple(self.values.shape)}; expected "
                 f"({len(self.features)}, {self.clean.shape[0]}) = (features, examples)"
             )
+        if self.estimator is None:
+            object.__setattr__(self, "estimator", "exact" if self.exact else "atp")
+
+    @property
+    def signed(self) -> bool:
+        """Whether ``values`` are signed effects ``dP`` (False for GradDrop's magnitudes)."""
+        return self.estimator not in UNSIGNED_ESTIMATORS
 
     def subset(self, features: Sequence[Feature]) -> Effects:
         """The effects of some of the features, in the given order."""
@@ -114,7 +133,9 @@ class Effects:
         if missing:
             raise KeyError(f"No effects for {missing[:5]}")
         index = torch.tensor([row[f] for f in features], dtype=torch.long)
-        return Effects(tuple(features), self.intervention, self.values[index], self.clean, self.exact, self.metric)
+        return Effects(
+            tuple(features), self.intervention, self.values[index], self.clean, self.exact, self.metric, self.estimator
+        )
 
 
 def counterfactual_tokens(batch: ProbeBatch, which: Literal["spurious", "causal"]) -> Tensor:

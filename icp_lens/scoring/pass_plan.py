@@ -54,7 +54,7 @@ def _last_only(feature: Feature, n_layers: int) -> bool:
     Neurons and head outputs of the last block feed only their own position (no later
     attention reads them); value vectors and residual dimensions are read by attention.
     """
-    return feature.layer == n_layers - 1 and feature.kind in ("neuron", "head")
+    return feature.layer == n_layers - 1 and feature.kind in ("neuron", "head", "query")
 
 
 def _plan(

@@ -48,6 +48,11 @@ def weighted_abs(effects: Effects, weight: Weight = "uniform") -> Float[Tensor, 
     values = effects.values.float()
     if weight == "uniform":
         return values.abs()
+    if not effects.signed:
+        raise ValueError(
+            f"weight={weight!r} reads the sign of dP, but these are {effects.estimator!r} magnitudes (a ranking "
+            "score); use weight='uniform', or score with an estimator of the signed effect (exact, atp, atp+qk, ig)"
+        )
     clean = effects.clean.float().unsqueeze(0).expand_as(values)
     patched = clean + values
     if weight == "flips":

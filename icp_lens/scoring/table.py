@@ -8,6 +8,8 @@ more spurious), with the columns
 ``selectivity``                              S / (S + causal effect); NaN without causal probes
 ``exact``                                    True where the score comes from exact patching,
                                              False where it is an attribution estimate
+``estimator``                                how: ``exact``, ``atp``, ``atp+qk``, ``ig``,
+                                             ``graddrop`` or ``atp*`` (``Effects.estimator``)
 ``effect_<intervention>``                    mean |dP| under each intervention scored
 ``n_examples``                               probe examples the score averages over
 
@@ -92,6 +94,7 @@ class ScoreTable:
                 "ci_high": high.numpy(),
                 "selectivity": float("nan"),
                 "exact": all(e.exact for e in effects),
+                "estimator": "+".join(dict.fromkeys(str(e.estimator) for e in effects)),
             }
         )
         for e in effects:

@@ -62,8 +62,6 @@ __all__ = [
 #: ``block -> (logits, last-position logits, captured representation or None)``
 Outputs = dict[str, tuple[Tensor, Tensor, Tensor | None]]
 
-_HOOK_ORDER = {"resid": 0, "value": 1, "head": 2, "neuron": 3}
-
 
 class _StopForward(Exception):
     """Raised by a hook once every needed activation is recorded (ends the forward pass early)."""
@@ -74,13 +72,12 @@ def capture_prefix(model: HookedModel, features: Sequence[Feature], tokens: Tens
     """The activations at ``features``' hook points on ``tokens``, running the model only
     as far as the last of those hook points (no gradient)."""
     names = sorted({f.hook_name for f in features})
-    last = max(features, key=lambda f: (f.layer, _HOOK_ORDER[f.kind])).hook_name
     store: dict[str, Tensor] = {}
 
     def record(name: str) -> HookFn:
         def hook_fn(activation: Tensor, hook: Any) -> None:
             store[name] = activation.clone()
-            if name == last:  # everything needed is recorded: end the forward pass here
+            if len(store) == len(names):  # everything needed is recorded: end the forward pass here
                 raise _StopForward
 
         return hook_fn
