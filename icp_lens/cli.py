@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--out", type=Path, required=True, help="output table (.csv or .parquet)")
     score.add_argument("--method", choices=["hybrid", "attribution", "exact"], default="hybrid")
     score.add_argument(
+        "--qk-fix", action="store_true", help="AtP* QK fix: recompute attention patterns for query/key features"
+    )
+    score.add_argument("--grad-drop", action="store_true", help="AtP* GradDrop (attribution ranks; L backward passes)")
+    score.add_argument(
         "--kinds", type=_csv_list, default=["neuron", "head"], help="e.g. neuron,head,resid,value,query,key"
     )
     score.add_argument(
@@ -218,6 +222,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         checkpoint_dir=args.checkpoint,
         progress=not args.quiet,
+        qk_fix=args.qk_fix,
+        grad_drop=args.grad_drop,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.save(args.out)

@@ -83,3 +83,17 @@ def test_score_cli_writes_the_contract_columns(lexical, tmp_path, capsys) -> Non
     assert frame["score"].is_monotonic_decreasing
     assert "scored 260 features" in capsys.readouterr().out
     assert main(["score", "--model", str(organism.model_dir), "--probe", str(out), "--out", str(out)]) == 2
+
+
+def test_score_cli_takes_the_atp_star_options(lexical, tmp_path) -> None:
+    """``--qk-fix --grad-drop`` score query/key features with AtP*; the table says which estimator."""
+    organism, _, _ = lexical
+    out = tmp_path / "scores.csv"
+    code = main(["score", "--model", str(organism.model_dir), "--probe", str(organism.data_path("probe")),
+                 "--out", str(out), "--method", "attribution", "--kinds", "query,key", "--qk-fix", "--grad-drop",
+                 "--quiet"])  # fmt: skip
+    assert code == 0
+    frame = pd.read_csv(out)
+    assert set(frame["kind"]) == {"query", "key"} and len(frame) == 2 * 2 * 4
+    assert set(frame["estimator"]) == {"atp*"}
+    assert (frame["score"] >= 0).all() and frame["score"].max() > 0

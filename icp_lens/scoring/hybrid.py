@@ -73,6 +73,8 @@ def score(
     seed: int = 0,
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
+    qk_fix: bool = False,
+    grad_drop: bool = False,
 ) -> ScoreTable:
     """Score features by spuriousness; see the module docstring.
 
@@ -80,6 +82,8 @@ def score(
     (default: when every probe has a causal counterfactual) adds the selectivity column;
     ``verify_top`` is how many top features (or which fraction) the hybrid verifies
     exactly; ``checkpoint_dir`` keeps partial exact results so an interrupted run resumes.
+    ``qk_fix`` / ``grad_drop``: the AtP* options of the attribution estimates
+    (:mod:`icp_lens.scoring.attribution`); the exactly verified rows are unaffected.
     """
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; valid: {list(METHODS)}")
@@ -99,7 +103,7 @@ def score(
         if kind == "attribution":
             from icp_lens.scoring.attribution import attribution_effects
 
-            return attribution_effects(model, probes, subset, spec, **common)
+            return attribution_effects(model, probes, subset, spec, qk_fix=qk_fix, grad_drop=grad_drop, **common)
         from icp_lens.scoring.exact import exact_effects
 
         checkpoint = None
