@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import replace
 from typing import Any
@@ -348,38 +348,44 @@ class StepForward:
     ) -> Outputs:
         """``do = (source block, rows, tokens)``: the intervened copy of ``source``'s first rows."""
         if do is not None and self.branch and self._prefers_suffix(blocks, edits, do):
-            try:
+            hooks = tuple(sorted({e.feature.hook_name for e in edits}))
+
+            def suffix() -> tuple[Outputs, tuple] | None:
                 out = suffix_forward(self.model, blocks, edits, do[0], do[1], rep_hook, last_only=self.last_only)
-            except Exception as exc:  # a model whose cache the suffix pass cannot reuse: use the reference
-                self._disable(f"it failed ({type(exc).__name__}: {exc})")
-                out = None
+                return None if out is None else (out, ("suffix", hooks, tuple(name for name, _ in blocks), rep_hook))
+
+            out = self._fast("suffix", suffix, blocks, edits, do, rep_hook)
             if out is not None:
-                hooks = tuple(sorted({e.feature.hook_name for e in edits}))
-                shape = ("suffix", hooks, tuple(name for name, _ in blocks), rep_hook)
-                if shape not in self.checked:
-                    self._check(out, blocks, edits, do, rep_hook)
-                    self.checked.add(shape)
-                if self.branch:
-                    self.last_path = "suffix"
-                    return out
+                return out
         if do is not None and self.branch:
-            try:
-                result = _branched_forward(self.model, blocks, edits, do[0], do[1], rep_hook,
-                                           last_only=self.last_only, dropout=self._dropout_on())  # fmt: skip
-            except Exception as exc:  # an architecture the hooks do not fit: use the reference from now on
-                self._disable(f"it failed ({type(exc).__name__}: {exc})")
-                result = None
-            if result is not None:
-                out, shape = result
-                if shape not in self.checked:
-                    self._check(out, blocks, edits, do, rep_hook)
-                    self.checked.add(shape)
-                if self.branch:
-                    self.last_path = "branched"
-                    return out
+            out = self._fast("branched", lambda: _branched_forward(
+                self.model, blocks, edits, do[0], do[1], rep_hook, last_only=self.last_only, dropout=self._dropout_on()
+            ), blocks, edits, do, rep_hook)  # fmt: skip
+            if out is not None:
+                return out
         self.last_path = "stacked"
         full = blocks + [("do", do[2])] if do is not None else blocks
         return stacked_forward(self.model, full, edits if do is not None else [], rep_hook, last_only=self.last_only)
+
+    def _fast(self, path: str, run: Callable[[], tuple[Outputs, tuple] | None], blocks: list[tuple[str, Tensor]],
+              edits: Sequence[Edit], do: tuple[str, int, Tensor], rep_hook: str | None) -> Outputs | None:  # fmt: skip
+        """``run()`` (a fast path: ``(outputs, plan shape)`` or ``None``), checked against the reference
+        the first time each plan shape is seen; ``None`` when it does not apply or was switched off."""
+        try:
+            result = run()
+        except Exception as exc:  # an architecture the fast path does not fit: use the reference from now on
+            self._disable(f"it failed ({type(exc).__name__}: {exc})")
+            return None
+        if result is None:
+            return None
+        out, shape = result
+        if shape not in self.checked:
+            self._check(out, blocks, edits, do, rep_hook)
+            self.checked.add(shape)
+        if not self.branch:
+            return None
+        self.last_path = path
+        return out
 
     def _prefers_suffix(
         self, blocks: list[tuple[str, Tensor]], edits: Sequence[Edit], do: tuple[str, int, Tensor]
