@@ -149,12 +149,11 @@ class FinetuneResult:
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
-        def records(frame: pd.DataFrame) -> list[dict[str, Any]]:
-            return [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
-                    for r in frame.astype(object).to_dict(orient="records")]  # fmt: skip
+        from icp_lens.case_study.run import _jsonable
 
         frames = {"summary": self.summary, "targets": self.targets, "runs": self.runs, "professions": self.professions}
-        return {"config": self.config.to_dict(), **{k: records(v) for k, v in frames.items()}, "seconds": self.seconds}
+        records = {k: _jsonable(v.astype(object).to_dict(orient="records")) for k, v in frames.items()}
+        return {"config": self.config.to_dict(), **records, "seconds": self.seconds}
 
 
 def train_method(method: str, config: FinetuneConfig, seed: int, base: Any, tokenizer: Any) -> tuple[Any, Any]:
