@@ -37,6 +37,9 @@ import pandas as pd
 
 from icp_lens.case_study.config import FULL, CaseConfig
 from icp_lens.features import Feature
+from icp_lens.jsonsafe import jsonable
+
+_jsonable = jsonable  # the name case_study.finetune imports
 
 __all__ = ["CaseResult", "run_case", "results_table", "plot_professions"]
 
@@ -294,7 +297,7 @@ def run_case(
     import matplotlib.pyplot as plt
 
     plt.close(fig)
-    (out / "results.json").write_text(json.dumps(_jsonable(result.to_dict()), indent=2))
+    (out / "results.json").write_text(json.dumps(jsonable(result.to_dict()), indent=2))
     (out / "results.md").write_text(_markdown(result))
     return result
 
@@ -315,17 +318,3 @@ def _md(frame: pd.DataFrame) -> str:
     rule = "|" + "---|" * len(frame.columns)
     body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join([head, rule, *body])
-
-
-def _jsonable(obj: Any) -> Any:
-    import math
-
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj

@@ -59,6 +59,7 @@ from icp_lens.evaluation.metrics import (
     worst_group_accuracy,
 )
 from icp_lens.evaluation.predictions import Predictions, predict_examples
+from icp_lens.jsonsafe import jsonable
 from icp_lens.probes import ProbeExample
 
 if TYPE_CHECKING:
@@ -147,7 +148,7 @@ class EvalReport:
 
     def to_json(self, path: str | Path | None = None, *, indent: int = 2) -> str:
         """``to_dict()`` as JSON (infinite values become ``null``); written to ``path`` if given."""
-        text = json.dumps(_finite(self.to_dict()), indent=indent, allow_nan=False)
+        text = json.dumps(jsonable(self.to_dict()), indent=indent, allow_nan=False)
         if path is not None:
             Path(path).write_text(text + "\n", encoding="utf-8")
         return text
@@ -168,16 +169,6 @@ def _clean_ci(ci: CI | None) -> list[float | None] | None:
     if ci is None or all(math.isnan(v) for v in ci):
         return None
     return [_clean(ci[0]), _clean(ci[1])]
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def _frame(d: Mapping[str, Any]) -> pd.DataFrame:

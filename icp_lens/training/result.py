@@ -12,6 +12,8 @@ from typing import Any
 
 import pandas as pd
 
+from icp_lens.jsonsafe import jsonable  # re-exported: training.result.jsonable is public
+
 __all__ = ["TrainResult", "jsonable"]
 
 
@@ -37,14 +39,3 @@ class TrainResult:
     def to_dict(self) -> dict[str, Any]:
         """Everything but the history."""
         return {k: v for k, v in self.__dict__.items() if k != "history"}
-
-
-def jsonable(obj: Any) -> Any:
-    """``obj`` with tuples as lists and NaN floats as ``None`` (strict JSON has no NaN)."""
-    if isinstance(obj, dict):
-        return {k: jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, float) and obj != obj:
-        return None
-    return obj
