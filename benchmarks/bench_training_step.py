@@ -9,8 +9,10 @@ same seeded batch sequence, all with the same optimiser, schedule and clipping):
   either branch off the clean rows at the first edited layer and skip the attention their
   edits overwrite (:mod:`icp_lens.training.branch`), or, where the counterfactual shares
   the prompt's first ``p`` tokens (lexical: the planted token is the last word), run
-  positions ``p..`` only on the clean keys and values, whichever computes less; only the
-  last position (all the losses read) is unembedded;
+  positions ``p..`` only on the clean keys and values, or the last position alone where
+  the edits replace every head of every layer whose keys and values they could change
+  (tag: every head of both layers flagged), whichever computes less; only the last
+  position (all the losses read) is unembedded;
 - ``invariance_half``: the pair terms on half of each batch (``pair_fraction=0.5``), a
   cheaper objective;
 - ``... (old)``: the same steps as before this change (``BatchLoss.branch = False``:

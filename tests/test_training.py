@@ -492,6 +492,11 @@ BRANCH_CASES = {  # first edited layer / which attention the intervened rows ski
 }
 
 
+#: the cases whose edits replace every head of every layer from the first one whose keys and values they
+#: could change (gpt2 and neox micro-models have 2 heads): the intervened copy runs its last position only
+LAST_POSITION_CASES = {("every L1 head (dead L1 attention)", "gpt2"), ("every L1 head (dead L1 attention)", "neox")}
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
 @pytest.mark.parametrize("case", list(BRANCH_CASES))
 def test_branched_invariance_step_equals_the_stacked_reference(arch, case, micro_dirs) -> None:
@@ -500,9 +505,12 @@ def test_branched_invariance_step_equals_the_stacked_reference(arch, case, micro
         cfg = config(interventions=(intervention,), mean_reference_size=32)
         trainer = Trainer(micro_dirs[arch], micro_examples(16), cfg, features=feats)
         trainer.loss.means = trainer._fit_means()
+        batch = next(iter(trainer.train_data.batches(8)))
         # the counterfactuals differ in the last word: a paired resample runs that position only
-        path = "suffix" if intervention == "resample" else "branched"
-        assert_same_step(trainer, next(iter(trainer.train_data.batches(8))), path=path)
+        path = "suffix" if intervention == "resample" or (case, arch) in LAST_POSITION_CASES else "branched"
+        assert_same_step(trainer, batch, path=path)
+        trainer.loss.forward.paths = ("branched",)  # the branched pass where the suffix pass is cheaper, too
+        assert_same_step(trainer, batch, path="branched")
 
 
 def test_branched_step_with_a_pair_pool_part_of_the_batch_and_a_representation(micro_dirs) -> None:
@@ -592,8 +600,8 @@ def test_suffix_step_runs_the_changed_positions_only_and_falls_back_when_wrong(m
         out = real(*args, **kwargs)
         return {k: (v[0] + 1.0, v[1] + 1.0, v[2]) for k, v in out.items()}
 
-    real = forward.suffix_forward
-    monkeypatch.setattr(forward, "suffix_forward", wrong)
+    real = forward._suffix_forward
+    monkeypatch.setattr(forward, "_suffix_forward", wrong)
     trainer.loss.forward.checked.clear()  # the next suffix pass is checked again
     with pytest.warns(RuntimeWarning, match="branched invariance pass is off"):
         terms, _, path = step_gradients(trainer, batch, branch=True)
@@ -601,22 +609,37 @@ def test_suffix_step_runs_the_changed_positions_only_and_falls_back_when_wrong(m
     assert terms["loss"] == pytest.approx(step_gradients(trainer, batch, branch=False)[0]["loss"])
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_branched_step_with_edits_from_a_later_position(arch, micro_dirs) -> None:
-    """A counterfactual that differs early (the second word) and heads covering every layer: the
-    branched pass is cheaper than the suffix pass, and edits start where the counterfactual differs."""
+def early_counterfactuals(n: int = 16) -> list[ProbeExample]:
+    """``micro_examples`` whose counterfactual differs in the second word (the tag organism's kind)."""
     swap = {"a": "b", "b": "a", "c": "d", "d": "c"}
     examples = []
-    for ex in micro_examples(16):
+    for ex in micro_examples(n):
         words = ex.prompt.split(" ")
         cf = " ".join([words[0], swap[words[1]], *words[2:]])
         examples.append(replace(ex, spurious_counterfactual=cf))
-    n_heads = {"gpt2": 2, "llama": 4}[arch]  # tests/micro.py
-    feats = [Feature("head", layer, h) for layer in (0, 1) for h in range(n_heads)]
-    trainer = Trainer(micro_dirs[arch], examples, config(), features=feats)
+    return examples
+
+
+N_HEADS = {"gpt2": 2, "llama": 4, "neox": 2}  # tests/micro.py
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_branched_step_with_edits_from_a_later_position(arch, micro_dirs) -> None:
+    """A counterfactual that differs early (the second word): edits start where the counterfactual
+    differs. With heads covering every layer the suffix pass runs the last position alone; the
+    branched pass (all attention skipped) gives the same step. With one head left out the suffix
+    pass runs from the second word; the branched pass (layer 1's attention on the grown batch) agrees."""
+    feats = [Feature("head", layer, h) for layer in (0, 1) for h in range(N_HEADS[arch])]
+    trainer = Trainer(micro_dirs[arch], early_counterfactuals(), config(), features=feats)
     batch = next(iter(trainer.train_data.batches(8)))
     edits = trainer.loss._choose_edits(batch, torch.Generator().manual_seed(0), (0, 8))
     assert edits[0].positions[0] == forward_shared_prefix(batch) > 0
+    assert_same_step(trainer, batch, path="suffix")
+    trainer.loss.forward.paths = ("branched",)
+    assert_same_step(trainer, batch, path="branched")
+    trainer = Trainer(micro_dirs[arch], early_counterfactuals(), config(), features=feats[:-1])
+    assert_same_step(trainer, batch, path="suffix")
+    trainer.loss.forward.paths = ("branched",)
     assert_same_step(trainer, batch, path="branched")
 
 

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -57,7 +57,16 @@ from icp_lens.hooks import HookFn, hooked, module_hooks
 from icp_lens.interventions import Mean, Resample, Zero
 from icp_lens.model import HookedModel
 
-__all__ = ["FusedEdit", "BranchPlan", "fuse_edits", "suffix_start", "plan_branch", "branched", "has_active_dropout"]
+__all__ = [
+    "FusedEdit",
+    "BranchPlan",
+    "fuse_edits",
+    "suffix_start",
+    "tail_start",
+    "plan_branch",
+    "branched",
+    "has_active_dropout",
+]
 
 FillMode = Literal["zero", "value", "source"]
 
@@ -116,6 +125,27 @@ class FusedEdit:
         (shape of ``like``'s rows)."""
         assert self.covers_all and self.start == 0
         return self.replacement(n, like.shape[1], like)  # the index is sorted and complete: arange(n_units)
+
+    def window(self, first: int) -> FusedEdit:
+        """This edit re-addressed to a pass over positions ``first..`` only (``first >= start``).
+
+        In that pass every position is edited (``start`` 0): per-position means drop their
+        first ``first`` rows, resampled values are right-aligned (their last positions
+        are read), so they need no change.
+        """
+        if not self.start <= first:
+            raise ValueError(f"A pass from position {first} would skip edited positions {self.start}..")
+        values = self.values
+        if self.mode == "value" and self.per_position:
+            assert values is not None
+            values = values[first:]
+        return replace(self, values=values, start=0)
+
+    def hook(self) -> HookFn:
+        """A hook that applies this edit to every row of a pass (the copy alone: the suffix pass)."""
+        if self.covers_all and self.start == 0:  # nothing of the activation survives: no gradient to it
+            return lambda act, hook: self.full(act.shape[0], act).contiguous()  # the model may ``view`` it
+        return lambda act, hook: self.apply(act)
 
 
 def fuse_edits(model: HookedModel, edits: Sequence[Edit], rows: int, seq_len: int) -> dict[str, FusedEdit] | None:
@@ -190,6 +220,31 @@ def suffix_start(edits: Sequence[Edit], seq_len: int) -> int | None:
         else:
             return None
     return starts.pop() if len(starts) == 1 else None
+
+
+#: per feature kind, how many layers after its own an edit first changes the keys and values that
+#: later positions of the intervened copy read (a head's output enters the residual stream after its layer)
+_KV_LAG = {"resid": 0, "value": 0, "key": 0, "query": 1, "head": 1, "neuron": 1}
+
+
+def tail_start(edits: dict[str, FusedEdit], n_layers: int, seq_len: int) -> int:
+    """The first position the intervened copy has to compute itself when its last position is all
+    the loss reads; before it, it can read the clean rows' keys and values.
+
+    Before the edits' ``start`` the copy equals the clean rows. From the first layer ``E``
+    whose keys or values an edit can change (a residual, value or key edit: its own
+    layer; a head, query or neuron edit: the next one), they differ, unless every layer
+    from ``E`` on has *all* its heads replaced: then the copy's attention output in those
+    layers is the replacement, whatever its keys and values, and below ``E`` they equal the
+    clean ones. In that case the copy's last position depends on no other position of its
+    own, and ``seq_len - 1`` is returned; otherwise ``start``.
+    """
+    start = next(iter(edits.values())).start
+    if any(e.kind not in _KV_LAG for e in edits.values()):
+        return start
+    first = min(e.layer + _KV_LAG[e.kind] for e in edits.values())
+    dead = {e.layer for e in edits.values() if e.kind == "head" and e.covers_all}
+    return seq_len - 1 if all(layer in dead for layer in range(first, n_layers)) else start
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,14 @@ first rows of ``x``) with the step's edits. This module runs them:
 - :func:`suffix_forward`, the fast path for edits that start at a later position (a
   ``resample`` from a counterfactual that shares the prompt's first ``p`` tokens): the
   clean pass keeps its key/value cache, and ``do`` runs positions ``p..`` only, reading
-  the clean keys and values of positions ``< p`` (with their gradient) from that cache;
+  the clean keys and values of positions ``< p`` (with their gradient) from that cache.
+  Where every layer whose keys and values the edits could change has all its heads
+  replaced (e.g. every head of a 2-layer organism flagged), ``do``'s last position, all
+  the losses read, depends on no other position of its own: it runs that position alone
+  (whatever ``p``, also 0);
 - :class:`StepForward`, what ``BatchLoss`` calls: the cheaper fast path where one applies
-  (otherwise the reference), with the first fast pass of each plan shape checked
+  (otherwise the reference; the edits are fused and the branch planned once for both the
+  cost estimate and the pass), with the first fast pass of each plan shape checked
   against the reference.
 
 Both passes can unembed the last position only (``last_only``, a bridge's
@@ -36,6 +41,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -47,7 +53,16 @@ from icp_lens.hooks import HookFn, capturing, hooked
 from icp_lens.interventions import Mean, Resample, Zero
 from icp_lens.model import HookedModel, is_bridge, model_dims
 from icp_lens.scoring.prefix import hf_cache_prefix
-from icp_lens.training.branch import branched, fuse_edits, has_active_dropout, plan_branch, suffix_start
+from icp_lens.training.branch import (
+    BranchPlan,
+    FusedEdit,
+    branched,
+    fuse_edits,
+    has_active_dropout,
+    plan_branch,
+    suffix_start,
+    tail_start,
+)
 
 __all__ = [
     "Outputs",
@@ -210,6 +225,12 @@ def branched_forward(
     return None if result is None else result[0]
 
 
+def _branch_plan(model: HookedModel, edits: Sequence[Edit], n: int, seq_len: int) -> BranchPlan | None:
+    """The branch plan of ``edits`` on ``n`` anchor rows of ``seq_len`` tokens, or ``None`` if they cannot be fused."""
+    fused = fuse_edits(model, edits, n, seq_len)
+    return None if fused is None else plan_branch(fused, model_dims(model).n_layers)
+
+
 def _branched_forward(
     model: HookedModel,
     blocks: list[tuple[str, Tensor]],
@@ -220,8 +241,13 @@ def _branched_forward(
     *,
     last_only: bool,
     dropout: bool | None,
+    plan: BranchPlan | None = None,
 ) -> tuple[Outputs, tuple] | None:
-    """:func:`branched_forward`, plus the branch plan's shape (which hooks ran where)."""
+    """:func:`branched_forward`, plus the branch plan's shape (which hooks ran where).
+
+    ``plan``: the plan of ``edits`` for the source block's token length, when the caller
+    has made it already (``StepForward`` does, to compare the paths' costs).
+    """
     if dropout is None:
         dropout = has_active_dropout(model)
     if not edits or not is_bridge(model) or not hasattr(model, "blocks") or dropout:
@@ -235,10 +261,10 @@ def _branched_forward(
             _split(logits, store.get(rep_hook) if rep_hook else None, spans, out)
             continue
         n_base, seq_len = tokens.shape
-        fused = fuse_edits(model, edits, n, seq_len)
-        if n_base < 2 or fused is None:
+        if plan is None:
+            plan = _branch_plan(model, edits, n, seq_len)
+        if n_base < 2 or plan is None:
             return None
-        plan = plan_branch(fused, model_dims(model).n_layers)
         if not _representation_ok(rep_hook, plan.first_layer):
             return None
         lo = spans[source][0]
@@ -265,67 +291,115 @@ def suffix_forward(
     rep_hook: str | None = None,
     *,
     last_only: bool = False,
+    first: int | None = None,
 ) -> Outputs | None:
-    """The blocks plus ``"do"``, where every edit starts at the same position ``p > 0``: ``do``
-    runs positions ``p..`` only, on the clean pass's keys and values of positions ``< p``.
+    """The blocks plus ``"do"``, where ``do`` runs positions ``first..`` only, on the clean pass's
+    keys and values of positions ``< first``.
 
-    Before ``p`` the intervened copy computes exactly what the clean rows compute, so its
-    keys and values there *are* the clean ones: the copy attends to them through the
-    clean pass's cache (the gradient of the invariance term reaches the clean prefix
-    through them, as in the stacked pass, where it reaches the copy's identical prefix).
-    On an organism whose planted token is the last word this runs 2 of 12 positions.
-    ``None`` when it does not apply (then use another path): not a ``TransformerBridge``,
-    edits that do not all start at one ``p > 0``, an intervention it cannot re-address,
-    or a model whose forward returns no full key/value cache.
+    Up to where the edits start (``p``), the intervened copy computes exactly what the
+    clean rows compute, so its keys and values there *are* the clean ones: the copy
+    attends to them through the clean pass's cache (the gradient of the invariance term
+    reaches the clean prefix through them, as in the stacked pass, where it reaches the
+    copy's identical prefix). On an organism whose planted token is the last word this
+    runs 2 of 12 positions. Where every layer whose keys and values the edits could
+    change has all its heads replaced (:func:`~icp_lens.training.branch.tail_start`: the
+    copy's attention output there is the replacement, whatever it attends to), the copy's
+    last position reads nothing else of its own, and only that position runs
+    (``first = seq_len - 1``; then ``p`` may also be 0).
+
+    ``first``: the first position to run (``None``: as far as the edits allow). The
+    returned ``do`` logits (and representation) cover positions ``first..`` only; the
+    losses read the last one. The edits are applied fused (one write per hook point,
+    :class:`~icp_lens.training.branch.FusedEdit`) where :func:`fuse_edits` can express them,
+    else through :func:`~icp_lens.edits.intervene` (then ``first`` must be ``p``). ``None``
+    when the pass does not apply (then use another path): not a ``TransformerBridge``, no
+    position to skip, an intervention it cannot re-address, or a model whose forward
+    returns no full key/value cache.
     """
     if not edits or not is_bridge(model):
         return None
-    positions = edits[0].positions
-    if not positions or positions[0] <= 0:
+    seq_len = dict(blocks)[source].shape[1]
+    fused = fuse_edits(model, edits, n, seq_len)
+    return _suffix_forward(model, blocks, edits, source, n, rep_hook, last_only=last_only, first=first, fused=fused)
+
+
+def _suffix_forward(
+    model: HookedModel,
+    blocks: list[tuple[str, Tensor]],
+    edits: Sequence[Edit],
+    source: str,
+    n: int,
+    rep_hook: str | None,
+    *,
+    last_only: bool,
+    first: int | None,
+    fused: dict[str, FusedEdit] | None,
+) -> Outputs | None:
+    """:func:`suffix_forward` with the edits already fused (``fused``: ``fuse_edits``'s result, ``None``
+    where they cannot be fused)."""
+    tokens_do = dict(blocks)[source][:n]
+    seq_len = tokens_do.shape[1]
+    allowed = _suffix_first(model, edits, fused, seq_len)
+    if first is None:
+        first = allowed
+    elif allowed is None or first > allowed:
+        raise ValueError(f"A suffix pass from position {first} would read clean keys and values where the "
+                         f"intervened copy's differ (at most {allowed})")  # fmt: skip
+    if not first or first >= seq_len:
         return None
-    start = positions[0]
+    if fused is not None:  # one write per hook point
+        apply_edits = partial(hooked, model, [(name, e.window(first).hook()) for name, e in fused.items()])
+    else:
+        moved = _suffix_edits(edits, first, seq_len, n)
+        if moved is None:
+            return None
+        apply_edits = partial(intervene, model, moved)
     out: Outputs = {}
     cache = None
     for tokens, spans in _passes(blocks):
         with capturing(model, [rep_hook] if rep_hook else [], detach=False) as store:
             if source in spans:
-                if tokens.shape[1] != positions[-1] + 1:
-                    return None
                 kwargs = {"logits_to_keep": 1} if last_only else {}
                 logits, cache = model(tokens, return_type="logits_and_cache", **kwargs)
                 lo = spans[source][0]
-                seq_len = tokens.shape[1]
             else:
                 logits = _run(model, tokens, last_only)
         _split(logits, store.get(rep_hook) if rep_hook else None, spans, out)
-    if cache is None:
-        return None
-    moved = _suffix_edits(edits, start, seq_len, n)
-    prefix = hf_cache_prefix(cache, start, seq_len)
-    if moved is None or prefix is None:
+    prefix = None if cache is None else hf_cache_prefix(cache, first, seq_len)
+    if prefix is None:
         return None
     for layer in prefix.layers:  # this copy's rows: the intervened copy of source's first n rows
         layer.keys, layer.values = layer.keys[lo : lo + n], layer.values[lo : lo + n]
-    do_tokens = dict(blocks)[source][:n, start:]
     with ExitStack() as stack:
-        stack.enter_context(intervene(model, moved))
+        stack.enter_context(apply_edits())
         store = stack.enter_context(capturing(model, [rep_hook] if rep_hook else [], detach=False))
         kwargs = {"past_key_values": prefix, **({"logits_to_keep": 1} if last_only else {})}
-        logits = model(do_tokens, **kwargs)
+        logits = model(tokens_do[:, first:], **kwargs)
         captured = store.get(rep_hook) if rep_hook else None
     out["do"] = (logits, logits[:, -1], captured)
     return out
 
 
-class StepForward:
-    """The forward pass(es) of ``BatchLoss``: the branched fast path where it applies, else the reference.
+def _suffix_first(
+    model: HookedModel, edits: Sequence[Edit], fused: dict[str, FusedEdit] | None, seq_len: int
+) -> int | None:
+    """The first position the suffix pass runs for ``edits``: the last one where
+    :func:`~icp_lens.training.branch.tail_start` allows, else where the edits start."""
+    if fused is not None:
+        return tail_start(fused, model_dims(model).n_layers, seq_len)
+    return suffix_start(edits, seq_len)
 
-    ``branch=False`` always runs the reference (:func:`stacked_forward`). The first
-    branched pass of every plan shape (first edited layer, layers whose attention skips the
-    branch, kinds of edit) is checked against the reference on the same inputs (no
-    gradient); a disagreement beyond ``tolerance`` or an error in the fast path switches
-    it off for good, with a warning. ``last_only`` (for losses that read the last position only)
-    unembeds only the last position, on a ``TransformerBridge``.
+
+class StepForward:
+    """The forward pass(es) of ``BatchLoss``: the cheaper fast path that applies, else the reference.
+
+    ``branch=False`` always runs the reference (:func:`stacked_forward`). The first fast
+    pass of every plan shape (suffix or branched, the hook points edited, which layers skip
+    attention, whether the suffix pass skips edited positions) is checked against the
+    reference on the same inputs (no gradient); a disagreement beyond ``tolerance`` or an
+    error in the fast path switches it off for good, with a warning. ``last_only`` (for
+    losses that read the last position only) unembeds only the last position, on a
+    ``TransformerBridge``. ``paths`` names the fast paths it may take (both by default).
     """
 
     def __init__(
@@ -337,7 +411,8 @@ class StepForward:
         self._dropout: dict[bool, bool] = {}  # model.training -> any dropout active (looked up once per mode)
         self.tolerance = tolerance
         self.checked: set[tuple] = set()  # the plan shapes checked against the reference
-        self.last_path: str | None = None  # "branched" or "stacked": what the last call ran
+        self.paths: tuple[str, ...] = ("suffix", "branched")  # the fast paths it may take (tests pin one)
+        self.last_path: str | None = None  # "suffix", "branched" or "stacked": what the last call ran
 
     def __call__(
         self,
@@ -347,25 +422,61 @@ class StepForward:
         rep_hook: str | None = None,
     ) -> Outputs:
         """``do = (source block, rows, tokens)``: the intervened copy of ``source``'s first rows."""
-        if do is not None and self.branch and self._prefers_suffix(blocks, edits, do):
-            hooks = tuple(sorted({e.feature.hook_name for e in edits}))
-
-            def suffix() -> tuple[Outputs, tuple] | None:
-                out = suffix_forward(self.model, blocks, edits, do[0], do[1], rep_hook, last_only=self.last_only)
-                return None if out is None else (out, ("suffix", hooks, tuple(name for name, _ in blocks), rep_hook))
-
-            out = self._fast("suffix", suffix, blocks, edits, do, rep_hook)
-            if out is not None:
-                return out
-        if do is not None and self.branch:
-            out = self._fast("branched", lambda: _branched_forward(
-                self.model, blocks, edits, do[0], do[1], rep_hook, last_only=self.last_only, dropout=self._dropout_on()
-            ), blocks, edits, do, rep_hook)  # fmt: skip
+        if do is not None and edits and self.branch:
+            out = self._fast_paths(blocks, edits, do, rep_hook)
             if out is not None:
                 return out
         self.last_path = "stacked"
         full = blocks + [("do", do[2])] if do is not None else blocks
         return stacked_forward(self.model, full, edits if do is not None else [], rep_hook, last_only=self.last_only)
+
+    def _fast_paths(self, blocks: list[tuple[str, Tensor]], edits: Sequence[Edit], do: tuple[str, int, Tensor],
+                    rep_hook: str | None) -> Outputs | None:  # fmt: skip
+        """The cheaper of the suffix and the branched pass that applies (then the other), or ``None``.
+
+        The edits are fused and the branch planned once, for both the cost estimate and the
+        pass. Costs, as a fraction of a full pass over the copy (forward and backward): the
+        suffix pass runs every layer at positions ``first..``: ``(T - first) / T``. The
+        branched pass runs all positions from the first edited layer, each layer's attention
+        counting half a layer unless the plan skips it for the copy. An organism whose
+        planted token is the last word takes the suffix pass (2 of 12 positions); so does one
+        whose flagged heads cover every layer from the first edited one (1 position); one
+        whose planted name is the first word and whose flagged heads cover some layers only
+        takes the branched pass.
+        """
+        if self._dropout_on() or not is_bridge(self.model):
+            return None  # dropout: the copy would share the clean rows' dropout masks where it is not run
+        source, n, tokens = do
+        seq_len = tokens.shape[1]
+        fused = fuse_edits(self.model, edits, n, seq_len)
+        n_layers = model_dims(self.model).n_layers
+        plan = None if fused is None else plan_branch(fused, n_layers)
+        first = _suffix_first(self.model, edits, fused, seq_len)
+        last_only = self.last_only
+        candidates: list[tuple[float, str, Callable[[], tuple[Outputs, tuple] | None]]] = []
+        if first and first < seq_len:
+            hooks = tuple(sorted({e.feature.hook_name for e in edits}))
+            tail = fused is not None and first > next(iter(fused.values())).start  # skips edited positions
+            shape = ("suffix", hooks, fused is not None, tail, tuple(name for name, _ in blocks), rep_hook)
+
+            def suffix() -> tuple[Outputs, tuple] | None:
+                out = _suffix_forward(self.model, blocks, edits, source, n, rep_hook, last_only=last_only,
+                                      first=first, fused=fused)  # fmt: skip
+                return None if out is None else (out, shape)
+
+            candidates.append(((seq_len - first) / seq_len, "suffix", suffix))
+        if plan is not None:
+            cost = sum(1.0 if layer not in plan.shrunk else 0.5 for layer in range(plan.first_layer, n_layers))
+            candidates.append((cost / n_layers, "branched", lambda: _branched_forward(
+                self.model, blocks, edits, source, n, rep_hook, last_only=last_only, dropout=False, plan=plan
+            )))  # fmt: skip
+        for _, path, run in sorted(candidates, key=lambda c: c[0]):
+            if path not in self.paths:
+                continue
+            out = self._fast(path, run, blocks, edits, do, rep_hook)
+            if out is not None or not self.branch:
+                return out
+        return None
 
     def _fast(self, path: str, run: Callable[[], tuple[Outputs, tuple] | None], blocks: list[tuple[str, Tensor]],
               edits: Sequence[Edit], do: tuple[str, int, Tensor], rep_hook: str | None) -> Outputs | None:  # fmt: skip
@@ -386,30 +497,6 @@ class StepForward:
             return None
         self.last_path = path
         return out
-
-    def _prefers_suffix(
-        self, blocks: list[tuple[str, Tensor]], edits: Sequence[Edit], do: tuple[str, int, Tensor]
-    ) -> bool:
-        """Whether the suffix pass is the cheaper fast path for these edits.
-
-        Both paths compute the intervened copy's forward and backward; their costs are
-        estimated as a fraction of a full pass over the copy. The suffix pass runs every
-        layer at positions ``p..``: ``(T - p) / T``. The branched pass runs positions all,
-        from the first edited layer, each layer's attention counting half a layer unless
-        the plan skips it for the copy. An organism whose planted token is the last word
-        takes the suffix pass (2 of 12 positions); one whose planted name is the first word
-        and whose flagged heads cover whole layers takes the branched pass.
-        """
-        seq_len = do[2].shape[1]
-        start = suffix_start(edits, seq_len) if edits else None
-        if not start or self._dropout_on() or not is_bridge(self.model):
-            return False
-        fused = fuse_edits(self.model, edits, do[1], seq_len)
-        if fused is None:
-            return True
-        plan = plan_branch(fused, plan_layers := model_dims(self.model).n_layers)
-        branched_cost = sum(1.0 if layer not in plan.shrunk else 0.5 for layer in range(plan.first_layer, plan_layers))
-        return (seq_len - start) / seq_len < branched_cost / plan_layers
 
     def _dropout_on(self) -> bool:
         """Whether a dropout module is active (looked up once per train/eval mode)."""

@@ -48,8 +48,10 @@ stop the gradient through the patched units. (With ``resample_batch``, ``mean`` 
 Either they branch off the clean rows at the first edited layer, and attention whose
 output the edits overwrite is not computed for them (:mod:`icp_lens.training.branch`), or,
 when the edits start at a later position ``p``, they run positions ``p..`` only on the
-clean rows' keys and values of the positions before (``forward.suffix_forward``);
-whichever computes less. The values and gradients are the stacked pass's.
+clean rows' keys and values of the positions before (``forward.suffix_forward``; the last
+position alone where the edits replace every head of every layer whose keys and values
+they could change, as with every head of a 2-layer organism); whichever computes less.
+The values and gradients are the stacked pass's.
 ``BatchLoss(..., branch=False)`` runs the stacked reference instead.
 """
 
