@@ -13,6 +13,11 @@
     (small) pool, so the training file needs no counterfactuals. An interrupted run
     continues with ``--resume`` (checkpoints in ``--checkpoint-dir``, default
     ``DIR2.checkpoints``, removed after a successful export unless ``--keep-checkpoints``).
+    ``--pair-batch-size N`` draws N pairs per step from the pair pool across token shapes
+    (default: ``--batch-size`` pairs of one shape). ``--retain FILE --retain-weight W``
+    adds the retain term, ``W * KL(original || trained)`` of the next-token distributions
+    on ordinary text (``FILE``: ``.txt``, one text per line, or ``.jsonl`` with ``"text"``),
+    which keeps the language modelling while the other terms train.
 
 Exit status 0 on success, 1 when the export's verification fails (the checkpoint is
 still written), 2 on bad arguments.
@@ -57,6 +62,26 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--val", type=Path, default=None, help="validation examples (JSONL), evaluated every epoch")
     p.add_argument("--pairs", type=Path, default=None, help="pool of examples with spurious counterfactuals")
+    p.add_argument(
+        "--pair-batch-size",
+        type=int,
+        default=None,
+        help="pairs per step drawn across token shapes from --pairs (default: --batch-size, one shape)",
+    )
+    p.add_argument(
+        "--retain",
+        type=Path,
+        default=None,
+        help="ordinary text for the retain term (.txt one text per line, or .jsonl with 'text')",
+    )
+    p.add_argument(
+        "--retain-weight",
+        type=float,
+        default=0.0,
+        help="weight of the retain term KL(original || trained) on --retain text (needs --retain)",
+    )
+    p.add_argument("--retain-batch-size", type=int, default=8, help="retain texts per step (8)")
+    p.add_argument("--retain-tokens", type=int, default=64, help="each retain text cut to its first N tokens (64)")
     p.add_argument("--intervention", type=_csv, default=["resample"],
                    help="resample|resample_batch|mean|zero, comma-separated to sample among (resample)")  # fmt: skip
     p.add_argument("--divergence", choices=["kl", "reverse_kl", "js", "cosine", "mse"], default="kl")
@@ -107,6 +132,8 @@ def _config(args: argparse.Namespace) -> Any:
         interventions=tuple(args.intervention), divergence=args.divergence, prune_mode=args.prune_mode,
         lora=args.lora, lora_r=args.lora_r, eval_every=args.eval_every, early_stopping=args.early_stopping,
         patience=args.patience, checkpoint_every=args.checkpoint_every, seed=args.seed, progress=not args.quiet,
+        pair_batch_size=args.pair_batch_size, retain_weight=args.retain_weight,
+        retain_batch_size=args.retain_batch_size, retain_tokens=args.retain_tokens,
     )  # fmt: skip
 
 
@@ -118,14 +145,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         check_target(args.out, overwrite=args.overwrite)
         features, prune = _features(args)
         config = _config(args)
+        if (args.retain is None) != (config.retain_weight == 0):
+            raise ValueError("--retain FILE and --retain-weight W (> 0) go together")
     except (ValueError, FileExistsError) as err:
         print(f"icp-lens train: error: {err}", file=sys.stderr)
         return 2
     checkpoints = args.checkpoint_dir or args.out.with_name(args.out.name + ".checkpoints")
     try:
         trainer = Trainer(args.model, args.train, config, features=features, prune=prune, val=args.val,
-                          pairs=args.pairs, checkpoint_dir=checkpoints)  # fmt: skip
-    except ValueError as err:
+                          pairs=args.pairs, retain=args.retain, checkpoint_dir=checkpoints)  # fmt: skip
+    except (ValueError, FileNotFoundError) as err:
         print(f"icp-lens train: error: {err}", file=sys.stderr)
         return 2
     result = trainer.fit(resume=args.resume)

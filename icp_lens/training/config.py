@@ -41,6 +41,24 @@ class TrainConfig:
     the features (attribution, on the probe pairs, pruned features ablated) every N
     steps from step 0 and adds the ``rescore_top_k`` highest to the regularised set
     (union), so a shortcut that moves to other features during training is followed.
+
+    ``pair_batch_size`` sizes the batches drawn from the trainer's ``pairs=`` pool.
+    ``None`` keeps the historical behaviour: batches of ``batch_size`` cut from one token
+    shape at a time (so a pool of many short shapes gives small pair batches). An int
+    draws exactly that many pairs per step *across* token shapes (the last batch of a pass
+    over the pool may be smaller); icp_lens never pads, so such a batch runs as one
+    forward pass per shape, and each pair term is the size-weighted mean over them, i.e.
+    the mean over the whole batch (InfoNCE negatives stay within a shape).
+
+    ``retain_weight`` adds a *retain term*, ``retain_weight * KL(p_orig || p_theta)``,
+    the next-token KL from the original model to the trained one, averaged over every
+    position of a batch of ``retain_batch_size`` ordinary texts (the trainer's
+    ``retain=`` pool, each cut to its first ``retain_tokens`` tokens). It anchors the
+    model's language modelling while the pair terms push hard on a few prompts, so a
+    stronger pair term need not cost perplexity. With LoRA the original is the same
+    model with its adapters disabled (no copy); with full fine-tuning it is the kept
+    original weights (``Trainer.base``: one frozen copy of the weights on the training
+    device, no gradients or optimiser state). The original has no pruning plan applied.
     """
 
     objective: Objective = "invariance"
@@ -62,6 +80,10 @@ class TrainConfig:
     nce_temperature: float = 0.1
     extra_terms: Mapping[str, float] | None = None
     pair_fraction: float = 1.0
+    pair_batch_size: int | None = None
+    retain_weight: float = 0.0
+    retain_batch_size: int = 8
+    retain_tokens: int = 64
     jtt_upweight: float = 20.0
     groupdro_eta: float = 0.01
     prune_mode: PruneMode = "mean"
@@ -110,7 +132,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         object.__setattr__(self, "rescore_kinds", tuple(self.rescore_kinds))
         for name in ("max_steps", "eval_every", "checkpoint_every", "features_per_step", "rescore_every",
-                     "rescore_top_k"):  # fmt: skip
+                     "rescore_top_k", "pair_batch_size"):  # fmt: skip
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
@@ -118,6 +140,14 @@ class TrainConfig:
             raise ValueError("lr must be > 0, weight_decay >= 0 and warmup_ratio in [0, 1)")
         if not 0.0 < self.pair_fraction <= 1.0:
             raise ValueError(f"pair_fraction must be in (0, 1], got {self.pair_fraction}")
+        if not (self.retain_weight >= 0.0 and self.retain_weight < float("inf")):
+            raise ValueError(
+                f"retain_weight must be a finite number >= 0 (0: no retain term), got {self.retain_weight}"
+            )
+        if self.retain_batch_size < 1:
+            raise ValueError(f"retain_batch_size must be >= 1, got {self.retain_batch_size}")
+        if self.retain_tokens < 2:
+            raise ValueError(f"retain_tokens must be >= 2 (BOS and one predicted token), got {self.retain_tokens}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.extra_terms is not None:

@@ -9,6 +9,16 @@ length). An epoch shuffles within each shard, cuts it into batches and shuffles 
 batch order, from a generator seeded by ``(seed, epoch)``: the order of epoch ``e`` is
 the same whether or not training was interrupted before it, which is what makes resuming
 exact.
+
+*Mixed-shape batches.* :meth:`TrainData.mixed_epoch` serves batches of exactly
+``batch_size`` examples drawn across shapes (one global shuffle, cut into chunks), each
+as a list of equal-shape sub-batches: without padding a batch of several shapes is
+several forward passes. The trainer uses it for ``TrainConfig.pair_batch_size``.
+
+*Retain text.* :class:`RetainData` holds ordinary text for the retain term (the
+next-token KL to the original model): each text is encoded with the model's own BOS
+rule and cut to its first ``tokens`` tokens, grouped by length like the examples, and
+served the same seeded way (``epoch``).
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ from icp_lens.model import HookedModel
 from icp_lens.probes import ProbeExample, read_probes
 from icp_lens.probeset import ProbeSet
 
-__all__ = ["TrainBatch", "TrainData", "read_examples"]
+__all__ = ["RetainData", "TrainBatch", "TrainData", "read_examples", "read_texts"]
 
 
 def read_examples(data: str | Path | Sequence[ProbeExample], tokenizer: Any) -> list[ProbeExample]:
@@ -34,6 +44,40 @@ def read_examples(data: str | Path | Sequence[ProbeExample], tokenizer: Any) -> 
     if isinstance(data, (str, Path)):
         return read_probes(data, tokenizer=tokenizer)
     return list(data)
+
+
+def read_texts(data: str | Path | Sequence[str | ProbeExample]) -> list[str]:
+    """Plain texts for the retain pool: a ``.txt`` file (one text per non-empty line), a
+    JSONL file (each line a string, or an object with ``"text"`` or ``"prompt"``), or a
+    sequence of strings / ``ProbeExample`` (their prompts)."""
+    import json
+
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        if not path.is_file():
+            raise FileNotFoundError(f"retain pool {path} does not exist")
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        if path.suffix != ".jsonl":
+            return lines
+        out = []
+        for i, line in enumerate(lines):
+            row = json.loads(line)
+            if isinstance(row, str):
+                out.append(row)
+            elif isinstance(row, dict) and isinstance(row.get("text", row.get("prompt")), str):
+                out.append(row.get("text", row.get("prompt")))
+            else:
+                raise ValueError(f"{path} line {i + 1}: expected a string or an object with 'text' or 'prompt'")
+        return out
+    out = []
+    for i, item in enumerate(data):
+        if isinstance(item, ProbeExample):
+            out.append(item.prompt)
+        elif isinstance(item, str):
+            out.append(item)
+        else:
+            raise TypeError(f"retain item {i} is a {type(item).__name__}; expected a str or a ProbeExample")
+    return out
 
 
 @dataclass(frozen=True)
@@ -94,6 +138,11 @@ class TrainData:
             shards.append(_Shard(b.index, b.tokens, b.answer, cands, b.spurious, gid))
         self._shards = shards
         self.weights = torch.ones(len(self.examples))
+        # example index -> (shard, row): mixed-shape batches regroup a global shuffle by shard
+        self._where = torch.empty((len(self.examples), 2), dtype=torch.long)
+        for k, shard in enumerate(shards):
+            self._where[shard.index, 0] = k
+            self._where[shard.index, 1] = torch.arange(len(shard.index))
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -150,6 +199,30 @@ class TrainData:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
         return batches
 
+    def n_mixed_batches(self, batch_size: int) -> int:
+        """Mixed-shape batches per epoch (:meth:`mixed_epoch`)."""
+        return -(-len(self) // batch_size)
+
+    def mixed_epoch(self, epoch: int, batch_size: int, *, seed: int = 0) -> list[list[TrainBatch]]:
+        """The batches of one epoch, each of ``batch_size`` examples of any shape (the last may be smaller).
+
+        All examples are shuffled together (from ``(seed, epoch)``) and cut into chunks of
+        ``batch_size``; each chunk is a list of equal-shape sub-batches (in shard order),
+        since rows of different lengths cannot share a forward pass without padding.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+        order = torch.randperm(len(self), generator=gen)
+        out = []
+        for start in range(0, len(self), batch_size):
+            where = self._where[order[start : start + batch_size]]
+            parts = []
+            for k in where[:, 0].unique(sorted=True).tolist():
+                parts.append(self._take(self._shards[k], where[where[:, 0] == k, 1]))
+            out.append(parts)
+        return out
+
     def batches(self, batch_size: int = 256) -> Iterator[TrainBatch]:
         """All examples in a fixed order (for evaluation)."""
         yield from self.epoch(0, batch_size, shuffle=False)
@@ -159,3 +232,48 @@ class TrainData:
         for b in self.batches(batch_size):
             if b.spurious is not None:
                 yield replace(b, tokens=b.spurious, spurious=None)
+
+
+class RetainData:
+    """Ordinary texts for the retain term, tokenized for ``model`` and cut to ``tokens`` tokens.
+
+    ``epoch(e, batch_size, seed)`` yields shuffled token tensors of one length each
+    (texts shorter than ``tokens`` form their own shapes), the same for the same
+    ``(seed, e)``. Texts that encode to fewer than 2 tokens (nothing to predict) are an error.
+    """
+
+    def __init__(self, model: HookedModel, texts: Sequence[str], tokens: int) -> None:
+        from icp_lens.encoding import encode_texts
+
+        texts = list(texts)
+        if not texts:
+            raise ValueError("the retain pool needs at least one text")
+        if tokens < 2:
+            raise ValueError(f"retain tokens must be >= 2, got {tokens}")
+        encoded = [ids[:tokens] for ids in encode_texts(texts, model=model)]
+        short = [i for i, ids in enumerate(encoded) if len(ids) < 2]
+        if short:
+            raise ValueError(f"retain texts {short[:5]} encode to fewer than 2 tokens: nothing to predict")
+        self.texts = tuple(texts)
+        self.tokens = tokens
+        by_len: dict[int, list[list[int]]] = {}
+        for ids in encoded:
+            by_len.setdefault(len(ids), []).append(ids)
+        self._shards = [torch.tensor(rows, dtype=torch.long) for _, rows in sorted(by_len.items(), reverse=True)]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def n_batches(self, batch_size: int) -> int:
+        return sum(-(-len(s) // batch_size) for s in self._shards)
+
+    def epoch(self, epoch: int, batch_size: int, *, seed: int = 0) -> list[Tensor]:
+        """The token batches of one epoch, shuffled from ``(seed, epoch)``."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+        batches = []
+        for shard in self._shards:
+            order = torch.randperm(len(shard), generator=gen)
+            batches += [shard[order[i : i + batch_size]] for i in range(0, len(shard), batch_size)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]

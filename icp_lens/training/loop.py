@@ -16,10 +16,27 @@ model (:mod:`~icp_lens.training.selection`), re-scores features
 (:mod:`~icp_lens.training.rescoring`) and writes checkpoints
 (:mod:`~icp_lens.training.resume`). ``fit(resume=True)`` restores the loop state from a
 checkpoint instead of starting fresh.
+
+*Mixed-shape pair batches* (``TrainConfig.pair_batch_size``): a pair batch is a list of
+equal-shape sub-batches. The first runs with the training batch through the objective
+(:class:`~icp_lens.training.objectives.BatchLoss`), the others through a second
+``BatchLoss`` that keeps the pair terms only; each sub-batch's pair terms are weighted
+by its share of the batch, so the loss is the task term plus the pair terms' mean over
+the whole batch, and the logged pair terms are those means. Each piece is
+back-propagated as soon as it is computed (gradients add up), so memory holds one
+piece's graph at a time.
+
+*Retain term* (``TrainConfig.retain_weight``): after the objective's pieces, a batch of
+the retain pool (the stream of ``(seed + 2, epoch)``, so resuming replays it) runs through
+the original model (LoRA: the same model with its adapters disabled; full fine-tuning:
+the kept original weights) without gradients and through the trained model (with the
+pruning plan, as trained); ``retain_weight * retain_kl`` is back-propagated and the KL is
+logged as ``retain``.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -67,23 +84,35 @@ class LoopMixin:
         self: Trainer,
         step: int,
         batch: TrainBatch,
-        pair_batch: TrainBatch | None,
+        pair_batch: TrainBatch | list[TrainBatch] | None,
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
     ) -> tuple[dict[str, Tensor], Tensor]:
         """One optimisation step on ``batch``: terms, backward, clipping, AdamW, schedule.
 
-        ``step`` seeds the step's sampling (features, interventions, dropout). Returns the
-        loss terms (``loss`` with its graph, the others detached) and the gradient norm
-        before clipping.
+        ``step`` seeds the step's sampling (features, interventions, dropout) and picks the
+        retain batch. ``pair_batch`` is a batch of the pair pool, a list of equal-shape
+        sub-batches (a mixed-shape pair batch) or ``None``. Returns the loss terms (``loss``
+        with its graph when it was one piece, the others detached; ``retain`` with the
+        retain term) and the gradient norm before clipping.
         """
         cfg = self.config
-        with torch.random.fork_rng(devices=[]), self.pruned(), torch.enable_grad():
+        parts = pair_batch if isinstance(pair_batch, list) else [pair_batch]
+        optimizer.zero_grad(set_to_none=True)
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
             torch.manual_seed(self._step_seed(step))
             gen = torch.Generator().manual_seed(self._step_seed(step))
-            terms = self.loss(batch, gen, pair_batch)
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
+            with self.pruned():
+                if len(parts) == 1:
+                    terms = self.loss(batch, gen, parts[0])
+                    terms["loss"].backward()
+                else:
+                    terms = self._mixed_pair_step(batch, parts, gen)
+            if self.retain_data is not None:
+                kl = self._retain_term(step)
+                (cfg.retain_weight * kl).backward()
+                terms["retain"] = kl.detach()
+                terms["loss"] = terms["loss"].detach() + cfg.retain_weight * terms["retain"]
         self._check_gradients(step)
         params = list(self.trainable.values())
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
@@ -188,15 +217,96 @@ class LoopMixin:
         s["running"], s["n_running"] = {}, 0
         bar.set_postfix(loss=f"{row['loss']:.4f}")
 
-    def _pair_batch(self: Trainer, step: int) -> TrainBatch | None:
-        """Batch ``step`` of the pair pool's endless, seeded stream (``None`` without a pool)."""
+    def _pair_batch(self: Trainer, step: int) -> TrainBatch | list[TrainBatch] | None:
+        """Batch ``step`` of the pair pool's endless, seeded stream (``None`` without a pool).
+
+        With ``pair_batch_size`` set: a mixed-shape batch (a list of equal-shape sub-batches).
+        """
         if self.pair_data is None:
             return None
-        bs = self.config.batch_size
-        epoch, i = divmod(step, self.pair_data.n_batches(bs))
-        if getattr(self, "_pair_epoch", (None,))[0] != epoch:
-            self._pair_epoch = (epoch, self.pair_data.epoch(epoch, bs, seed=self.config.seed + 1))
-        return self._pair_epoch[1][i].to(model_device(self.model))
+        bs, mixed = self.config.pair_batch_size or self.config.batch_size, self.config.pair_batch_size is not None
+        per_epoch = self.pair_data.n_mixed_batches(bs) if mixed else self.pair_data.n_batches(bs)
+        epoch, i = divmod(step, per_epoch)
+        if getattr(self, "_pair_epoch", (None,))[0] != (epoch, bs, mixed):
+            make = self.pair_data.mixed_epoch if mixed else self.pair_data.epoch
+            self._pair_epoch = ((epoch, bs, mixed), make(epoch, bs, seed=self.config.seed + 1))
+        device = model_device(self.model)
+        chosen = self._pair_epoch[1][i]
+        return [b.to(device) for b in chosen] if mixed else chosen.to(device)
+
+    def _mixed_pair_step(
+        self: Trainer, batch: TrainBatch, parts: list[TrainBatch], gen: torch.Generator
+    ) -> dict[str, Tensor]:
+        """Terms of a step whose pair batch has several shapes; back-propagates each piece.
+
+        Part ``k`` (``n_k`` of the ``n`` pairs) adds ``(n_k / n) * pair terms``; the first
+        runs with the task term (through ``self.loss`` with its pair weights scaled), the
+        others through a pair-only ``BatchLoss``. Logged pair terms: their weighted means.
+        """
+        from icp_lens.training.objectives import BatchLoss
+
+        total = sum(p.size for p in parts)
+        if getattr(self, "_pair_loss", None) is None:
+            self._pair_loss = BatchLoss(self.model, self.config, features=self.loss.features)
+        pair_loss = self._pair_loss
+        pair_loss.features, pair_loss.means = self.loss.features, self.loss.means
+        main_weights = dict(self.loss.weights)
+        pair_weights = {k: v for k, v in main_weights.items() if k != "task"}
+        terms: dict[str, Tensor] = {}
+        sums: dict[str, Tensor] = {}
+        loss_value = torch.zeros(())
+        try:
+            for k, part in enumerate(parts):
+                share = part.size / total
+                if k == 0:
+                    self.loss.weights = {n: (v if n == "task" else v * share) for n, v in main_weights.items()}
+                    out = self.loss(batch, gen, part)
+                    terms["task"] = out["task"]
+                else:
+                    pair_loss.weights = {n: v * share for n, v in pair_weights.items()}
+                    out = pair_loss(part, gen)
+                out["loss"].backward()
+                loss_value = loss_value + out["loss"].detach().cpu()
+                for name, value in out.items():
+                    if name not in ("loss", "task"):
+                        sums[name] = sums.get(name, 0.0) + share * value.detach()
+        finally:
+            self.loss.weights = main_weights
+        terms.update(sums)
+        terms["loss"] = loss_value
+        return terms
+
+    def _retain_batch(self: Trainer, step: int) -> Tensor:
+        """Batch ``step`` of the retain pool's endless, seeded stream (token ids)."""
+        assert self.retain_data is not None
+        bs = self.config.retain_batch_size
+        epoch, i = divmod(step, self.retain_data.n_batches(bs))
+        if getattr(self, "_retain_epoch", (None,))[0] != epoch:
+            self._retain_epoch = (epoch, self.retain_data.epoch(epoch, bs, seed=self.config.seed + 2))
+        return self._retain_epoch[1][i].to(model_device(self.model))
+
+    def _reference_logits(self: Trainer, tokens: Tensor) -> Tensor:
+        """The original model's logits on ``tokens`` (no gradient, no pruning plan)."""
+        with torch.no_grad():
+            if self.lora is not None:
+                with self.lora.peft_model.disable_adapter():
+                    return self.model(tokens).detach()
+            if self._reference is None:
+                device = model_device(self.model)
+                same = model_device(self.base) == device
+                self._reference = self.base if same else copy.deepcopy(self.base).to(device).requires_grad_(False)
+            out = self._reference(tokens)
+            return (out.logits if hasattr(out, "logits") else out).detach()
+
+    def _retain_term(self: Trainer, step: int) -> Tensor:
+        """``KL(p_orig || p_theta)`` on retain batch ``step`` (with the graph of the trained side)."""
+        from icp_lens.training.losses import retain_kl
+
+        tokens = self._retain_batch(step)
+        reference = self._reference_logits(tokens)
+        with self.pruned():
+            logits = self.model(tokens)
+        return retain_kl(reference, logits)
 
     def _check_gradients(self: Trainer, step: int) -> None:
         """After the first step of a LoRA run: every adapter must have received a gradient."""

@@ -30,6 +30,13 @@ the other batch items being the negatives (``info_nce``). The baselines' pieces 
 here too: counterfactual logit pairing (``logit_pairing``, Kannan et al. 2018 / Garg et
 al. 2019), the GroupDRO group weights (``group_dro_update``, Sagawa et al. 2020) and the
 JTT example weights (``jtt_weights``, Liu et al. 2021).
+
+*Retain term.* ``retain_kl(reference, logits)`` is ``KL(p_ref || p_theta)`` of the
+next-token distributions at every position of ordinary text, averaged over positions
+and rows: 0 while the model still computes what the original (``reference``) did, and
+the price, in nats per token, of every change the other terms made to language
+modelling. Forward KL from the original puts its weight where the original is
+confident, which is what perplexity on such text measures.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ __all__ = [
     "group_losses",
     "group_dro_update",
     "jtt_weights",
+    "retain_kl",
 ]
 
 Divergence = Literal["kl", "reverse_kl", "js", "cosine", "mse"]
@@ -289,3 +297,24 @@ def jtt_weights(errors: Tensor, upweight: float) -> Float[Tensor, " n"]:
     if upweight < 1:
         raise ValueError(f"upweight must be >= 1, got {upweight}")
     return torch.where(errors.bool(), torch.tensor(float(upweight)), torch.tensor(1.0))
+
+
+def retain_kl(
+    reference: Float[Tensor, "batch pos vocab"],
+    logits: Float[Tensor, "batch pos vocab"],
+    *,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """``KL(softmax(reference) || softmax(logits))`` per position, averaged per row (``"none"``) or overall.
+
+    ``reference`` are the original model's logits (no gradient needed), ``logits`` the
+    trained model's on the same tokens; both ``[batch, pos, vocab]``.
+    """
+    if reference.shape != logits.shape or logits.ndim != 3:
+        raise ValueError(
+            f"retain_kl needs two [batch, pos, vocab] tensors of one shape, got {tuple(reference.shape)} "
+            f"and {tuple(logits.shape)}"
+        )
+    log_p = F.log_softmax(reference.float(), -1)
+    log_q = F.log_softmax(logits.float(), -1)
+    return _reduce(_kl(log_p, log_q).mean(-1), reduction)

@@ -6,8 +6,8 @@ the AdamW state, the schedule, the loop state (step, early-stopping state, best 
 JTT error set, the regularised features as re-scoring grew them), the objective's state
 (GroupDRO weights), the fitted means and the history so far.
 
-It also carries the run's *identity* (config, features, pruned features, data sizes).
-Resuming compares it with the resuming trainer's and refuses a checkpoint from other
+It also carries the run's *identity* (config, features, pruned features, the sizes of the
+training, pair and retain pools). Resuming compares it with the resuming trainer's and refuses a checkpoint from other
 settings: continuing somebody else's optimiser state would silently train a different
 model. Together with the seeding (data order from ``(seed, epoch)``, per-step sampling
 from ``(seed, step)``), this makes ``fit(resume=True)`` end with the weights of an
@@ -16,6 +16,7 @@ uninterrupted run.
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,6 +25,7 @@ from torch import Tensor
 from icp_lens.features import Feature
 from icp_lens.interventions import Mean
 from icp_lens.training import checkpoint as ckpt
+from icp_lens.training.config import TrainConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from icp_lens.training.trainer import Trainer
@@ -44,6 +46,7 @@ class ResumeMixin:
             "prune": [] if self.plan is None else [str(f) for f in self.plan.features],
             "n_train": len(self.train_data),
             "n_pairs": 0 if self.pair_data is None else len(self.pair_data),
+            "n_retain": 0 if self.retain_data is None else len(self.retain_data),
         }
 
     def _save(
@@ -68,6 +71,13 @@ class ResumeMixin:
         saved = ckpt.load_checkpoint_state(self.checkpoint_dir)
         state = saved["state"]
         mine = self._identity()
+        # a checkpoint written before a TrainConfig field existed ran with that field's default
+        defaults = {f.name: f.default for f in fields(TrainConfig)}
+        saved_config = state.get("config") or {}
+        state["config"] = {**{k: v for k, v in mine["config"].items() if k not in saved_config and
+                              v == (list(defaults[k]) if isinstance(defaults[k], tuple) else defaults[k])},
+                           **saved_config}  # fmt: skip
+        state.setdefault("n_retain", 0)
         for key in mine:
             if state.get(key) != mine[key]:
                 raise ValueError(

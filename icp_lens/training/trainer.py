@@ -71,7 +71,7 @@ from icp_lens.probes import ProbeExample
 from icp_lens.pruning.ablate import plan_edits
 from icp_lens.pruning.plan import PrunePlan
 from icp_lens.training.config import DEFAULT_LAMBDA, STOP_METRICS, StopMetric, TrainConfig
-from icp_lens.training.data import TrainData, read_examples
+from icp_lens.training.data import RetainData, TrainData, read_examples, read_texts
 from icp_lens.training.evaluate import evaluate_data
 from icp_lens.training.export import ExportMixin
 from icp_lens.training.fused import fused_qkv_sites
@@ -128,6 +128,13 @@ class Trainer(LoopMixin, SelectionMixin, RescoreMixin, ResumeMixin, ExportMixin)
     (``rescore_every``; default: ``pairs``, else up to 256 training examples with
     counterfactuals). ``tokenizer`` is needed only for a plain HF model.
 
+    ``retain`` is a pool of ordinary text (strings, ``ProbeExample`` prompts, or a
+    ``.txt`` / ``.jsonl`` file; :func:`~icp_lens.training.data.read_texts`) for the retain
+    term of ``TrainConfig.retain_weight``: every step adds ``retain_weight * KL(p_orig ||
+    p_theta)`` of the next-token distributions on a batch of it (``retain`` in the
+    history). Use text the evaluation never reads (e.g. other reviews than the ones
+    perplexity is measured on). It needs ``retain_weight > 0`` and vice versa.
+
     ``fit`` trains (:mod:`~icp_lens.training.loop`; ``train_step`` is one step),
     ``evaluate`` / ``history`` report (:mod:`~icp_lens.training.selection`), ``export``
     writes the verified HF checkpoint (:mod:`~icp_lens.training.export`).
@@ -144,6 +151,7 @@ class Trainer(LoopMixin, SelectionMixin, RescoreMixin, ResumeMixin, ExportMixin)
         val: str | Path | Sequence[ProbeExample] | None = None,
         pairs: str | Path | Sequence[ProbeExample] | None = None,
         probes: str | Path | Sequence[ProbeExample] | None = None,
+        retain: str | Path | Sequence[str | ProbeExample] | None = None,
         checkpoint_dir: str | Path | None = None,
         tokenizer: Any = None,
         device: str | torch.device | None = None,
@@ -187,6 +195,19 @@ class Trainer(LoopMixin, SelectionMixin, RescoreMixin, ResumeMixin, ExportMixin)
             self.pair_data = TrainData(
                 self.model, [ex for ex in self.train_data.examples if ex.spurious_counterfactual is not None]
             )
+        if (retain is None) != (config.retain_weight == 0):
+            raise ValueError(
+                "The retain term needs both a text pool and a weight: pass retain=... (ordinary text) together with "
+                f"TrainConfig(retain_weight > 0); got retain={'None' if retain is None else '...'} and "
+                f"retain_weight={config.retain_weight}"
+            )
+        if config.pair_batch_size is not None and self.pair_data is None:
+            raise ValueError(
+                "pair_batch_size sizes the batches of the pair pool, and this run has none: pass pairs=... (examples "
+                "with a spurious_counterfactual) or leave pair_batch_size=None"
+            )
+        self.retain_data = None if retain is None else RetainData(self.model, read_texts(retain), config.retain_tokens)
+        self._reference: nn.Module | None = None  # full fine-tuning's frozen original for the retain term
         self.plan = self._make_plan(prune)
         self._check_requirements()
         self._rescore_probes = self._probe_set(probes) if config.rescore_every else None
