@@ -162,11 +162,12 @@ def prune_only(organism, table, tmp: Path) -> dict:
     return {**evaluate_dir(out, organism), "uses": "scores", "n_pruned": 1}
 
 
-def step_cost(organism, table, steps: int = 8, repeats: int = 3) -> dict:
+def step_cost(organism, table, steps: int = 8, repeats: int = 5) -> dict:
     """Seconds per step on the same batches, in one run (``bench_training_step.measure``): ERM,
     consistency, invariance (top-8, resample), invariance with the pair terms on half of each batch
     (``pair_fraction=0.5``), and the invariance step as it was before the branched pass (``_old``,
-    against the old ERM step). Medians of interleaved repeats, wall clock."""
+    against the old ERM step). Medians of interleaved repeats: ``*_over_erm`` wall clock,
+    ``*_cpu_over_erm`` this thread's CPU time (the steadier one on a shared machine)."""
     import sys
 
     from icp_lens.pruning import select_features
@@ -190,6 +191,7 @@ def step_cost(organism, table, steps: int = 8, repeats: int = 3) -> dict:
     key = {name: name.replace(" (old)", "_old") for name in variants}
     out = {f"{key[k]}_step_s": r["wall_s"] for k, r in results.items()}
     out.update({f"{key[k]}_over_erm": r["wall_over_erm"] for k, r in results.items() if not k.startswith("erm")})
+    out.update({f"{key[k]}_cpu_over_erm": r["cpu_over_erm"] for k, r in results.items() if not k.startswith("erm")})
     return out
 
 
@@ -207,16 +209,62 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def with_oracle_delta(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` plus ``delta_id_vs_oracle``: ID accuracy minus the oracle's (same variant and seed).
+
+    ``delta_id`` compares with the *original* model, which reads the planted token: in
+    distribution that token agrees with the label 97% of the time while the true cue agrees
+    92% of the time (``icp_lens.organisms.task``), so any model that ignores the shortcut
+    loses about 5 points there, the oracle included. ``delta_id_vs_oracle`` is the cost
+    beyond that unavoidable share.
+    """
+    oracle = frame[frame.method == "oracle"].set_index(["variant", "seed"])["id_accuracy"]
+    keys = pd.MultiIndex.from_frame(frame[["variant", "seed"]])
+    return frame.assign(delta_id_vs_oracle=frame["id_accuracy"].to_numpy() - oracle.reindex(keys).to_numpy())
+
+
+def targets(frame: pd.DataFrame) -> pd.DataFrame:
+    """The issue's organism targets for every method that trains without group labels.
+
+    Per variant, means over seeds: ``gap_closed >= 0.96``; ``delta_id >= -0.02`` (ID accuracy
+    at most 2 points below the original's; see :func:`with_oracle_delta` for why no
+    shortcut-free model meets it here) and the same against the oracle; ``beats_erm`` /
+    ``beats_jtt``: more of the gap closed than ERM / JTT; ``matches_groupdro``: gap closed at
+    least GroupDRO's minus 0.01 (GroupDRO uses group labels).
+    """
+    frame = with_oracle_delta(frame)
+    mean = frame.groupby(["variant", "method"], sort=False)[["gap_closed", "delta_id", "delta_id_vs_oracle"]].mean()
+    uses = frame.groupby(["variant", "method"], sort=False)["uses"].first()
+    rows = []
+    for (variant, method), r in mean.iterrows():
+        if method in ("original", "oracle", "prune top-1") or "group labels" in str(uses[(variant, method)]):
+            continue
+        ref = mean.loc[variant]["gap_closed"]
+        rows.append({
+            "variant": variant, "method": method, "gap_closed": r["gap_closed"], "delta_id": r["delta_id"],
+            "delta_id_vs_oracle": r["delta_id_vs_oracle"], "closes_96": bool(r["gap_closed"] >= 0.96),
+            "id_within_2pt": bool(r["delta_id"] >= -0.02),
+            "id_within_2pt_of_oracle": bool(r["delta_id_vs_oracle"] >= -0.02),
+            "beats_erm": bool(r["gap_closed"] > ref.get("erm", float("nan"))),
+            "beats_jtt": bool(r["gap_closed"] > ref.get("jtt", float("nan"))),
+            "matches_groupdro": bool(r["gap_closed"] >= ref.get("groupdro", float("nan")) - 0.01),
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
 def summarise(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = with_oracle_delta(frame)
     cols = [
         "id_accuracy",
         "delta_id",
+        "delta_id_vs_oracle",
         "worst_group_accuracy",
         "gap_closed",
         "balanced_accuracy",
         "flip_rate",
         "seconds",
     ]
+    cols = [c for c in cols if c in frame.columns]  # no "seconds" when no method trained
     grouped = frame.groupby(["variant", "method"], sort=False)
     mean = grouped[cols].mean()
     std = grouped[cols].std().fillna(0.0)
@@ -226,6 +274,15 @@ def summarise(frame: pd.DataFrame) -> pd.DataFrame:
         out[c] = [f"{m:.3f} ± {s:.3f}" if several else f"{m:.3f}" for m, s in zip(mean[c], std[c], strict=True)]
     out["uses"] = grouped["uses"].first()
     return out.reset_index()
+
+
+def report(title: str, frame: pd.DataFrame, costs: list[dict]) -> str:
+    """The markdown file: the table, the targets, and the step cost when it was measured."""
+    text = f"{title}\n\n{markdown(summarise(frame))}\n"
+    text += "\n## Targets (methods without group labels; means over seeds)\n\n" + markdown(targets(frame)) + "\n"
+    if costs:
+        text += "\n## Step cost (seconds per step, same batches)\n\n" + markdown(pd.DataFrame(costs)) + "\n"
+    return text
 
 
 def header(args: argparse.Namespace, seeds: str) -> str:
@@ -262,7 +319,9 @@ def main() -> None:
         frame = pd.concat([pd.read_csv(p) for p in args.combine], ignore_index=True)
         frame.to_csv(args.out / "training_runs.csv", index=False)
         seeds = ",".join(str(s) for s in sorted(frame.seed.unique()))
-        text = f"{header(args, seeds)}\n\n{markdown(summarise(frame))}\n"
+        costs = args.out / "training_cost.json"
+        costs = json.loads(costs.read_text()) if costs.exists() else []
+        text = report(header(args, seeds), frame, costs)
         (args.out / "training_table.md").write_text(text)
         print(text)
         return
@@ -301,12 +360,10 @@ def main() -> None:
                     print(costs[-1], flush=True)
     frame = pd.DataFrame(rows)
     frame.to_csv(args.out / "training_runs.csv", index=False)
-    table_md = markdown(summarise(frame))
-    text = f"{header(args, args.seeds)}\n\n{table_md}\n"
     if costs:
-        text += "\n## Step cost (seconds per step, same batches)\n\n" + markdown(pd.DataFrame(costs))
         (args.out / "training_cost.json").write_text(json.dumps(costs, indent=2) + "\n")
-    (args.out / "training_table.md").write_text(text + "\n")
+    text = report(header(args, args.seeds), frame, costs)
+    (args.out / "training_table.md").write_text(text)
     print(text)
 
 

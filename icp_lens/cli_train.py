@@ -17,7 +17,10 @@
     (default: ``--batch-size`` pairs of one shape). ``--retain FILE --retain-weight W``
     adds the retain term, ``W * KL(original || trained)`` of the next-token distributions
     on ordinary text (``FILE``: ``.txt``, one text per line, or ``.jsonl`` with ``"text"``),
-    which keeps the language modelling while the other terms train.
+    which keeps the language modelling while the other terms train. ``--rescore-every N``
+    re-scores the features every N steps (attribution on the pairs, pruned ones ablated)
+    and adds the ``--rescore-top-k`` highest to the regularised set, so a shortcut that
+    moves to other features during training is followed.
 
 Exit status 0 on success, 1 when the export's verification fails (the checkpoint is
 still written), 2 on bad arguments.
@@ -82,6 +85,11 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--retain-batch-size", type=int, default=8, help="retain texts per step (8)")
     p.add_argument("--retain-tokens", type=int, default=64, help="each retain text cut to its first N tokens (64)")
+    p.add_argument("--rescore-every", type=int, default=None,
+                   help="every N steps: re-score (attribution on the pairs), regularise the new top ones")  # fmt: skip
+    p.add_argument("--rescore-top-k", type=int, default=None, help="features added per re-scoring (default: --top-k)")
+    p.add_argument("--rescore-kinds", type=_csv, default=["neuron", "head"],
+                   help="feature kinds re-scoring considers, comma-separated (neuron,head)")  # fmt: skip
     p.add_argument("--intervention", type=_csv, default=["resample"],
                    help="resample|resample_batch|mean|zero, comma-separated to sample among (resample)")  # fmt: skip
     p.add_argument("--divergence", choices=["kl", "reverse_kl", "js", "cosine", "mse"], default="kl")
@@ -134,6 +142,7 @@ def _config(args: argparse.Namespace) -> Any:
         patience=args.patience, checkpoint_every=args.checkpoint_every, seed=args.seed, progress=not args.quiet,
         pair_batch_size=args.pair_batch_size, retain_weight=args.retain_weight,
         retain_batch_size=args.retain_batch_size, retain_tokens=args.retain_tokens,
+        rescore_every=args.rescore_every, rescore_top_k=args.rescore_top_k, rescore_kinds=tuple(args.rescore_kinds),
     )  # fmt: skip
 
 

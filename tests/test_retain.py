@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -190,3 +191,29 @@ def test_cli_retain_and_pair_batch_size(micro_dirs, tmp_path, capsys) -> None:
     assert _cli([*common, "--out", str(tmp_path / "o3"), "--retain", str(tmp_path / "nope.txt"),
                  "--retain-weight", "1"]) == 2  # fmt: skip
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_rescore_flags(micro_dirs, tmp_path, capsys) -> None:
+    """--rescore-every/--rescore-top-k reach TrainConfig: the run logs re-scorings and grows its feature set."""
+    write_probes(tmp_path / "train.jsonl", micro_examples())
+    scores = tmp_path / "scores.csv"
+    pd.DataFrame(
+        {"kind": ["neuron"], "layer": [0], "index": [0], "hook_name": ["blocks.0.mlp.hook_post"], "score": [1.0]}
+    ).to_csv(scores, index=False)
+    out = tmp_path / "out"
+    argv = ["train", "--model", str(micro_dirs["gpt2"]), "--train", str(tmp_path / "train.jsonl"), "--out", str(out),
+            "--scores", str(scores), "--top-k", "1", "--max-steps", "2", "--batch-size", "4", "--rescore-every", "1",
+            "--rescore-top-k", "2", "--rescore-kinds", "neuron", "--quiet", "--json"]  # fmt: skip
+    assert _cli(argv) == 0
+    capsys.readouterr()
+    saved = json.loads((out / "training.json").read_text())
+    text = json.dumps(saved)
+    assert '"rescore_every": 1' in text and '"rescore_top_k": 2' in text
+    history = pd.read_csv(out / "history.csv")
+    rescores = history[history["kind"] == "rescore"]
+    assert len(rescores) == 2  # steps 0 and 1
+    assert (rescores["n_features"] >= 2).all() and (rescores["n_features"] <= 3).all()  # 1 given + up to 2 new
+    bad = [*argv[:-4], "--rescore-kinds", "nuron", "--quiet"]
+    bad[bad.index("--out") + 1] = str(tmp_path / "o2")
+    assert _cli(bad) == 2
+    assert "valid: ['neuron'" in capsys.readouterr().err

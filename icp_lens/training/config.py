@@ -131,6 +131,11 @@ class TrainConfig:
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         object.__setattr__(self, "rescore_kinds", tuple(self.rescore_kinds))
+        from icp_lens.features import FEATURE_KINDS
+
+        bad_kinds = [k for k in self.rescore_kinds if k not in FEATURE_KINDS]
+        if bad_kinds or not self.rescore_kinds:
+            raise ValueError(f"rescore_kinds {list(self.rescore_kinds)}: unknown or none; valid: {list(FEATURE_KINDS)}")
         for name in ("max_steps", "eval_every", "checkpoint_every", "features_per_step", "rescore_every",
                      "rescore_top_k", "pair_batch_size"):  # fmt: skip
             value = getattr(self, name)
