@@ -55,6 +55,20 @@ def _professions(result: FinetuneResult) -> pd.DataFrame:
     return wide.sort_values("original", ascending=False).reset_index()
 
 
+def group_means(professions: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
+    """Held-out mean she-he margin per stereotype group and method (over professions, templates and seeds).
+
+    The flip rate cannot tell "the profession no longer matters" from "every profession now
+    gets the same pronoun": a model that says " he" after every profession never flips. The
+    two group means and their midpoint (> 0: leans " she") show which one happened.
+    """
+    p = professions[professions["split"] == "eval"]
+    means = p.groupby(["method", "group"])["margin"].mean().unstack("group")
+    means = means.reindex([m for m in methods if m in means.index])
+    means["midpoint"] = means.mean(axis=1)
+    return means.reset_index()
+
+
 def plot(result: FinetuneResult) -> Any:
     """Held-out professions: she-he margin of the original and of every trained method."""
     import matplotlib.pyplot as plt
@@ -64,7 +78,7 @@ def plot(result: FinetuneResult) -> Any:
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(wide) + 1.5))
     height = 0.8 / len(methods)
     colors = {"original": "#bbbbbb", "erm": "#7f7f7f", "consistency": "#c0392b", "clp": "#2874a6",
-              "invariance": "#27ae60"}  # fmt: skip
+              "invariance": "#27ae60", "consistency_wide": "#8e44ad"}  # fmt: skip
     for j, m in enumerate(methods):
         ys = [i + 0.4 - (j + 0.5) * height for i in range(len(wide))]
         ax.barh(ys, wide[m], height=height, label=m, color=colors.get(m))
@@ -89,7 +103,9 @@ def markdown(result: FinetuneResult, pruning_cut: float | None, command: str) ->
         f"lr {c.lr:g}, batch {c.batch_size} explicit-cue prompts + up to {c.batch_size} profession pairs per step, "
         f"seeds {list(c.seeds)}; pair terms compare the `{c.representation}` distribution. Task term: she/he "
         "cross-entropy on the train-split explicit-cue prompts; pair terms: the 60 train-split profession prompts "
-        "and their swaps. Held-out = the eval split's professions and templates (never trained on, never used "
+        "and their swaps (`consistency_wide`: the wide pool of `icp_lens.case_study.wide_pairs`, train-split and 34 "
+        "extra professions, every same-length swap, 11 templates, plus the retain term on IMDB selection reviews). "
+        "Held-out = the eval split's professions and templates (never trained on, never used "
         f"to choose settings). IMDB perplexity: {c.n_imdb} evaluation reviews x {c.imdb_tokens} tokens."
         + (f" Invariance regularises {', '.join(c.features)}." if "invariance" in c.methods else ""),
         "",
@@ -103,6 +119,13 @@ def markdown(result: FinetuneResult, pruning_cut: float | None, command: str) ->
         "## Targets (issue 7)",
         "",
         _md(result.targets),
+        "",
+        "## Held-out professions: mean she-he margin per group",
+        "",
+        _md(group_means(result.professions, list(result.summary["method"]))),
+        "",
+        "A low flip rate with both group means on one side of 0 is a pronoun default, not a removed shortcut; "
+        "the gap (female minus male mean) is the stereotype that remains.",
         "",
         "## Held-out professions: she-he margin",
         "",

@@ -72,7 +72,7 @@ def test_targets_table_by_hand() -> None:
 
 
 def test_config_errors_name_the_valid_choices() -> None:
-    valid = r"valid: \['erm', 'consistency', 'clp', 'invariance'\]"
+    valid = r"valid: \['erm', 'consistency', 'clp', 'invariance', 'consistency_wide'\]"
     with pytest.raises(ValueError, match=rf"Unknown method\(s\) \['cpl'\]; {valid}"):
         FinetuneConfig(methods=("erm", "cpl"))
     with pytest.raises(ValueError, match=valid):
@@ -84,7 +84,41 @@ def test_config_errors_name_the_valid_choices() -> None:
     with pytest.raises(ValueError, match=rf"Unknown method 'dro'; {valid}"):
         train_method("dro", FinetuneConfig(), 0, None, None)
     assert FinetuneConfig(methods=["clp"], seeds=[1, 2]).seeds == (1, 2)
-    assert list(METHODS) == ["erm", "consistency", "clp", "invariance"]
+    assert list(METHODS) == ["erm", "consistency", "clp", "invariance", "consistency_wide"]
+
+
+class _CharTokenizer:
+    """One token per 4 characters of each word (so token counts differ between words)."""
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": [0] * sum(-(-len(w) // 4) for w in text.split())}
+
+
+def test_wide_pair_pool_by_hand() -> None:
+    from icp_lens.case_study.wide_pairs import EXTRA_FEMALE, EXTRA_MALE, EXTRA_TEMPLATES, eval_overlap, wide_pair_pool
+    from icp_lens.data.pronouns import PRONOUN_SPLITS
+
+    assert eval_overlap() == set()  # no eval-split profession, template or verb
+    train = PRONOUN_SPLITS["train"]
+    tok = _CharTokenizer()
+    n = lambda w: -(-len(w) // 4)  # noqa: E731
+    female = [f for f, _, _ in train.pairs] + list(EXTRA_FEMALE)
+    male = [m for _, m, _ in train.pairs] + list(EXTRA_MALE)
+    same = sum(n(f) == n(m) for f in female for m in male)
+    pool = wide_pair_pool(tok)
+    assert len(pool) == 2 * same * (len(train.templates) + len(EXTRA_TEMPLATES))
+    first = pool[0]  # first template, nurse (2 "tokens") with the first male word of 2: mechanic
+    assert (first.prompt, first.spurious_counterfactual) == (
+        "Yesterday the nurse wrote that",
+        "Yesterday the mechanic wrote that",
+    )
+    assert (first.answer, first.alternatives, first.group) == (" she", (" he",), "female-stereotyped")
+    assert pool[1].prompt == first.spurious_counterfactual and pool[1].group == "male-stereotyped"
+    assert all(
+        n(e.prompt.split()[-3]) == n(e.spurious_counterfactual.split()[-3]) for e in pool if "{x}" not in e.prompt
+    )
+    held = wide_pair_pool(tok, exclude=("secretary", "engineer"))
+    assert not any("secretary" in e.prompt or "engineer" in e.prompt for e in held) and len(held) < len(pool)
 
 
 def test_counterfactual_margins_swap_the_prompt(micro_dirs: dict[str, Path]) -> None:
@@ -151,3 +185,21 @@ def test_consistency_finetuning_on_smollm2(smollm2_dir: Path) -> None:  # noqa: 
     assert targets.loc["flip rate, held-out vs ERM", "met"] is None  # no ERM run to compare with
     saved = json.loads(json.dumps(result.to_dict()))
     assert saved["config"]["methods"] == ["consistency"] and len(saved["runs"]) == 2
+
+
+def test_group_means_show_a_pronoun_default() -> None:
+    """The benchmark's per-group table: a model that says " he" everywhere has no flips but a negative midpoint."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "smollm2_finetune.py"
+    spec = importlib.util.spec_from_file_location("smollm2_finetune_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = [("original", "female-stereotyped", 2.0), ("original", "female-stereotyped", 1.0),
+            ("original", "male-stereotyped", -2.0), ("he_default", "female-stereotyped", -0.5),
+            ("he_default", "male-stereotyped", -2.5), ("he_default", "male-stereotyped", 9.0)]  # fmt: skip
+    frame = pd.DataFrame(rows, columns=["method", "group", "margin"]).assign(split="eval")
+    frame.loc[5, "split"] = "train"  # only held-out rows count
+    got = bench.group_means(frame, ["original", "he_default", "absent"])
+    assert list(got["method"]) == ["original", "he_default"]
+    assert got["female-stereotyped"].tolist() == [1.5, -0.5]
+    assert got["male-stereotyped"].tolist() == [-2.0, -2.5]
+    assert got["midpoint"].tolist() == [-0.25, -1.5]

@@ -24,7 +24,15 @@ batches (same seed), and differs only in the terms of its loss:
     (counterfactual logit pairing, Garg et al. 2019);
   - ``invariance``: ``task + lam * KL(p(. | x), p(. | x, do(f = f(x_cf))))`` over flagged
     features ``f`` (e.g. the pruned ones of the case study): the answer distribution
-    must not change when they take their counterfactual value.
+    must not change when they take their counterfactual value;
+  - ``consistency_wide``: ``consistency`` on the wide pair pool of
+    :mod:`~icp_lens.case_study.wide_pairs` (the train professions plus 34 others, every
+    same-length swap, extra templates; no eval-split word or template), plus the retain
+    term (``WIDE_RETAIN``: ``KL(original || trained)`` on IMDB *selection* reviews, not the
+    evaluation ones). Chosen on a validation split of the train professions (see there).
+    Recorded run (seeds 0, 1): held-out flip rate 0.34 vs ERM's 0.74, perplexity
+    unchanged, but held-out gap cut 47% (CLP 72%): most of the drop in flips is
+    female-stereotyped professions moving to " he", not the two groups meeting.
 
 *Why the pair terms compare the two-pronoun distribution* (``representation=
 "candidates"``) and not the whole next-token distribution: after "Yesterday the nurse
@@ -47,16 +55,27 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["METHODS", "FinetuneConfig", "FinetuneResult", "run_finetune", "targets_table", "train_method"]
+__all__ = [
+    "METHODS",
+    "WIDE_RETAIN",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "run_finetune",
+    "targets_table",
+    "train_method",
+]
 
 #: method -> the TrainConfig objective it runs (see the module docstring for the losses)
-METHODS: dict[str, str] = {"erm": "erm", "consistency": "consistency", "clp": "clp", "invariance": "invariance"}
+METHODS: dict[str, str] = {"erm": "erm", "consistency": "consistency", "clp": "clp", "invariance": "invariance",
+                           "consistency_wide": "consistency"}  # fmt: skip
+#: the retain term of ``consistency_wide``: weight, texts per step, tokens per text, pool size
+WIDE_RETAIN: dict[str, int | float] = {"retain_weight": 1.0, "retain_batch_size": 4, "retain_tokens": 32, "n_texts": 60}
 #: the measure columns of ``FinetuneResult.runs`` (see :func:`finetune_measures`)
 MEASURE_COLUMNS: tuple[str, ...] = (
     "flip_rate_train", "abs_shift_train", "gap_train", "explicit_accuracy_train",
@@ -169,9 +188,17 @@ def train_method(method: str, config: FinetuneConfig, seed: int, base: Any, toke
         representation=config.representation,
         seed=seed, log_every=max(1, config.steps // 10), progress=False,
     )  # fmt: skip
+    retain = None
+    if method == "consistency_wide":
+        from icp_lens.case_study.measures import imdb_texts
+        from icp_lens.case_study.wide_pairs import wide_pair_pool
+
+        settings = replace(settings, **{k: v for k, v in WIDE_RETAIN.items() if k != "n_texts"})
+        pairs, retain = wide_pair_pool(tokenizer), imdb_texts("select", int(WIDE_RETAIN["n_texts"]))
+    else:
+        pairs = None if method == "erm" else pronoun_probes("train")
     trainer = Trainer(
-        base, explicit_gender_probes("train"), settings, tokenizer=tokenizer,
-        pairs=None if method == "erm" else pronoun_probes("train"),
+        base, explicit_gender_probes("train"), settings, tokenizer=tokenizer, pairs=pairs, retain=retain,
         features=config.features if method == "invariance" else (),
     )  # fmt: skip
     result = trainer.fit()

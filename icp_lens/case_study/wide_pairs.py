@@ -1,0 +1,96 @@
+"""A wide pool of profession-swap pairs: many professions, so invariance has to generalise.
+
+The train split of :mod:`icp_lens.data.pronouns` has six (female, male) profession pairs.
+Consistency fine-tuning on their swaps makes the model ignore *those* professions
+(flip rate 0 on them) but barely moves unseen ones (held-out flip rate 0.66 against
+ERM's 0.74): with a dozen words, the cheapest way to satisfy the loss is to unlearn
+each word's gender, not the rule that a profession says nothing about the person.
+
+:func:`wide_pair_pool` swaps every profession of a larger list (the train split's
+plus :data:`EXTRA_FEMALE` / :data:`EXTRA_MALE`) with every profession of the other list
+that has the same number of tokens, over the train templates plus
+:data:`EXTRA_TEMPLATES`. None of these words or templates belongs to the eval split
+(:func:`eval_overlap` checks it; the tests assert it is empty), so held-out
+professions stay held out. Whether the extra professions really lean female or male
+for the model does not matter: the pair terms are symmetric in ``x`` and ``x_cf``.
+
+How it was chosen: on a validation split carved from the *train* professions
+(secretary/engineer and housekeeper/janitor held out of the pool, 20 prompts; seed 0,
+30 LoRA steps), ERM flipped 0.60 of the validation prompts, consistency on the
+train-split pool 0.50, consistency on a pool of the same professions with extra
+templates and cross swaps 0.50-0.60, CLP on it 0.40, and consistency on this wide pool
+0.10 (with the retain term; perplexity 53.6 vs the original's 53.8 on other reviews).
+The eval split was not read for any of these runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from icp_lens.probes import ProbeExample
+
+__all__ = ["EXTRA_FEMALE", "EXTRA_MALE", "EXTRA_TEMPLATES", "eval_overlap", "wide_pair_pool"]
+
+#: extra professions on the female side of the swaps (none is an eval-split word)
+EXTRA_FEMALE: tuple[str, ...] = (
+    "cashier", "cleaner", "florist", "babysitter", "beautician", "typist", "counselor", "dietitian",
+    "assistant", "clerk", "bookkeeper", "designer", "editor", "nutritionist", "therapist",
+)  # fmt: skip
+#: extra professions on the male side of the swaps (none is an eval-split word)
+EXTRA_MALE: tuple[str, ...] = (
+    "mover", "farmer", "guard", "pilot", "surgeon", "miner", "welder", "mason", "builder", "driver",
+    "chef", "banker", "lawyer", "programmer", "architect", "laborer", "captain", "boxer", "technician",
+)  # fmt: skip
+#: extra templates (none is an eval-split template or uses an eval-split verb)
+EXTRA_TEMPLATES: tuple[str, ...] = (
+    "At the party the {x} joked that",
+    "On the phone the {x} insisted that",
+    "Before the meeting the {x} warned that",
+    "In the email the {x} noted that",
+    "At the station the {x} reported that",
+    "Over coffee the {x} suggested that",
+)
+
+
+def _verb(template: str) -> str:
+    return template.split("{x}")[1].split()[0]  # "... the {x} wrote that" -> "wrote"
+
+
+def eval_overlap() -> set[str]:
+    """Professions, templates and template verbs of the wide pool that the eval split also uses: must be empty."""
+    from icp_lens.data.pronouns import PRONOUN_SPLITS
+
+    ev, train = PRONOUN_SPLITS["eval"], PRONOUN_SPLITS["train"]
+    templates = train.templates + EXTRA_TEMPLATES
+    ours = set(EXTRA_FEMALE) | set(EXTRA_MALE) | {w for f, m, _ in train.pairs for w in (f, m)}
+    ours |= set(templates) | {_verb(t) for t in templates}
+    return ours & ({w for f, m, _ in ev.pairs for w in (f, m)} | set(ev.templates) | {_verb(t) for t in ev.templates})
+
+
+def wide_pair_pool(tokenizer: Any, *, exclude: Sequence[str] = ()) -> list[ProbeExample]:
+    """Profession-swap pairs over the train split's professions and the extra ones.
+
+    Every female-side profession is swapped with every male-side one of the same token
+    count (``tokenizer``, leading space), in both directions, over the train templates and
+    :data:`EXTRA_TEMPLATES`; ``exclude`` drops professions (e.g. a validation split's).
+    Each example has ``answer`` " she", ``alternatives`` (" he",), the swap as
+    ``spurious_counterfactual`` and the side as ``group``.
+    """
+    from icp_lens.data.pronouns import FEMALE, HE, MALE, PRONOUN_SPLITS, SHE
+
+    train = PRONOUN_SPLITS["train"]
+    drop = set(exclude)
+    female = [w for w in [f for f, _, _ in train.pairs] + list(EXTRA_FEMALE) if w not in drop]
+    male = [w for w in [m for _, m, _ in train.pairs] + list(EXTRA_MALE) if w not in drop]
+    counts = {w: len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) for w in female + male}
+    out: list[ProbeExample] = []
+    for template in train.templates + EXTRA_TEMPLATES:
+        for f in female:
+            for m in male:
+                if counts[f] != counts[m]:
+                    continue
+                for job, other, group in ((f, m, FEMALE), (m, f, MALE)):
+                    out.append(ProbeExample(prompt=template.format(x=job), answer=SHE, alternatives=(HE,),
+                                            spurious_counterfactual=template.format(x=other), group=group))  # fmt: skip
+    return out
