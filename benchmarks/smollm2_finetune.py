@@ -103,8 +103,9 @@ def markdown(result: FinetuneResult, pruning_cut: float | None, command: str) ->
         f"lr {c.lr:g}, batch {c.batch_size} explicit-cue prompts + up to {c.batch_size} profession pairs per step, "
         f"seeds {list(c.seeds)}; pair terms compare the `{c.representation}` distribution. Task term: she/he "
         "cross-entropy on the train-split explicit-cue prompts; pair terms: the 60 train-split profession prompts "
-        "and their swaps (`consistency_wide`: the wide pool of `icp_lens.case_study.wide_pairs`, train-split and 34 "
-        "extra professions, every same-length swap, 11 templates, plus the retain term on IMDB selection reviews). "
+        "and their swaps (`consistency_wide`: lam 0.15 on the wide pool of `icp_lens.case_study.wide_pairs`, "
+        "train-split and 34 extra professions, every same-length swap and swaps to a neutral noun, 11 templates, plus "
+        "the retain term on IMDB selection reviews and neutral-noun prompts). "
         "Held-out = the eval split's professions and templates (never trained on, never used "
         f"to choose settings). IMDB perplexity: {c.n_imdb} evaluation reviews x {c.imdb_tokens} tokens."
         + (f" Invariance regularises {', '.join(c.features)}." if "invariance" in c.methods else ""),

@@ -95,7 +95,14 @@ class _CharTokenizer:
 
 
 def test_wide_pair_pool_by_hand() -> None:
-    from icp_lens.case_study.wide_pairs import EXTRA_FEMALE, EXTRA_MALE, EXTRA_TEMPLATES, eval_overlap, wide_pair_pool
+    from icp_lens.case_study.wide_pairs import (
+        EXTRA_FEMALE,
+        EXTRA_MALE,
+        EXTRA_TEMPLATES,
+        anchor_prompts,
+        eval_overlap,
+        wide_pair_pool,
+    )
     from icp_lens.data.pronouns import PRONOUN_SPLITS
 
     assert eval_overlap() == set()  # no eval-split profession, template or verb
@@ -117,6 +124,16 @@ def test_wide_pair_pool_by_hand() -> None:
     assert all(
         n(e.prompt.split()[-3]) == n(e.spurious_counterfactual.split()[-3]) for e in pool if "{x}" not in e.prompt
     )
+    # neutral swaps: every profession whose token count has a neutral noun of that count, per template
+    with_neutral = wide_pair_pool(tok, neutral=True)
+    extra = with_neutral[len(pool) :]
+    n_templates = len(train.templates) + len(EXTRA_TEMPLATES)
+    fits = [w for w in female + male if n(w) == 2]  # "person" is 2 here and staffer 2: only the 2-count slot fits
+    assert len(extra) == n_templates * len(fits)
+    assert {e.spurious_counterfactual.split()[-3] for e in extra} == {"staffer"}
+    assert extra[0].prompt == "Yesterday the nurse wrote that" and extra[0].group == "female-stereotyped"
+    anchors = anchor_prompts()
+    assert len(anchors) == n_templates * 4 and anchors[0] == "Yesterday the person wrote that"
     held = wide_pair_pool(tok, exclude=("secretary", "engineer"))
     assert not any("secretary" in e.prompt or "engineer" in e.prompt for e in held) and len(held) < len(pool)
 

@@ -25,14 +25,18 @@ batches (same seed), and differs only in the terms of its loss:
   - ``invariance``: ``task + lam * KL(p(. | x), p(. | x, do(f = f(x_cf))))`` over flagged
     features ``f`` (e.g. the pruned ones of the case study): the answer distribution
     must not change when they take their counterfactual value;
-  - ``consistency_wide``: ``consistency`` on the wide pair pool of
+  - ``consistency_wide``: ``consistency`` with ``lam`` 0.15 on the wide pair pool of
     :mod:`~icp_lens.case_study.wide_pairs` (the train professions plus 34 others, every
-    same-length swap, extra templates; no eval-split word or template), plus the retain
-    term (``WIDE_RETAIN``: ``KL(original || trained)`` on IMDB *selection* reviews, not the
-    evaluation ones). Chosen on a validation split of the train professions (see there).
-    Recorded run (seeds 0, 1): held-out flip rate 0.34 vs ERM's 0.74, perplexity
-    unchanged, but held-out gap cut 47% (CLP 72%): most of the drop in flips is
-    female-stereotyped professions moving to " he", not the two groups meeting.
+    same-length swap and every swap to a neutral noun, extra templates; no eval-split word
+    or template), plus the retain term (``WIDE_RETAIN``: ``KL(original || trained)`` on
+    IMDB *selection* reviews, not the evaluation ones, and on neutral-noun prompts, which
+    anchor the shared answer at the original's). Chosen on a validation split of the
+    train professions (see :mod:`~icp_lens.case_study.wide_pairs`). Recorded run (seeds
+    0, 1): held-out flip rate 0.29 (ERM 0.74), held-out gap cut 83% (CLP 72%), held-out
+    mean margins -0.10 / -0.79 (original +1.71 / -2.33: no drift toward one pronoun),
+    perplexity -0.8%, explicit cues 100%; but 0.17 of the *seen* prompts flip (their
+    margins are near 0: mean |delta margin| 0.36), so the <= 1% target on seen
+    professions is missed.
 
 *Why the pair terms compare the two-pronoun distribution* (``representation=
 "candidates"``) and not the whole next-token distribution: after "Yesterday the nurse
@@ -63,6 +67,7 @@ import pandas as pd
 
 __all__ = [
     "METHODS",
+    "WIDE_LAM",
     "WIDE_RETAIN",
     "FinetuneConfig",
     "FinetuneResult",
@@ -74,8 +79,9 @@ __all__ = [
 #: method -> the TrainConfig objective it runs (see the module docstring for the losses)
 METHODS: dict[str, str] = {"erm": "erm", "consistency": "consistency", "clp": "clp", "invariance": "invariance",
                            "consistency_wide": "consistency"}  # fmt: skip
-#: the retain term of ``consistency_wide``: weight, texts per step, tokens per text, pool size
+#: ``consistency_wide``: retain weight, retain texts per step, tokens per text, IMDB texts; pair weight ``lam``
 WIDE_RETAIN: dict[str, int | float] = {"retain_weight": 1.0, "retain_batch_size": 4, "retain_tokens": 32, "n_texts": 60}
+WIDE_LAM = 0.15
 #: the measure columns of ``FinetuneResult.runs`` (see :func:`finetune_measures`)
 MEASURE_COLUMNS: tuple[str, ...] = (
     "flip_rate_train", "abs_shift_train", "gap_train", "explicit_accuracy_train",
@@ -191,10 +197,12 @@ def train_method(method: str, config: FinetuneConfig, seed: int, base: Any, toke
     retain = None
     if method == "consistency_wide":
         from icp_lens.case_study.measures import imdb_texts
-        from icp_lens.case_study.wide_pairs import wide_pair_pool
+        from icp_lens.case_study.wide_pairs import anchor_prompts, wide_pair_pool
 
-        settings = replace(settings, **{k: v for k, v in WIDE_RETAIN.items() if k != "n_texts"})
-        pairs, retain = wide_pair_pool(tokenizer), imdb_texts("select", int(WIDE_RETAIN["n_texts"]))
+        lam = config.lam.get(method, WIDE_LAM)
+        settings = replace(settings, lam=lam, **{k: v for k, v in WIDE_RETAIN.items() if k != "n_texts"})
+        pairs = wide_pair_pool(tokenizer, neutral=True)
+        retain = imdb_texts("select", int(WIDE_RETAIN["n_texts"])) + anchor_prompts()
     else:
         pairs = None if method == "erm" else pronoun_probes("train")
     trainer = Trainer(

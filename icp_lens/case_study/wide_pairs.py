@@ -16,11 +16,19 @@ for the model does not matter: the pair terms are symmetric in ``x`` and ``x_cf`
 
 How it was chosen: on a validation split carved from the *train* professions
 (secretary/engineer and housekeeper/janitor held out of the pool, 20 prompts; seed 0,
-30 LoRA steps), ERM flipped 0.60 of the validation prompts, consistency on the
-train-split pool 0.50, consistency on a pool of the same professions with extra
-templates and cross swaps 0.50-0.60, CLP on it 0.40, and consistency on this wide pool
-0.10 (with the retain term; perplexity 53.6 vs the original's 53.8 on other reviews).
-The eval split was not read for any of these runs.
+30 LoRA steps; validation stereotype gap of the original 2.36, flip rate 1.0). ERM:
+flip 0.60, gap 10.3. Consistency on the train-split pool: flip 0.50; on a pool of the
+same 8 professions with extra templates, cross and neutral swaps: 0.50-0.60 (CLP on it
+0.40). Consistency on the wide pool (lam 0.5, retain term): flip 0.10, gap 1.06, but
+every profession drifted toward " he" (female-side margin +1.24 -> -0.73). Adding the
+neutral swaps: gap 0.84; plus the neutral anchor prompts in the retain pool: gap 0.89;
+lam 0.3: gap 0.57; **lam 0.15: flip 0.00, gap 0.16 (93% cut), margins -0.28 / -0.44,
+explicit cues 100%, perplexity 53.3 vs the original's 53.8** (other reviews); a
+retain weight of 4 instead of 1: gap 0.90. ``consistency_wide`` in
+:mod:`icp_lens.case_study.finetune` is that last setting. The eval split was not read
+for any of these runs. On the eval split (seeds 0, 1) it gives held-out flip rate 0.29
+(ERM 0.74) and a held-out gap cut of 83% (CLP 72%), perplexity -0.8%
+(``benchmarks/results/smollm2_finetune.md``).
 """
 
 from __future__ import annotations
@@ -30,7 +38,16 @@ from typing import Any
 
 from icp_lens.probes import ProbeExample
 
-__all__ = ["EXTRA_FEMALE", "EXTRA_MALE", "EXTRA_TEMPLATES", "eval_overlap", "wide_pair_pool"]
+__all__ = [
+    "ANCHOR_WORDS",
+    "EXTRA_FEMALE",
+    "EXTRA_MALE",
+    "EXTRA_TEMPLATES",
+    "NEUTRAL_WORDS",
+    "anchor_prompts",
+    "eval_overlap",
+    "wide_pair_pool",
+]
 
 #: extra professions on the female side of the swaps (none is an eval-split word)
 EXTRA_FEMALE: tuple[str, ...] = (
@@ -53,6 +70,12 @@ EXTRA_TEMPLATES: tuple[str, ...] = (
 )
 
 
+#: a neutral person noun per token count (SmolLM2, leading space), for the swaps profession -> neutral
+NEUTRAL_WORDS: dict[int, str] = {1: "person", 2: "staffer"}
+#: neutral nouns whose prompts anchor the answer distribution to the original model's (see ``anchor_prompts``)
+ANCHOR_WORDS: tuple[str, ...] = ("person", "worker", "employee", "individual")
+
+
 def _verb(template: str) -> str:
     return template.split("{x}")[1].split()[0]  # "... the {x} wrote that" -> "wrote"
 
@@ -64,18 +87,21 @@ def eval_overlap() -> set[str]:
     ev, train = PRONOUN_SPLITS["eval"], PRONOUN_SPLITS["train"]
     templates = train.templates + EXTRA_TEMPLATES
     ours = set(EXTRA_FEMALE) | set(EXTRA_MALE) | {w for f, m, _ in train.pairs for w in (f, m)}
-    ours |= set(templates) | {_verb(t) for t in templates}
+    ours |= set(NEUTRAL_WORDS.values()) | set(ANCHOR_WORDS) | set(templates) | {_verb(t) for t in templates}
     return ours & ({w for f, m, _ in ev.pairs for w in (f, m)} | set(ev.templates) | {_verb(t) for t in ev.templates})
 
 
-def wide_pair_pool(tokenizer: Any, *, exclude: Sequence[str] = ()) -> list[ProbeExample]:
+def wide_pair_pool(tokenizer: Any, *, exclude: Sequence[str] = (), neutral: bool = False) -> list[ProbeExample]:
     """Profession-swap pairs over the train split's professions and the extra ones.
 
     Every female-side profession is swapped with every male-side one of the same token
     count (``tokenizer``, leading space), in both directions, over the train templates and
     :data:`EXTRA_TEMPLATES`; ``exclude`` drops professions (e.g. a validation split's).
-    Each example has ``answer`` " she", ``alternatives`` (" he",), the swap as
-    ``spurious_counterfactual`` and the side as ``group``.
+    ``neutral`` appends, per template, each profession swapped for the
+    :data:`NEUTRAL_WORDS` noun of its token count ("the nurse" vs "the person"): the
+    pair terms then pull every profession toward one neutral reference instead of only
+    toward each other. Each example has ``answer`` " she", ``alternatives`` (" he",),
+    the swap as ``spurious_counterfactual`` and the profession's side as ``group``.
     """
     from icp_lens.data.pronouns import FEMALE, HE, MALE, PRONOUN_SPLITS, SHE
 
@@ -93,4 +119,26 @@ def wide_pair_pool(tokenizer: Any, *, exclude: Sequence[str] = ()) -> list[Probe
                 for job, other, group in ((f, m, FEMALE), (m, f, MALE)):
                     out.append(ProbeExample(prompt=template.format(x=job), answer=SHE, alternatives=(HE,),
                                             spurious_counterfactual=template.format(x=other), group=group))  # fmt: skip
+    if neutral:
+        sides = [(w, FEMALE) for w in female] + [(w, MALE) for w in male]
+        for template in train.templates + EXTRA_TEMPLATES:
+            for job, group in sides:
+                word = NEUTRAL_WORDS.get(counts[job])
+                if word is None or len(tokenizer(" " + word, add_special_tokens=False)["input_ids"]) != counts[job]:
+                    continue
+                out.append(ProbeExample(prompt=template.format(x=job), answer=SHE, alternatives=(HE,),
+                                        spurious_counterfactual=template.format(x=word), group=group))  # fmt: skip
     return out
+
+
+def anchor_prompts() -> list[str]:
+    """The train and extra templates with each :data:`ANCHOR_WORDS` noun ("Yesterday the person wrote that").
+
+    Added to the retain pool, they hold the answer distribution after a *neutral* noun at
+    the original model's: the pair terms make every profession answer like its swap, and
+    without an anchor that shared answer drifts toward " he" (the task term pushes the
+    male-ish words harder than the female-ish ones).
+    """
+    from icp_lens.data.pronouns import PRONOUN_SPLITS
+
+    return [t.format(x=w) for t in PRONOUN_SPLITS["train"].templates + EXTRA_TEMPLATES for w in ANCHOR_WORDS]
