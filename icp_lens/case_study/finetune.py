@@ -174,10 +174,10 @@ class FinetuneResult:
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
-        from icp_lens.case_study.run import _jsonable
+        from icp_lens.jsonsafe import jsonable
 
         frames = {"summary": self.summary, "targets": self.targets, "runs": self.runs, "professions": self.professions}
-        records = {k: _jsonable(v.astype(object).to_dict(orient="records")) for k, v in frames.items()}
+        records = {k: jsonable(v.astype(object).to_dict(orient="records")) for k, v in frames.items()}
         return {"config": self.config.to_dict(), **records, "seconds": self.seconds}
 
 

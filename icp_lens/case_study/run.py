@@ -39,7 +39,7 @@ from icp_lens.case_study.config import FULL, CaseConfig
 from icp_lens.features import Feature
 from icp_lens.jsonsafe import jsonable
 
-_jsonable = jsonable  # the name case_study.finetune imports
+_jsonable = jsonable  # the former private name, kept for code that imported it
 
 __all__ = ["CaseResult", "run_case", "results_table", "plot_professions"]
 

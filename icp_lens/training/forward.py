@@ -5,9 +5,10 @@
 for the invariance term, the intervened copy ``do`` of the anchor rows (``a``, else the
 first rows of ``x``) with the step's edits. This module runs them:
 
-- :func:`stacked_forward`, the reference: blocks of one token length are concatenated
-  along the batch and run in one pass, the edits hitting the ``do`` rows only (rows never
-  interact in a transformer, so one pass equals separate runs);
+- :func:`stacked_forward` (:mod:`~icp_lens.training.stacked`), the reference: blocks of
+  one token length are concatenated along the batch and run in one pass, the edits
+  hitting the ``do`` rows only (rows never interact in a transformer, so one pass equals
+  separate runs);
 - :func:`branched_forward`, the fast path (:mod:`icp_lens.training.branch`): ``do`` is
   not run from the embeddings but branched off the anchor rows at the first edited
   layer, and attention the intervened copy would throw away is skipped;
@@ -28,10 +29,9 @@ Both passes can unembed the last position only (``last_only``, a bridge's
 ``logits_to_keep=1``): the answer losses read nothing else, and on a real vocabulary the
 unembedding of every position is a large share of a small model's forward pass.
 
-:func:`capture_prefix` computes the values a ``resample`` intervention patches in: the
-flagged features' activations on the counterfactual, without gradient, running the model
-only as far as the last flagged hook point. :func:`shared_prefix` is the number of
-leading positions where a batch and its counterfactuals agree in every row.
+:func:`stacked_forward` lives in :mod:`icp_lens.training.stacked`, :func:`capture_prefix`
+(the values a ``resample`` patches in) and :func:`shared_prefix` (where the suffix path
+can start) in :mod:`icp_lens.training.counterfactuals`; this module re-exports them.
 """
 
 from __future__ import annotations
@@ -42,14 +42,12 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import replace
 from functools import partial
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from icp_lens.edits import Edit, intervene
-from icp_lens.features import Feature
-from icp_lens.hooks import HookFn, capturing, hooked
+from icp_lens.hooks import capturing, hooked
 from icp_lens.interventions import Mean, Resample, Zero
 from icp_lens.model import HookedModel, is_bridge, model_dims
 from icp_lens.scoring.prefix import hf_cache_prefix
@@ -63,6 +61,8 @@ from icp_lens.training.branch import (
     suffix_start,
     tail_start,
 )
+from icp_lens.training.counterfactuals import capture_prefix, shared_prefix
+from icp_lens.training.stacked import Outputs, _passes, _run, _split, stacked_forward
 
 __all__ = [
     "Outputs",
@@ -73,48 +73,6 @@ __all__ = [
     "suffix_forward",
     "StepForward",
 ]
-
-#: ``block -> (logits, last-position logits, captured representation or None)``
-Outputs = dict[str, tuple[Tensor, Tensor, Tensor | None]]
-
-
-class _StopForward(Exception):
-    """Raised by a hook once every needed activation is recorded (ends the forward pass early)."""
-
-
-@torch.no_grad()
-def capture_prefix(model: HookedModel, features: Sequence[Feature], tokens: Tensor) -> dict[str, Tensor]:
-    """The activations at ``features``' hook points on ``tokens``, running the model only
-    as far as the last of those hook points (no gradient)."""
-    names = sorted({f.hook_name for f in features})
-    store: dict[str, Tensor] = {}
-
-    def record(name: str) -> HookFn:
-        def hook_fn(activation: Tensor, hook: Any) -> None:
-            store[name] = activation.clone()
-            if len(store) == len(names):  # everything needed is recorded: end the forward pass here
-                raise _StopForward
-
-        return hook_fn
-
-    with hooked(model, [(name, record(name)) for name in names]):
-        try:
-            model(tokens)
-        except _StopForward:
-            pass
-    return store
-
-
-def shared_prefix(tokens: Tensor, other: Tensor) -> int:
-    """How many leading positions ``tokens`` and ``other`` (same shape) agree on in every row.
-
-    A model is causal, so up to there any activation on ``other`` equals the one on
-    ``tokens``: a ``resample`` from ``other`` changes nothing before it.
-    """
-    if tokens.shape != other.shape:
-        raise ValueError(f"shared_prefix needs equal shapes, got {tuple(tokens.shape)} and {tuple(other.shape)}")
-    differs = (tokens != other).any(0).nonzero()
-    return int(differs[0]) if differs.numel() else int(tokens.shape[1])
 
 
 def _suffix_edits(edits: Sequence[Edit], start: int, seq_len: int, n: int) -> list[Edit] | None:
@@ -133,58 +91,6 @@ def _suffix_edits(edits: Sequence[Edit], start: int, seq_len: int, n: int) -> li
         elif not isinstance(iv, (Zero, Mean)):
             return None
         out.append(replace(e, intervention=iv, positions=None, rows=None))
-    return out
-
-
-def _passes(blocks: list[tuple[str, Tensor]]) -> list[tuple[Tensor, dict[str, tuple[int, int]]]]:
-    """Blocks grouped by token length: one ``(stacked tokens, block -> row span)`` per pass."""
-    by_len: dict[int, list[tuple[str, Tensor]]] = {}
-    for name, tokens in blocks:
-        by_len.setdefault(tokens.shape[1], []).append((name, tokens))
-    passes = []
-    for members in by_len.values():
-        spans, start = {}, 0
-        for name, tokens in members:
-            spans[name] = (start, start + tokens.shape[0])
-            start += tokens.shape[0]
-        passes.append((torch.cat([t for _, t in members]), spans))
-    return passes
-
-
-def _split(logits: Tensor, captured: Tensor | None, spans: dict[str, tuple[int, int]], out: Outputs) -> None:
-    for name, (lo, hi) in spans.items():
-        out[name] = (logits[lo:hi], logits[lo:hi, -1], None if captured is None else captured[lo:hi])
-
-
-def _run(model: HookedModel, tokens: Tensor, last_only: bool) -> Tensor:
-    """The model's logits; with ``last_only`` only the last position's (``[batch, 1, vocab]``)."""
-    return model(tokens, logits_to_keep=1) if last_only else model(tokens)
-
-
-def stacked_forward(
-    model: HookedModel,
-    blocks: list[tuple[str, Tensor]],
-    edits: Sequence[Edit],
-    rep_hook: str | None = None,
-    *,
-    last_only: bool = False,
-) -> Outputs:
-    """The reference: run the blocks stacked along the batch (one pass per token length).
-
-    ``edits`` (rows relative to the block) hit block ``"do"``; ``rep_hook`` is a hook
-    point whose activation is captured (with gradient) as each block's representation.
-    ``last_only`` unembeds the last position only (a bridge's ``logits_to_keep=1``): the
-    returned logits are then ``[rows, 1, vocab]``.
-    """
-    out: Outputs = {}
-    for tokens, spans in _passes(blocks):
-        pass_edits = [replace(e, rows=spans["do"]) for e in edits] if "do" in spans else []
-        with ExitStack() as stack:
-            stack.enter_context(intervene(model, pass_edits))
-            store = stack.enter_context(capturing(model, [rep_hook] if rep_hook else [], detach=False))
-            logits = _run(model, tokens, last_only)
-            captured = store.get(rep_hook) if rep_hook else None
-        _split(logits, captured, spans, out)
     return out
 
 

@@ -68,8 +68,9 @@ from icp_lens.features import Feature
 from icp_lens.interventions import Mean, Resample, Zero
 from icp_lens.model import HookedModel, model_dims
 from icp_lens.training import losses as L
+from icp_lens.training.counterfactuals import capture_prefix, shared_prefix
 from icp_lens.training.data import TrainBatch
-from icp_lens.training.forward import StepForward, capture_prefix, shared_prefix
+from icp_lens.training.forward import StepForward
 
 if TYPE_CHECKING:  # pragma: no cover
     from icp_lens.training.config import TrainConfig
