@@ -47,6 +47,14 @@ def _table(result: FinetuneResult) -> pd.DataFrame:
     })  # fmt: skip
 
 
+def _staged_steps(result: FinetuneResult) -> str:
+    """How many steps the ``consistency_staged`` runs took in all, per seed (early stopping picks the length)."""
+    runs = result.runs[result.runs["method"] == "consistency_staged"]
+    if runs.empty:
+        return ""
+    return f"; it ran {', '.join(str(int(n)) for n in runs['steps'])} steps in all (per seed)"
+
+
 def _professions(result: FinetuneResult) -> pd.DataFrame:
     """Held-out per-profession margins, one column per method (mean over seeds)."""
     p = result.professions[result.professions["split"] == "eval"]
@@ -78,7 +86,7 @@ def plot(result: FinetuneResult) -> Any:
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(wide) + 1.5))
     height = 0.8 / len(methods)
     colors = {"original": "#bbbbbb", "erm": "#7f7f7f", "consistency": "#c0392b", "clp": "#2874a6",
-              "invariance": "#27ae60", "consistency_wide": "#8e44ad"}  # fmt: skip
+              "invariance": "#27ae60", "consistency_wide": "#8e44ad", "consistency_staged": "#d35400"}  # fmt: skip
     for j, m in enumerate(methods):
         ys = [i + 0.4 - (j + 0.5) * height for i in range(len(wide))]
         ax.barh(ys, wide[m], height=height, label=m, color=colors.get(m))
@@ -105,7 +113,10 @@ def markdown(result: FinetuneResult, pruning_cut: float | None, command: str) ->
         "cross-entropy on the train-split explicit-cue prompts; pair terms: the 60 train-split profession prompts "
         "and their swaps (`consistency_wide`: lam 0.15 on the wide pool of `icp_lens.case_study.wide_pairs`, "
         "train-split and 34 extra professions, every same-length swap and swaps to a neutral noun, 11 templates, plus "
-        "the retain term on IMDB selection reviews and neutral-noun prompts). "
+        "the retain term on IMDB selection reviews and neutral-noun prompts; `consistency_staged`: the same, then "
+        f"at most {c.seen_steps} more steps with the same loss on the 60 train-split prompts alone, stopped "
+        f"{c.seen_patience} flip-rate checks of those prompts (every {c.seen_check_every} steps) after the last drop, "
+        f"keeping the earliest weights with the fewest flips{_staged_steps(result)}). "
         "Held-out = the eval split's professions and templates (never trained on, never used "
         f"to choose settings). IMDB perplexity: {c.n_imdb} evaluation reviews x {c.imdb_tokens} tokens."
         + (f" Invariance regularises {', '.join(c.features)}." if "invariance" in c.methods else ""),

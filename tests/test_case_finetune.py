@@ -72,7 +72,7 @@ def test_targets_table_by_hand() -> None:
 
 
 def test_config_errors_name_the_valid_choices() -> None:
-    valid = r"valid: \['erm', 'consistency', 'clp', 'invariance', 'consistency_wide'\]"
+    valid = r"valid: \['erm', 'consistency', 'clp', 'invariance', 'consistency_wide', 'consistency_staged'\]"
     with pytest.raises(ValueError, match=rf"Unknown method\(s\) \['cpl'\]; {valid}"):
         FinetuneConfig(methods=("erm", "cpl"))
     with pytest.raises(ValueError, match=valid):
@@ -84,7 +84,9 @@ def test_config_errors_name_the_valid_choices() -> None:
     with pytest.raises(ValueError, match=rf"Unknown method 'dro'; {valid}"):
         train_method("dro", FinetuneConfig(), 0, None, None)
     assert FinetuneConfig(methods=["clp"], seeds=[1, 2]).seeds == (1, 2)
-    assert list(METHODS) == ["erm", "consistency", "clp", "invariance", "consistency_wide"]
+    assert list(METHODS) == ["erm", "consistency", "clp", "invariance", "consistency_wide", "consistency_staged"]
+    with pytest.raises(ValueError, match="seen_steps must be >= 1"):
+        FinetuneConfig(seen_steps=0)
 
 
 class _CharTokenizer:
@@ -202,6 +204,44 @@ def test_consistency_finetuning_on_smollm2(smollm2_dir: Path) -> None:  # noqa: 
     assert targets.loc["flip rate, held-out vs ERM", "met"] is None  # no ERM run to compare with
     saved = json.loads(json.dumps(result.to_dict()))
     assert saved["config"]["methods"] == ["consistency"] and len(saved["runs"]) == 2
+
+
+@pytest.mark.slow
+@needs_real
+def test_staged_consistency_runs_two_stages(smollm2_dir: Path) -> None:  # noqa: F811
+    """consistency_staged: the wide pool, then the seen pairs alone, stopped on their flip rate; base untouched."""
+    from icp_lens.data import pronoun_probes
+    from icp_lens.loading import load_model
+
+    base, tok = load_model(str(smollm2_dir))
+    seen = pronoun_probes("train")
+    before = pair_shift(*counterfactual_margins(base, tok, seen))
+    assert before == pytest.approx((1.0, 3.26), abs=2e-3)  # the original: every seen pair flips
+    config = FinetuneConfig(model=str(smollm2_dir), steps=2, seen_steps=4, seen_check_every=2, seen_patience=5,
+                            batch_size=8, lr=1e-3)  # fmt: skip
+    model, result = train_method("consistency_staged", config, 0, base, tok)
+    assert result.steps == 6 and result.total_steps == 6 and not result.stopped_early
+    history = result.history
+    train = history[history["kind"] == "train"]
+    assert train.groupby("stage")["step"].agg(["min", "max"]).to_dict("index") == {
+        1: {"min": 1, "max": 2},
+        2: {"min": 3, "max": 6},
+    }
+    assert {"task", "consistency", "retain", "loss"} <= set(train.columns)
+    # the second stage checks the seen pairs' flip rate at its start and every 2 steps, and keeps the best weights
+    checks = history[history["kind"] == "val"]
+    assert (checks["stage"] == 2).all() and checks["step"].tolist() == [2, 4, 6]
+    # seeded: 0.83, 0.43, 0.37 of the 60 seen prompts still flip at steps 2, 4, 6 (stage 2 pins them down)
+    assert checks["flip_rate"].tolist() == pytest.approx([0.833, 0.433, 0.367], abs=0.05)
+    best = checks["flip_rate"].min()
+    assert result.best_metric == pytest.approx(best)
+    assert result.best_step == checks.loc[checks["flip_rate"] == best, "step"].iloc[0]
+    flips, shift = pair_shift(*counterfactual_margins(model.eval(), tok, seen))
+    assert flips == pytest.approx(best, abs=1 / 60) and flips < 1.0
+    assert shift < 0.6 * before[1]
+    assert pair_shift(*counterfactual_margins(base, tok, seen)) == pytest.approx(before)  # base left untouched
+    with pytest.raises(ValueError, match="seen_check_every must be >= 1"):
+        FinetuneConfig(seen_check_every=0)
 
 
 def test_group_means_show_a_pronoun_default() -> None:

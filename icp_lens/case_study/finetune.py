@@ -37,6 +37,23 @@ batches (same seed), and differs only in the terms of its loss:
     perplexity -0.8%, explicit cues 100%; but 0.17 of the *seen* prompts flip (their
     margins are near 0: mean |delta margin| 0.36), so the <= 1% target on seen
     professions is missed.
+  - ``consistency_staged``: ``consistency_wide`` for ``steps`` steps, then a second
+    stage on the train-split pairs alone, from the first stage's model, with the same
+    loss and retain term. The wide pool teaches the rule; the second stage pins the seen
+    professions, whose answers the wide pool leaves near 50/50 with small residual
+    differences (the seen flips of ``consistency_wide``). The second stage runs at most
+    ``seen_steps`` (30) steps; every ``seen_check_every`` (5) steps it measures the flip
+    rate of the train-split pairs themselves (training data, no held-out prompt) and stops
+    after ``seen_patience`` (2) checks without a drop, keeping the earliest weights with
+    the fewest flips (the trainer's early stopping on ``flip_rate``). Stopping early
+    matters: the longer the second stage runs, the more it fits the seen professions
+    alone and the more the unseen ones drift apart again. Chosen on the same validation
+    split (see :mod:`~icp_lens.case_study.wide_pairs`). Recorded run (seeds 0, 1; the
+    second stage ran 20 and 15 steps): seen flips 0.00, held-out flips 0.29, held-out
+    gap cut 82%, perplexity -0.7%, explicit cues 100%: every target met. Held-out mean
+    margins -0.25 / -0.96: the shared answer leans more to " he" than
+    ``consistency_wide``'s (the original says -0.08 after a neutral noun in the same
+    templates).
 
 *Why the pair terms compare the two-pronoun distribution* (``representation=
 "candidates"``) and not the whole next-token distribution: after "Yesterday the nurse
@@ -68,6 +85,7 @@ import pandas as pd
 __all__ = [
     "METHODS",
     "WIDE_LAM",
+    "WIDE_METHODS",
     "WIDE_RETAIN",
     "FinetuneConfig",
     "FinetuneResult",
@@ -78,8 +96,11 @@ __all__ = [
 
 #: method -> the TrainConfig objective it runs (see the module docstring for the losses)
 METHODS: dict[str, str] = {"erm": "erm", "consistency": "consistency", "clp": "clp", "invariance": "invariance",
-                           "consistency_wide": "consistency"}  # fmt: skip
-#: ``consistency_wide``: retain weight, retain texts per step, tokens per text, IMDB texts; pair weight ``lam``
+                           "consistency_wide": "consistency", "consistency_staged": "consistency"}  # fmt: skip
+#: the methods that train on the wide pair pool with the retain term (``WIDE_LAM``, ``WIDE_RETAIN``)
+WIDE_METHODS: tuple[str, ...] = ("consistency_wide", "consistency_staged")
+#: ``consistency_wide``: retain weight, retain texts per step, tokens per text, IMDB texts; ``lam`` (the task term's
+#: weight: the loss is ``lam * task + (1 - lam) * consistency``)
 WIDE_RETAIN: dict[str, int | float] = {"retain_weight": 1.0, "retain_batch_size": 4, "retain_tokens": 32, "n_texts": 60}
 WIDE_LAM = 0.15
 #: the measure columns of ``FinetuneResult.runs`` (see :func:`finetune_measures`)
@@ -104,7 +125,10 @@ class FinetuneConfig:
     default weights (consistency 0.5, clp and invariance 1.0) per method. ``features``
     are the features the ``invariance`` method regularises (it needs some). The
     measures use ``n_imdb`` evaluation reviews of ``imdb_tokens`` tokens and ``n_wino``
-    / ``n_crows`` bias pairs (0: skipped). ``targets`` are the thresholds of
+    / ``n_crows`` bias pairs (0: skipped). ``seen_steps`` is the most steps of
+    ``consistency_staged``'s second stage (train-split pairs only), which checks the
+    train-split flip rate every ``seen_check_every`` steps and stops after
+    ``seen_patience`` checks without a drop. ``targets`` are the thresholds of
     :func:`targets_table`.
     """
 
@@ -122,6 +146,9 @@ class FinetuneConfig:
     imdb_tokens: int = 128
     n_wino: int = 0
     n_crows: int = 0
+    seen_steps: int = 30
+    seen_check_every: int = 5
+    seen_patience: int = 2
     targets: Mapping[str, float] = field(
         default_factory=lambda: {
             "flip_rate_train": 0.01,
@@ -144,7 +171,7 @@ class FinetuneConfig:
             raise ValueError("The 'invariance' method regularises flagged features: pass features=(...)")
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
-        for name in ("steps", "batch_size", "lora_r", "imdb_tokens"):
+        for name in ("steps", "batch_size", "lora_r", "imdb_tokens", "seen_steps", "seen_check_every", "seen_patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -182,7 +209,14 @@ class FinetuneResult:
 
 
 def train_method(method: str, config: FinetuneConfig, seed: int, base: Any, tokenizer: Any) -> tuple[Any, Any]:
-    """Fine-tune ``base`` (left untouched) with ``method``; returns ``(LoRA-merged HF model, TrainResult)``."""
+    """Fine-tune ``base`` (left untouched) with ``method``; returns ``(LoRA-merged HF model, TrainResult)``.
+
+    For ``consistency_staged`` the result covers both stages: ``steps``, ``total_steps``
+    and ``seconds`` are their sums, ``history`` has a ``stage`` column (1, 2) with the
+    second stage's steps counted on, and ``best_step`` / ``best_metric`` / ``final`` are
+    the second stage's early stopping on the train-split flip rate (``best_step`` counted
+    on too).
+    """
     from icp_lens.data import explicit_gender_probes, pronoun_probes
     from icp_lens.training import TrainConfig, Trainer
 
@@ -195,7 +229,7 @@ def train_method(method: str, config: FinetuneConfig, seed: int, base: Any, toke
         seed=seed, log_every=max(1, config.steps // 10), progress=False,
     )  # fmt: skip
     retain = None
-    if method == "consistency_wide":
+    if method in WIDE_METHODS:
         from icp_lens.case_study.measures import imdb_texts
         from icp_lens.case_study.wide_pairs import anchor_prompts, wide_pair_pool
 
@@ -210,7 +244,26 @@ def train_method(method: str, config: FinetuneConfig, seed: int, base: Any, toke
         features=config.features if method == "invariance" else (),
     )  # fmt: skip
     result = trainer.fit()
-    return trainer.trained_hf_model(), result
+    if method != "consistency_staged":
+        return trainer.trained_hf_model(), result
+    # stage 2: the same loss and retain term on the train-split pairs alone, from stage 1's merged model,
+    # early-stopped on the flip rate of those same pairs (training data only)
+    n, seen_pairs = config.seen_steps, pronoun_probes("train")
+    seen = replace(
+        settings, max_steps=n, epochs=n, log_every=max(1, n // 6), early_stopping="flip_rate",
+        eval_every=config.seen_check_every, patience=config.seen_patience,
+    )  # fmt: skip
+    second = Trainer(trainer.trained_hf_model(), explicit_gender_probes("train"), seen, tokenizer=tokenizer,
+                     pairs=seen_pairs, retain=retain, val=seen_pairs)  # fmt: skip
+    last = second.fit()
+    later = last.history.assign(stage=2, step=last.history["step"] + result.steps)
+    history = pd.concat([result.history.assign(stage=1), later], ignore_index=True)
+    both = replace(
+        last, history=history, steps=result.steps + last.steps, total_steps=result.total_steps + last.total_steps,
+        seconds=result.seconds + last.seconds,
+        best_step=None if last.best_step is None else last.best_step + result.steps,
+    )  # fmt: skip
+    return second.trained_hf_model(), both
 
 
 def targets_table(summary: pd.DataFrame, targets: Mapping[str, float]) -> pd.DataFrame:

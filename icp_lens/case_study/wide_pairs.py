@@ -29,6 +29,28 @@ retain weight of 4 instead of 1: gap 0.90. ``consistency_wide`` in
 for any of these runs. On the eval split (seeds 0, 1) it gives held-out flip rate 0.29
 (ERM 0.74) and a held-out gap cut of 83% (CLP 72%), perplexity -0.8%
 (``benchmarks/results/smollm2_finetune.md``).
+
+The seen professions, on the same validation split (the 40 prompts of the other
+train-split professions): ``consistency_wide`` leaves their margins near 0 with small
+residual differences (|delta margin| 0.47), so 0.25 of them still flip. More pair
+weight (lam 0.05) or more copies of the seen pairs in the pool (30x, 90x) brings the
+answers even closer to 50/50 and the flips stay (0.10-0.40; lam 0.05 also drops
+explicit-cue accuracy to 0.73); 60 steps: seen flips 0.05 but validation gap 0.49;
+30x copies and 60 steps: flips 0.00 / 0.00, gap 0.46. Plain consistency on the seen
+pairs alone: seen flips 0.05, validation flips 0.50. **Two stages** (the wide pool for
+30 steps, then 15 steps with the same loss and retain term on the seen pairs alone):
+seen flips 0.00, validation flips 0.00, validation gap 0.19 (92% cut), perplexity 53.4;
+seed 1 the same (0.00 / 0.00, gap 0.20); a 10-step second stage: 0.00 / 0.00, gap 0.11;
+the second stage without the retain term at lam 0.5: 0.00 / 0.10, gap 0.83. A longer
+second stage fits the seen professions alone: 30 steps, validation flips 0.10 and gap
+0.44 / 0.53 (seeds 0 / 1). So the second stage stops early on the seen pairs' own flip
+rate (checked every 5 steps, at most 30, stopped 2 checks after the last drop, earliest
+best weights kept): it stopped at 5 steps on both seeds, seen flips 0.00, validation
+flips 0.00, validation gap 0.08 / 0.15 (fixed 15 steps: 0.19 / 0.20; checks every 3
+steps: 0.09 / 0.21). That rule is ``consistency_staged``. (History: a first eval run
+with a fixed 15-step second stage left 2 of the 60 seen prompts flipping on seed 1,
+seen flip rate 0.017 over both seeds, held-out 0.27, gap cut 81%; the stopping rule was
+then chosen on this validation split and the eval run repeated once.)
 """
 
 from __future__ import annotations
