@@ -77,10 +77,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:  # pragma: no cover
+    from icp_lens.training import TrainResult
 
 __all__ = [
     "METHODS",
@@ -239,8 +242,9 @@ def train_method(method: str, config: FinetuneConfig, seed: int, base: Any, toke
         retain = imdb_texts("select", int(WIDE_RETAIN["n_texts"])) + anchor_prompts()
     else:
         pairs = None if method == "erm" else pronoun_probes("train")
+    task = explicit_gender_probes("train")
     trainer = Trainer(
-        base, explicit_gender_probes("train"), settings, tokenizer=tokenizer, pairs=pairs, retain=retain,
+        base, task, settings, tokenizer=tokenizer, pairs=pairs, retain=retain,
         features=config.features if method == "invariance" else (),
     )  # fmt: skip
     result = trainer.fit()
@@ -253,17 +257,25 @@ def train_method(method: str, config: FinetuneConfig, seed: int, base: Any, toke
         settings, max_steps=n, epochs=n, log_every=max(1, n // 6), early_stopping="flip_rate",
         eval_every=config.seen_check_every, patience=config.seen_patience,
     )  # fmt: skip
-    second = Trainer(trainer.trained_hf_model(), explicit_gender_probes("train"), seen, tokenizer=tokenizer,
-                     pairs=seen_pairs, retain=retain, val=seen_pairs)  # fmt: skip
-    last = second.fit()
-    later = last.history.assign(stage=2, step=last.history["step"] + result.steps)
-    history = pd.concat([result.history.assign(stage=1), later], ignore_index=True)
-    both = replace(
-        last, history=history, steps=result.steps + last.steps, total_steps=result.total_steps + last.total_steps,
-        seconds=result.seconds + last.seconds,
-        best_step=None if last.best_step is None else last.best_step + result.steps,
-    )  # fmt: skip
+    second = Trainer(trainer.trained_hf_model(), task, seen, tokenizer=tokenizer, pairs=seen_pairs, retain=retain,
+                     val=seen_pairs)  # fmt: skip
+    both = _chain(result, second.fit())
     return second.trained_hf_model(), both
+
+
+def _chain(first: TrainResult, second: TrainResult) -> TrainResult:
+    """One ``TrainResult`` for two runs in a row: counts and times summed, ``second``'s steps counted on.
+
+    ``history`` gets a ``stage`` column (1, 2); ``best_step`` / ``best_metric`` / ``final`` /
+    ``stopped_early`` are the second run's (its early stopping chose the returned weights).
+    """
+    later = second.history.assign(stage=2, step=second.history["step"] + first.steps)
+    return replace(
+        second, history=pd.concat([first.history.assign(stage=1), later], ignore_index=True),
+        steps=first.steps + second.steps, total_steps=first.total_steps + second.total_steps,
+        seconds=first.seconds + second.seconds,
+        best_step=None if second.best_step is None else second.best_step + first.steps,
+    )  # fmt: skip
 
 
 def targets_table(summary: pd.DataFrame, targets: Mapping[str, float]) -> pd.DataFrame:
