@@ -48,15 +48,25 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "FeatureKind",
     "FEATURE_KINDS",
+    "ALL_KINDS",
+    "DIRECTION_SITES",
     "Feature",
+    "parse_site",
     "hook_name_for",
     "feature_count",
     "enumerate_features",
     "validate_feature",
 ]
 
-FeatureKind = Literal["neuron", "head", "resid", "value", "query", "key"]
-FEATURE_KINDS: tuple[str, ...] = get_args(FeatureKind)
+FeatureKind = Literal["neuron", "head", "resid", "value", "query", "key", "direction", "token"]
+#: the kinds that are a slice of a hook's activation (enumerable per layer)
+FEATURE_KINDS: tuple[str, ...] = ("neuron", "head", "resid", "value", "query", "key")
+#: every kind a score table or plan may hold: the unit kinds, fitted directions
+#: (``icp_lens.directions``) and token-embedding rows (``icp_lens.scoring.tokens``)
+ALL_KINDS: tuple[str, ...] = get_args(FeatureKind)
+#: where a direction feature lives: the residual stream (edited at every writer), one
+#: module's output, or one attention head's output ``z.H``
+DIRECTION_SITES: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out", "z.H")
 
 _HOOK_TEMPLATES: dict[str, str] = {
     "neuron": "blocks.{layer}.mlp.hook_post",
@@ -66,29 +76,61 @@ _HOOK_TEMPLATES: dict[str, str] = {
     "query": "blocks.{layer}.attn.hook_q",
     "key": "blocks.{layer}.attn.hook_k",
 }
-_LABEL = re.compile(r"^\s*(?P<kind>[a-z]+)\s+L(?P<layer>\d+)\.(?P<index>\d+)\s*$")
+_LABEL = re.compile(r"^\s*(?P<kind>[a-z]+)\s+L(?P<layer>\d+)\.(?P<index>\d+)(@(?P<site>[a-z_]+(\.\d+)?))?\s*$")
+_TOKEN_LABEL = re.compile(r"^\s*token\s+(?P<index>\d+)\s*$")
+_SITE_HOOKS: dict[str, str] = {
+    "resid_pre": "blocks.{layer}.hook_resid_pre",
+    "attn_out": "blocks.{layer}.hook_attn_out",
+    "mlp_out": "blocks.{layer}.hook_mlp_out",
+    "z": "blocks.{layer}.attn.hook_z",
+}
 
 
-def _check_kind(kind: str) -> None:
-    if kind not in FEATURE_KINDS:
-        close = difflib.get_close_matches(str(kind), FEATURE_KINDS, n=1)
+def _check_kind(kind: str, kinds: tuple[str, ...] = ALL_KINDS) -> None:
+    if kind not in kinds:
+        close = difflib.get_close_matches(str(kind), kinds, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"Unknown feature kind {kind!r}; valid kinds: {list(FEATURE_KINDS)}.{hint}")
+        raise ValueError(f"Unknown feature kind {kind!r}; valid kinds: {list(kinds)}.{hint}")
 
 
-def hook_name_for(kind: FeatureKind, layer: int) -> str:
-    """The TransformerLens hook name that carries features of ``kind`` in ``layer``."""
+def parse_site(site: str) -> tuple[str, int | None]:
+    """``"resid_pre"`` -> ``("resid_pre", None)``; ``"z.3"`` (head 3's output) -> ``("z", 3)``."""
+    name, _, head = str(site).partition(".")
+    if name == "z" and head.isdigit():
+        return "z", int(head)
+    if name in _SITE_HOOKS and name != "z" and not head:
+        return name, None
+    raise ValueError(f"Unknown direction site {site!r}; valid sites: {list(DIRECTION_SITES)} (z.H: head H's output)")
+
+
+def hook_name_for(kind: FeatureKind, layer: int, site: str = "") -> str:
+    """The TransformerLens hook name that carries features of ``kind`` in ``layer``.
+
+    Direction features name their ``site`` (see :data:`DIRECTION_SITES`); token
+    features live at ``hook_embed``.
+    """
     _check_kind(kind)
+    if kind == "direction":
+        return _SITE_HOOKS[parse_site(site)[0]].format(layer=layer)
+    if kind == "token":
+        return "hook_embed"
     return _HOOK_TEMPLATES[kind].format(layer=layer)
 
 
 @dataclass(frozen=True, order=True)
 class Feature:
-    """One unit at one hook point: ``Feature("neuron", layer=1, index=37)``."""
+    """One unit at one hook point: ``Feature("neuron", layer=1, index=37)``.
+
+    Two kinds are not slices of an activation: ``Feature("direction", L, k, site="resid_pre")``
+    is the ``k``-th fitted direction at that site of layer ``L`` (its vectors live in a
+    ``DirectionSet``, see ``icp_lens.directions``), and ``Feature("token", 0, t)`` is the
+    input-embedding row of token id ``t``.
+    """
 
     kind: FeatureKind
     layer: int
     index: int
+    site: str = ""
 
     def __post_init__(self) -> None:
         _check_kind(self.kind)
@@ -96,36 +138,49 @@ class Feature:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"Feature {name} must be a non-negative int, got {value!r}")
+        if self.kind == "direction":
+            parse_site(self.site)
+        elif self.site:
+            raise ValueError(f"Only direction features have a site; got {self.kind} with site {self.site!r}")
 
     @property
     def hook_name(self) -> str:
         """The hook point whose activation holds this feature."""
-        return hook_name_for(self.kind, self.layer)
+        return hook_name_for(self.kind, self.layer, self.site)
 
     def select(self, activation: Float[Tensor, "batch pos n ..."]) -> Float[Tensor, "batch pos ..."]:
         """This feature's slice of its hook's activation (a view, dimension 2 removed)."""
+        if self.kind not in FEATURE_KINDS:
+            raise TypeError(f"{self} is not a slice of an activation; see icp_lens.directions / scoring.tokens")
         return activation.select(2, self.index)
 
     def __str__(self) -> str:
+        if self.kind == "token":
+            return f"token {self.index}"
+        if self.kind == "direction":
+            return f"direction L{self.layer}.{self.index}@{self.site}"
         return f"{self.kind} L{self.layer}.{self.index}"
 
     @classmethod
     def parse(cls, label: str) -> Feature:
-        """Read back ``str(feature)``, e.g. ``Feature.parse("head L0.3")``."""
+        """Read back ``str(feature)``, e.g. ``Feature.parse("head L0.3")``, ``"direction L3.0@resid_pre"``."""
+        token = _TOKEN_LABEL.match(label)
+        if token is not None:
+            return cls("token", 0, int(token["index"]))
         match = _LABEL.match(label)
         if match is None:
             raise ValueError(
                 f"Cannot parse feature label {label!r}; expected '<kind> L<layer>.<index>' "
-                f"with kind in {list(FEATURE_KINDS)}, e.g. 'neuron L1.37'."
+                f"with kind in {list(FEATURE_KINDS)}, e.g. 'neuron L1.37', 'direction L3.0@resid_pre' or 'token 1207'."
             )
-        return cls(match["kind"], int(match["layer"]), int(match["index"]))  # type: ignore[arg-type]
+        return cls(match["kind"], int(match["layer"]), int(match["index"]), match["site"] or "")  # type: ignore[arg-type]
 
 
 def feature_count(model: HookedModel, kind: FeatureKind) -> int:
     """How many features of ``kind`` one layer of ``model`` has."""
     from icp_lens.model import model_dims
 
-    _check_kind(kind)
+    _check_kind(kind, FEATURE_KINDS)
     dims = model_dims(model)
     return {
         "neuron": dims.d_mlp,
