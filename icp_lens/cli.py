@@ -78,8 +78,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument("--grad-drop", action="store_true", help="AtP* GradDrop (attribution ranks; L backward passes)")
     score.add_argument(
-        "--kinds", type=_csv_list, default=["neuron", "head"], help="e.g. neuron,head,resid,value,query,key"
-    )
+        "--kinds", type=_csv_list, default=["neuron", "head"],
+        help="e.g. neuron,head,resid,value,query,key; direction (fitted directions) and token (embedding rows)",
+    )  # fmt: skip
+    score.add_argument(
+        "--directions", choices=["diff-means", "leace", "probe"], default="leace",
+        help="how direction features are fitted (default leace: the least-squares eraser)",
+    )  # fmt: skip
+    score.add_argument(
+        "--direction-sites", type=_csv_list, default=["resid_pre"],
+        help="resid_pre (whole residual stream), attn_out, mlp_out, z (every head's output) or z.H",
+    )  # fmt: skip
+    score.add_argument("--direction-rank", type=int, default=1, help="directions per site and layer (default 1)")
+    score.add_argument(
+        "--direction-positions", choices=["last", "changed"], default="last",
+        help="fit on the last position (default) or on the positions the counterfactual changes",
+    )  # fmt: skip
+    score.add_argument(
+        "--keep-causal", choices=["write", "none"], default=None,
+        help="write: spurious direction orthogonal to the causal one (default with causal counterfactuals)",
+    )  # fmt: skip
     score.add_argument(
         "--intervention",
         type=_csv_list,
@@ -224,15 +242,27 @@ def _cmd_score(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         qk_fix=args.qk_fix,
         grad_drop=args.grad_drop,
+        directions=_direction_fit(args) if "direction" in args.kinds else None,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.save(args.out)
     seconds = time.perf_counter() - start
     n_exact = int(table.frame["exact"].sum()) if "exact" in table.frame else 0
     print(f"scored {len(table)} features ({n_exact} exact) on {len(probes)} probes in {seconds:.1f} s -> {args.out}")
-    columns = [c for c in ["feature", "score", "ci_low", "ci_high", "selectivity", "exact"] if c in table.frame]
+    wanted = ["feature", "score", "ci_low", "ci_high", "selectivity", "cos_causal", "exact"]
+    columns = [c for c in wanted if c in table.frame]
     print(table.top(10)[columns].to_string(index=False))
     return 0
+
+
+def _direction_fit(args: argparse.Namespace) -> Any:
+    from icp_lens.directions import DirectionFit
+
+    return DirectionFit(
+        source=args.directions, sites=tuple(args.direction_sites), rank=args.direction_rank,
+        positions=args.direction_positions, keep_causal=args.keep_causal, batch_size=args.batch_size,
+        layers=tuple(args.layers) if args.layers is not None else None,
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

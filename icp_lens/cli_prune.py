@@ -37,6 +37,19 @@ def add_prune_parsers(sub: Any) -> None:
     pick = prune.add_argument_group("selection (at least one)")
     pick.add_argument("--top-k", type=int, default=None, help="prune the K highest-scoring prunable features")
     pick.add_argument("--threshold", type=float, default=None, help="prune features with score > T")
+    pick.add_argument(
+        "--min-share", type=float, default=None, help="prune rows with score >= F x the top score (the ICP rule)"
+    )
+    prune.add_argument(
+        "--kinds", type=_kinds, default=None,
+        help="which rows compete: neuron,head,value (default) plus direction and token",
+    )  # fmt: skip
+    prune.add_argument("--min-selectivity", type=float, default=None, help="only rows with selectivity >= F")
+    prune.add_argument("--token-mode", choices=["zero", "mean"], default="zero", help="token rows: zero or mean row")
+    prune.add_argument(
+        "--direction-mode", choices=["mean", "project"], default="mean",
+        help="direction rows: replace the component by its mean (default) or project it out",
+    )  # fmt: skip
     prune.add_argument("--per-layer-cap", type=int, default=None, help="at most N features from any one layer")
     prune.add_argument("--mode", choices=["zero", "mean"], default="zero", help="zero or mean ablation (zero)")
     prune.add_argument("--probe", type=Path, default=None, help="probe JSONL: mean reference and verification prompts")
@@ -70,6 +83,9 @@ def _print(result: Any, as_json: bool) -> int:
     print("features: " + (", ".join(str(f) for f in result.plan.features) or "(none)"))
     if result.plan.tokens:
         print("tokens: " + ", ".join(str(t) for t in result.plan.tokens))
+    if result.plan.directions is not None:
+        print("directions: " + ", ".join(str(f) for f in result.plan.directions.features)
+              + f" ({result.plan.direction_mode}; {result.stats.changed} weight entries changed)")  # fmt: skip
     print(f"export took {result.export_seconds:.2f} s; plan written to {result.out / 'plan.json'}")
     if result.verification is not None:
         print(result.verification)
@@ -79,8 +95,10 @@ def _print(result: Any, as_json: bool) -> int:
 def _cmd_prune(args: argparse.Namespace) -> int:
     from icp_lens.pruning import prune
 
-    if args.top_k is None and args.threshold is None:
-        raise ValueError("choose features with --top-k K and/or --threshold T")
+    if args.top_k is None and args.threshold is None and args.min_share is None:
+        raise ValueError("choose features with --top-k K, --threshold T and/or --min-share F")
+    if args.token_mode == "mean" and args.probe is None:
+        raise ValueError("--token-mode mean needs --probe FILE.jsonl (the prompts the mean embedding is taken over)")
     if args.mode == "mean" and args.probe is None:
         raise ValueError("--mode mean needs --probe FILE.jsonl (the prompts each feature's mean is taken over)")
     result = prune(
@@ -95,8 +113,23 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         verify=not args.no_verify,
         tolerance=args.tolerance,
+        kinds=args.kinds,
+        min_selectivity=args.min_selectivity,
+        min_share=args.min_share,
+        token_mode=args.token_mode,
+        direction_mode=args.direction_mode,
     )
     return _print(result, args.json)
+
+
+def _kinds(text: str) -> list[str]:
+    from icp_lens.pruning.select import SELECTABLE_KINDS
+
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in SELECTABLE_KINDS]
+    if not kinds or bad:
+        raise argparse.ArgumentTypeError(f"unknown kinds {bad or text!r}; valid: {','.join(SELECTABLE_KINDS)}")
+    return kinds
 
 
 def _cmd_apply_plan(args: argparse.Namespace) -> int:
@@ -111,5 +144,20 @@ def _cmd_apply_plan(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         prompts=_prompts(args.probe),
         tolerance=args.tolerance,
+        kinds=args.kinds,
+        min_selectivity=args.min_selectivity,
+        min_share=args.min_share,
+        token_mode=args.token_mode,
+        direction_mode=args.direction_mode,
     )
     return _print(result, args.json)
+
+
+def _kinds(text: str) -> list[str]:
+    from icp_lens.pruning.select import SELECTABLE_KINDS
+
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in SELECTABLE_KINDS]
+    if not kinds or bad:
+        raise argparse.ArgumentTypeError(f"unknown kinds {bad or text!r}; valid: {','.join(SELECTABLE_KINDS)}")
+    return kinds

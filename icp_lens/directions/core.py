@@ -158,7 +158,9 @@ class DirectionSet:
     def concat(self, other: DirectionSet) -> DirectionSet:
         if self.writers and other.writers and self.writers != other.writers:
             raise ValueError("Cannot join direction sets fitted on models with different residual writers")
-        return DirectionSet(self.directions + other.directions, self.writers or other.writers, {**self.info, **other.info})
+        return DirectionSet(
+            self.directions + other.directions, self.writers or other.writers, {**self.info, **other.info}
+        )
 
     # -- files --------------------------------------------------------------------------
     def _payload(self) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -170,7 +172,8 @@ class DirectionSet:
             tensors[f"{i}.means"] = d.means.detach().double().cpu().reshape(-1).contiguous()
             cos = None if math.isnan(d.cos_causal) else d.cos_causal
             rows.append({"feature": str(d.feature), "source": d.source, "cos_causal": cos})
-        meta = {"format": _FORMAT, "version": "1", "directions": json.dumps(rows), "writers": json.dumps(list(self.writers)),
+        meta = {"format": _FORMAT, "version": "1", "directions": json.dumps(rows),
+                "writers": json.dumps(list(self.writers)),
                 "info": json.dumps(self.info, default=str)}  # fmt: skip
         return tensors, meta
 

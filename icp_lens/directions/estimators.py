@@ -111,7 +111,7 @@ def probe_directions(
         c = torch.zeros((), dtype=torch.float64, requires_grad=True)
         opt = torch.optim.LBFGS([w, c], max_iter=steps, line_search_fn="strong_wolfe")
 
-        def closure() -> Tensor:
+        def closure(opt=opt, xs=xs, w=w, c=c) -> Tensor:  # bound now: the loop rebinds these names
             opt.zero_grad()
             loss = torch.nn.functional.binary_cross_entropy_with_logits(xs @ w + c, z) + l2 * (w @ w)
             loss.backward()

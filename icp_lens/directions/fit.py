@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
@@ -64,6 +64,10 @@ class DirectionFit:
     shrinkage: float = 0.1
     reference: tuple[str, ...] | None = None
     batch_size: int = 32
+    #: protecting the first position constrains the read vector; where that would make
+    #: ``|b|`` exceed this (an ill-conditioned edit that amplifies rounding), the
+    #: direction keeps its unprotected read and ``info["unprotected"]`` names it
+    max_read_norm: float = 10.0
 
     def __post_init__(self) -> None:
         if self.source not in DIRECTION_SOURCES:
@@ -185,6 +189,7 @@ def fit_directions(
 
     directions: list[Direction] = []
     skipped: list[str] = []
+    unprotected: list[str] = []
     for key in keys:
         site, layer = key
         H, L = torch.cat(hi[key]) if hi[key] else None, torch.cat(lo[key]) if lo[key] else None
@@ -213,13 +218,18 @@ def fit_directions(
 
         if protect:
             gaps = torch.stack([at(first_acts[p]) - at(means[p]) for p in pts])
-            B = _protect(A, B, gaps)
+            protected = _protect(A, B, gaps)
+            if float(protected.norm(dim=1).max()) <= fit.max_read_norm:
+                B = protected
+            else:
+                unprotected.append(f"{site}@L{layer}")
         for k in range(len(A)):
             m = torch.stack([B[k] @ at(means[p]) for p in pts])
             feature = Feature("direction", layer, k, site)
             directions.append(Direction(feature, A[k], B[k], m, fit.source.replace("-", "_"), cos[k]))
     info = {**asdict(fit), "reference": len(texts), "keep_causal": keep_causal, "protect_first": protect,
-            "skipped": skipped, "metric": getattr(metric_fn, "__name__", str(metric))}  # fmt: skip
+            "skipped": skipped, "unprotected": unprotected,
+            "metric": getattr(metric_fn, "__name__", str(metric))}  # fmt: skip
     if not directions:
         raise ValueError("No direction could be fitted: " + "; ".join(skipped[:5]))
     return DirectionSet(tuple(directions), writers, info)

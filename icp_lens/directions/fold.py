@@ -62,7 +62,9 @@ def affine_maps(directions: DirectionSet, mode: str, d: dict[str, int]) -> dict[
         width = d["head"] if hook.endswith("attn.hook_z") else d["model"]
         by_head: dict[int | None, tuple[Tensor, Tensor]] = {}
         for _, direction, j in items:
-            M, c = by_head.get(direction.head, (torch.eye(width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64)))
+            M, c = by_head.get(
+                direction.head, (torch.eye(width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64))
+            )
             a, b = direction.write.double(), direction.read.double()
             t = 0.0 if mode == "project" else float(direction.means[j])
             P = torch.eye(width, dtype=torch.float64) - torch.outer(a, b)

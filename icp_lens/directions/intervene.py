@@ -98,7 +98,9 @@ def direction_hooks(
     hooks = []
     for hook, items in _plan(directions, writers).items():
 
-        def fn(act: Tensor, hook: Any = None, items: list[tuple[int, Direction, int]] = items, name: str = hook) -> Tensor:
+        def fn(
+            act: Tensor, hook: Any = None, items: list[tuple[int, Direction, int]] = items, name: str = hook
+        ) -> Tensor:
             for i, d, j in items:
                 target: Tensor | float
                 if mode == "project":

@@ -71,6 +71,8 @@ def make_plan(
     batch_size: int = 32,
     tokens: Sequence[int | str] = (),
     token_mode: PruneMode = "zero",
+    directions: Any = None,
+    direction_mode: str = "mean",
     **provenance_fields: Any,
 ) -> PrunePlan:
     """A plan to remove ``features`` (and token-embedding ``tokens``) from ``model``.
@@ -89,13 +91,25 @@ def make_plan(
     token-embedding features: their input-embedding rows are set to zero
     (``token_mode="zero"``) or to the mean input embedding over ``reference``
     (``token_mode="mean"``); ``mode`` applies to ``features`` only.
+
+    ``directions`` (an ``icp_lens.directions.DirectionSet``, e.g. ``table.directions`` or a
+    subset of it) are removed in ``direction_mode`` (``mean`` or ``project``); their means
+    were fixed when they were fitted, and the export folds them into the weights.
     """
     feats = tuple(Feature.parse(f) if isinstance(f, str) else f for f in features)
+    if any(f.kind in ("direction", "token") for f in feats):
+        raise ValueError("Pass direction features as directions=<DirectionSet> and token features as tokens=[ids]")
     if token_mode not in ("zero", "mean"):
         raise ValueError(f"Unknown token mode {token_mode!r}; valid: ['zero', 'mean']")
     clean = clean_hf_model(hf if hf is not None else model)
     for f in feats:
         site_of(clean, f.kind, f.layer, f.index)  # raises on features the model lacks
+    if directions is not None:
+        from icp_lens.directions.fold import check_foldable
+
+        check_foldable(clean)
+        if len(directions) == 0:
+            directions = None
     tok = tokenizer
     if tok is None and (mode == "mean" or tokens):
         tok = _tokenizer_or_none(hf if hf is not None else model, required=mode == "mean" or token_mode == "mean")
@@ -127,6 +141,8 @@ def make_plan(
         reference=record,
         provenance=provenance(**provenance_fields),
         tokens=tuple(TokenRow(t, value, name) for t, name in zip(token_ids, names, strict=True)),
+        directions=directions,
+        direction_mode=direction_mode,
     )
 
 
@@ -147,6 +163,8 @@ class PruneResult:
             "n_features": len(self.plan.features),
             "features": [str(f) for f in self.plan.features],
             "tokens": [str(t) for t in self.plan.tokens],
+            "directions": [] if self.plan.directions is None else [str(f) for f in self.plan.directions.features],
+            "changed_parameters": self.stats.changed,
             "untied_unembedding": self.stats.untied,
             "zeroed_fraction": self.stats.zeroed_fraction,
             "biases_added": list(self.stats.biases_added),
@@ -227,20 +245,47 @@ def prune(
     verify: bool = True,
     prompts: Sequence[str] | None = None,
     tolerance: float = 1e-5,
+    kinds: Sequence[str] | None = None,
+    min_selectivity: float | None = None,
+    min_share: float | None = None,
+    token_mode: PruneMode = "zero",
+    direction_mode: str = "mean",
 ) -> PruneResult:
     """Select from ``scores`` (ScoreTable, frame, path or feature list), plan, export, verify.
 
     ``reference`` feeds the means in mean mode; its prompts are also the verification
-    inputs unless ``prompts`` are given.
+    inputs unless ``prompts`` are given. ``kinds`` says which rows compete (default: the
+    prunable unit kinds; add ``direction`` and ``token`` to let fitted directions and
+    token-embedding rows in); selected direction rows take their vectors from the table
+    (``<stem>.directions.safetensors``), token rows become token-embedding edits.
     """
-    features = select_features(scores, threshold=threshold, top_k=top_k, per_layer_cap=per_layer_cap)
-    if not features:
-        raise ValueError("The selection is empty: no feature passes the threshold / top-k")
+    from icp_lens.pruning.arch import PRUNABLE_KINDS
+    from icp_lens.scoring.table import ScoreTable
+
+    table = ScoreTable.load(scores) if isinstance(scores, (str, Path)) else scores
+    selected = select_features(
+        table, threshold=threshold, top_k=top_k, per_layer_cap=per_layer_cap,
+        kinds=tuple(kinds) if kinds is not None else PRUNABLE_KINDS, min_selectivity=min_selectivity,
+        min_share=min_share,
+    )  # fmt: skip
+    if not selected:
+        raise ValueError("The selection is empty: no feature passes the threshold / top-k / min-share / selectivity")
+    features = [f for f in selected if f.kind not in ("direction", "token")]
+    token_ids = [f.index for f in selected if f.kind == "token"]
+    picked = [f for f in selected if f.kind == "direction"]
+    directions = None
+    if picked:
+        source = getattr(table, "directions", None)
+        if source is None:
+            raise ValueError("Direction rows were selected but the table carries no direction vectors")
+        directions = source.subset(picked)
     check_target(out, overwrite=overwrite)
     plan = make_plan(
-        model, features, mode=mode, reference=reference,
+        model, features, mode=mode, reference=reference, tokens=token_ids, token_mode=token_mode,
+        directions=directions, direction_mode=direction_mode,
         scores=scores if isinstance(scores, (str, Path)) else None,
-        threshold=threshold, top_k=top_k, per_layer_cap=per_layer_cap,
+        threshold=threshold, top_k=top_k, per_layer_cap=per_layer_cap, kinds=list(kinds) if kinds else None,
+        min_selectivity=min_selectivity, min_share=min_share,
     )  # fmt: skip
     if prompts is None and reference is not None:
         prompts = reference_texts(reference)

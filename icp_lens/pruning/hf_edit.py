@@ -48,6 +48,8 @@ class EditStats:
     biases_added: tuple[str, ...] = ()
     token_rows: int = 0
     untied: bool = False
+    #: weight entries changed by folding direction features (``icp_lens.directions.fold``)
+    changed: int = 0
 
     @property
     def zeroed_fraction(self) -> float:
@@ -128,10 +130,17 @@ def apply_plan_to_model(model: nn.Module, plan: PrunePlan, *, check: bool = True
             if site.module.bias is not None:
                 site.module.bias[site.index] = 0 if mean is None else mean.to(weight.dtype)
     token_zeroed, untied = edit_token_rows(model, plan.tokens)
+    changed = 0
+    if plan.directions is not None:  # after units and tokens: the run-time edit acts on their outputs
+        from icp_lens.directions.fold import fold_directions
+
+        model, fold = fold_directions(model, plan.directions, mode=plan.direction_mode)
+        changed, untied, added = fold.changed, untied or fold.untied, added + fold.biases_added
     return model, EditStats(
         zeroed=zeroed + token_zeroed,
         n_parameters=_n_parameters(model),
         biases_added=added,
         token_rows=len(plan.tokens),
         untied=untied,
+        changed=changed,
     )

@@ -63,8 +63,9 @@ __all__ = [
 
 PruneMode = Literal["zero", "mean"]
 PLAN_FILE = "plan.json"
+DIRECTIONS_FILE = "plan.directions.safetensors"
 _FORMAT = "icp_lens.prune_plan"
-_VERSIONS = (1, 2)  # 2: the plan has token-embedding features
+_VERSIONS = (1, 2, 3)  # 2: the plan has token-embedding features; 3: direction features
 
 
 class PlanMismatchError(ValueError):
@@ -168,9 +169,16 @@ class PrunePlan:
     reference: Mapping[str, Any] | None = None
     provenance: Mapping[str, Any] = field(default_factory=dict)
     tokens: tuple[TokenRow, ...] = ()
+    #: direction features (``icp_lens.directions.DirectionSet``) removed in ``direction_mode``
+    #: (``project`` or ``mean``); the vectors are saved beside ``plan.json`` as
+    #: ``plan.directions.safetensors`` and the plan records their SHA-256
+    directions: Any = None
+    direction_mode: str = "mean"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tokens", tuple(self.tokens))
+        if self.direction_mode not in ("project", "mean"):
+            raise ValueError(f"Unknown direction mode {self.direction_mode!r}; valid: ['project', 'mean']")
         ids = [t.token_id for t in self.tokens]
         if len(set(ids)) != len(ids):
             raise ValueError(f"A plan lists each token once; got {ids}")
@@ -210,12 +218,19 @@ class PrunePlan:
             feats.append(entry)
         out: dict[str, Any] = {
             "format": _FORMAT,
-            "version": 2 if self.tokens else 1,
+            "version": 3 if self.directions is not None else 2 if self.tokens else 1,
             "mode": self.mode,
             "features": feats,
         }
         if self.tokens:
             out["tokens"] = [t.to_dict() for t in self.tokens]
+        if self.directions is not None:
+            out["directions"] = {
+                "file": DIRECTIONS_FILE,
+                "sha256": self.directions.digest(),
+                "mode": self.direction_mode,
+                "features": [str(f) for f in self.directions.features],
+            }
         out.update(
             reference=dict(self.reference) if self.reference is not None else None,
             fingerprint=dict(self.fingerprint.__dict__),
@@ -224,7 +239,8 @@ class PrunePlan:
         return out
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> PrunePlan:
+    def from_dict(cls, d: Mapping[str, Any], *, directions: Any = None) -> PrunePlan:
+        """Read a plan dict; a plan with directions needs their ``DirectionSet`` (``load`` reads it)."""
         if d.get("format") != _FORMAT:
             raise ValueError(f"Not an icp_lens prune plan (format {d.get('format')!r}, expected {_FORMAT!r})")
         if d.get("version") not in _VERSIONS:
@@ -244,6 +260,8 @@ class PrunePlan:
                 reference=d.get("reference"),
                 provenance=d.get("provenance") or {},
                 tokens=tuple(TokenRow.from_dict(t) for t in d.get("tokens") or ()),
+                directions=_checked_directions(d.get("directions"), directions),
+                direction_mode=(d.get("directions") or {}).get("mode", "mean"),
             )
         except (KeyError, TypeError) as e:
             raise ValueError(f"Malformed prune plan: {e!r}") from e
@@ -252,8 +270,10 @@ class PrunePlan:
         return json.dumps(self.to_dict(), indent=2)
 
     def save(self, path: str | Path) -> Path:
-        """Write the plan as JSON (atomically)."""
+        """Write the plan as JSON (atomically), and its direction vectors beside it."""
         path = Path(path)
+        if self.directions is not None:
+            self.directions.save(path.with_name(DIRECTIONS_FILE))
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(self.to_json() + "\n")
         tmp.replace(path)
@@ -270,7 +290,15 @@ class PrunePlan:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not JSON: {e}") from e
-        return cls.from_dict(data)
+        directions = None
+        if data.get("directions"):
+            from icp_lens.directions import DirectionSet
+
+            side = path.with_name(str(data["directions"].get("file", DIRECTIONS_FILE)))
+            if not side.is_file():
+                raise FileNotFoundError(f"{path} names direction features but {side} is missing")
+            directions = DirectionSet.load(side)
+        return cls.from_dict(data, directions=directions)
 
     def summary(self) -> str:
         kinds: dict[str, int] = {}
@@ -278,11 +306,28 @@ class PrunePlan:
             kinds[f.kind] = kinds.get(f.kind, 0) + 1
         parts = ", ".join(f"{n} {k}{'s' if n != 1 else ''}" for k, n in sorted(kinds.items()))
         text = f"{self.mode} mode: {parts}" if parts else ""
+        if self.directions is not None:
+            n = len(self.directions)
+            text += ("; " if text else "") + f"{n} direction{'s' if n != 1 else ''} ({self.direction_mode})"
         if self.tokens:
             modes = sorted({t.mode for t in self.tokens})
             n = len(self.tokens)
             text += ("; " if text else "") + f"{n} token embedding{'s' if n != 1 else ''} ({'/'.join(modes)})"
         return f"PrunePlan({text or 'no features'}; for {self.fingerprint.architecture})"
+
+
+def _checked_directions(record: Mapping[str, Any] | None, directions: Any) -> Any:
+    """The plan's DirectionSet after checking it is the one ``plan.json`` recorded (by SHA-256)."""
+    if not record:
+        return None
+    if directions is None:
+        raise ValueError("This plan has direction features; load it with PrunePlan.load (their vectors are beside it)")
+    if directions.digest() != record.get("sha256"):
+        raise PlanMismatchError(
+            "The direction vectors beside this plan are not the ones it was made with (SHA-256 differs): "
+            f"expected {str(record.get('sha256'))[:12]}..., found {directions.digest()[:12]}..."
+        )
+    return directions
 
 
 def provenance(**fields: Any) -> dict[str, Any]:

@@ -21,7 +21,10 @@ import pandas as pd
 from icp_lens.features import Feature
 from icp_lens.pruning.arch import PRUNABLE_KINDS, unprunable_reason
 
-__all__ = ["select_features", "HybridSplit", "hybrid_split", "score_frame"]
+__all__ = ["select_features", "HybridSplit", "hybrid_split", "score_frame", "SELECTABLE_KINDS"]
+
+#: kinds a prune may select: the prunable units, fitted directions and token-embedding rows
+SELECTABLE_KINDS: tuple[str, ...] = (*PRUNABLE_KINDS, "direction", "token")
 
 
 def score_frame(scores: Any) -> pd.DataFrame:
@@ -50,9 +53,10 @@ def score_frame(scores: Any) -> pd.DataFrame:
 
 
 def _features(frame: pd.DataFrame) -> list[Feature]:
+    sites = frame["site"] if "site" in frame.columns else [""] * len(frame)
     return [
-        Feature(str(k), int(lay), int(i))
-        for k, lay, i in zip(frame["kind"], frame["layer"], frame["index"], strict=True)
+        Feature(str(k), int(lay), int(i), s if isinstance(s, str) else "")
+        for k, lay, i, s in zip(frame["kind"], frame["layer"], frame["index"], sites, strict=True)
     ]
 
 
@@ -64,11 +68,17 @@ def select_features(
     per_layer_cap: int | None = None,
     kinds: Sequence[str] = PRUNABLE_KINDS,
     min_selectivity: float | None = None,
+    min_share: float | None = None,
 ) -> list[Feature]:
-    """Features to prune, most spurious first (see the module docstring for the order of rules)."""
-    if threshold is None and top_k is None:
-        raise ValueError("Choose features with threshold=..., top_k=... or both")
-    bad = sorted(set(kinds) - set(PRUNABLE_KINDS))
+    """Features to prune, most spurious first (see the module docstring for the order of rules).
+
+    ``min_share`` keeps rows whose score is at least that share of the top score among the
+    kinds considered (the ICP threshold rule ``S >= min_share * max S``); ``kinds`` may
+    include ``direction`` and ``token``.
+    """
+    if threshold is None and top_k is None and min_share is None:
+        raise ValueError("Choose features with threshold=..., top_k=..., min_share=... or a combination")
+    bad = sorted(set(kinds) - set(SELECTABLE_KINDS))
     if bad:
         raise ValueError(unprunable_reason(bad, f"kinds {bad}"))
     for name, value in (("top_k", top_k), ("per_layer_cap", per_layer_cap)):
@@ -76,6 +86,7 @@ def select_features(
             raise ValueError(f"{name} must be >= 0, got {value}")
     frame = score_frame(scores)
     frame = frame[frame["kind"].isin(list(kinds))]
+    top_score = float(frame["score"].max()) if "score" in frame and len(frame) else 0.0
     if min_selectivity is not None:
         if "selectivity" not in frame:
             raise ValueError("min_selectivity needs a score table with a selectivity column")
@@ -84,6 +95,10 @@ def select_features(
         if "score" not in frame:
             raise ValueError("threshold needs scores; a plain feature list only supports top_k")
         frame = frame[frame["score"] > threshold]
+    if min_share is not None:
+        if not 0 <= min_share <= 1:
+            raise ValueError(f"min_share must be in [0, 1], got {min_share}")
+        frame = frame[(frame["score"] > 0) & (frame["score"] >= min_share * top_score)]
     if per_layer_cap is not None:
         frame = frame[frame.groupby("layer").cumcount() < per_layer_cap]
     if top_k is not None:

@@ -17,6 +17,7 @@ so an export that forgot to untie it, or edited the output side, fails here.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Sequence
@@ -169,9 +170,27 @@ def forward_latency_ms(model: nn.Module, batches: Sequence[Tensor], *, repeats: 
 
 def _hf_ablated_logits(original: nn.Module, plan: PrunePlan, tokens: Tensor, dtype=torch.float32) -> Tensor:
     means = None if plan.means is None else dict(zip(plan.features, plan.means, strict=True))
-    with hf_ablation(original, plan.features, means), token_ablation(original, plan.tokens):
+    with hf_ablation(original, plan.features, means), token_ablation(original, plan.tokens), _hf_dirs(original, plan):
         out = original(tokens.to(_device(original)))
         return (out.logits if hasattr(out, "logits") else out).to(dtype).cpu()
+
+
+def _hf_dirs(model: nn.Module, plan: PrunePlan) -> Any:
+    """The plan's direction edits as module hooks on the HF model (a no-op without directions)."""
+    if plan.directions is None:
+        return contextlib.nullcontext()
+    from icp_lens.directions import hf_directions
+
+    return hf_directions(model, plan.directions, mode=plan.direction_mode)
+
+
+def _hooked_dirs(model: Any, plan: PrunePlan) -> Any:
+    """The plan's direction edits as icp_lens hooks on the hooked model (a no-op without directions)."""
+    if plan.directions is None:
+        return contextlib.nullcontext()
+    from icp_lens.directions import applying_directions
+
+    return applying_directions(model, plan.directions, mode=plan.direction_mode)
 
 
 def weight_file_bytes(directory: str | Path) -> int:
@@ -209,7 +228,7 @@ def verify_export(
         worst = max(worst, float((got - expected).abs().max()))
         if hooked is not None:
             hooked_tokens = tokens.to(_device(hooked))
-            with hooked_token_ablation(hooked, hooked_tokens, plan.tokens):
+            with hooked_token_ablation(hooked, hooked_tokens, plan.tokens), _hooked_dirs(hooked, plan):
                 via_hooks = run_with_edits(hooked, hooked_tokens, plan_edits(plan)).float().cpu()
             hooked_worst = max(hooked_worst, float((got - via_hooks).abs().max()))
             plain_hf = _logits(original(tokens.to(_device(original)))).cpu()

@@ -14,6 +14,14 @@ candidates, and the table says which scores are exact and which are estimates
 
 When the probes carry causal counterfactuals, the causal effect of every feature is
 scored the same way (``resample_causal``) and turned into a ``selectivity`` column.
+
+Two more kinds join the same table: ``direction`` (directions fitted on the probes, see
+``icp_lens.directions``; ``directions=`` says how, a ``DirectionFit`` or a fitted
+``DirectionSet``; scored exactly, or by attribution with ``method="attribution"``; the
+vectors travel with the table and are saved beside it) and ``token`` (input-embedding
+rows, ``icp_lens.scoring.tokens``; always exact; ``layer`` 0, ``index`` the token id):
+
+    table = score(model, probes, kinds=["direction", "token", "head"])
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from icp_lens.scoring.effects import Effects, InterventionSpec, probe_means
 from icp_lens.scoring.spuriousness import Weight
 from icp_lens.scoring.table import ScoreTable
 
-__all__ = ["Method", "METHODS", "score", "all_features"]
+__all__ = ["Method", "METHODS", "score", "all_features", "concat_tables"]
 
 Method = Literal["hybrid", "attribution", "exact"]
 METHODS: tuple[str, ...] = ("hybrid", "attribution", "exact")
@@ -75,6 +83,7 @@ def score(
     progress: bool = True,
     qk_fix: bool = False,
     grad_drop: bool = False,
+    directions: Any = None,
 ) -> ScoreTable:
     """Score features by spuriousness; see the module docstring.
 
@@ -87,6 +96,20 @@ def score(
     """
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; valid: {list(METHODS)}")
+    extra = [k for k in kinds if k in ("direction", "token")]
+    if extra and features is None:
+        unit_kinds = [k for k in kinds if k not in extra]
+        tables = [_score_extra(model, probes, k, method=method, layers=layers, directions=directions, causal=causal,
+                               metric=metric, batch_size=batch_size, n_boot=n_boot, seed=seed, progress=progress)
+                  for k in extra]  # fmt: skip
+        if unit_kinds:
+            tables.append(
+                score(model, probes, method=method, kinds=unit_kinds, layers=layers, interventions=interventions,
+                      verify_top=verify_top, causal=causal, metric=metric, weight=weight, batch_size=batch_size,
+                      n_boot=n_boot, seed=seed, checkpoint_dir=checkpoint_dir, progress=progress, qk_fix=qk_fix,
+                      grad_drop=grad_drop)
+            )  # fmt: skip
+        return concat_tables(tables)
     feats = list(features) if features is not None else all_features(model, kinds, layers)
     specs = [InterventionSpec.parse(i) for i in interventions]
     if not specs or any(s.kind == "resample_causal" for s in specs):
@@ -128,3 +151,69 @@ def score(
     import pandas as pd
 
     return ScoreTable(pd.concat([verified, rest], ignore_index=True))
+
+
+def concat_tables(tables: Sequence[ScoreTable]) -> ScoreTable:
+    """One table from several (units, tokens, directions), the direction vectors kept."""
+    import pandas as pd
+
+    frames = [t.frame for t in tables if len(t.frame)]
+    sets = [t.directions for t in tables if t.directions is not None]
+    directions = None
+    for d in sets:
+        directions = d if directions is None else directions.concat(d)
+    frame = pd.concat(frames, ignore_index=True) if frames else tables[0].frame
+    return ScoreTable(frame, directions)
+
+
+def _score_extra(
+    model: HookedModel,
+    probes: ProbeSet,
+    kind: str,
+    *,
+    method: Method,
+    layers: Sequence[int] | None,
+    directions: Any,
+    causal: bool | None,
+    metric: str | Metric,
+    batch_size: int,
+    n_boot: int,
+    seed: int,
+    progress: bool,
+) -> ScoreTable:
+    """Score token-embedding rows or fitted directions into ScoreTable rows."""
+    import pandas as pd
+
+    if kind == "token":
+        from icp_lens.scoring.tokens import score_tokens
+
+        tokens = score_tokens(model, probes, metric=metric, n_boot=n_boot, seed=seed, progress=progress).frame
+        frame = pd.DataFrame({
+            "kind": "token", "layer": 0, "index": tokens["index"].astype(int), "hook_name": "hook_embed",
+            "site": "", "feature": [f"token {int(i)}" for i in tokens["index"]], "score": tokens["score"],
+            "ci_low": tokens["ci_low"], "ci_high": tokens["ci_high"], "selectivity": tokens["selectivity"],
+            "exact": True, "estimator": "exact", "effect_resample": tokens["score"],
+            "effect_resample_causal": tokens.get("causal"), "n_examples": tokens["n_examples"],
+            "token": tokens.get("token"),
+        })  # fmt: skip
+        return ScoreTable(frame)
+    from icp_lens.directions import DirectionFit, DirectionSet, direction_effects, fit_directions
+
+    if isinstance(directions, DirectionSet):
+        dirs = directions
+    else:
+        fit = directions if isinstance(directions, DirectionFit) else DirectionFit()
+        if layers is not None and fit.layers is None:
+            fit = DirectionFit(**{**fit.__dict__, "layers": tuple(layers)})
+        dirs = fit_directions(model, probes, fit, metric=metric)
+    exact = method != "attribution"
+    common: dict[str, Any] = dict(metric=metric, exact=exact, batch_size=batch_size, progress=progress)
+    spurious = direction_effects(model, probes, dirs, "resample", **common)
+    use_causal = probes.has_causal if causal is None else causal
+    causal_effects = direction_effects(model, probes, dirs, "resample_causal", **common) if use_causal else None
+    table = ScoreTable.from_effects([spurious], causal=causal_effects, n_boot=n_boot, seed=seed)
+    frame = table.frame
+    cos = {str(d.feature): d.cos_causal for d in dirs}
+    frame["cos_causal"] = frame["feature"].map(cos)
+    frame["source"] = dirs.info.get("source", "")
+    return ScoreTable(frame, dirs)

@@ -28,7 +28,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from icp_lens.features import FEATURE_KINDS, Feature
+from icp_lens.features import ALL_KINDS, Feature
 from icp_lens.scoring.effects import Effects
 from icp_lens.scoring.spuriousness import Weight, bootstrap_ci, selectivity, spuriousness
 
@@ -42,14 +42,17 @@ class ScoreTable:
     """Scores of features, one row each (see the module docstring for the columns)."""
 
     frame: pd.DataFrame
+    #: the fitted vectors of the table's ``direction`` rows (``icp_lens.directions.DirectionSet``),
+    #: saved beside the table as ``<stem>.directions.safetensors``
+    directions: Any = None
 
     def __post_init__(self) -> None:
         missing = [c for c in REQUIRED_COLUMNS if c not in self.frame.columns]
         if missing:
             raise ValueError(f"A score table needs the columns {list(REQUIRED_COLUMNS)}; missing {missing}")
-        bad = sorted(set(self.frame["kind"]) - set(FEATURE_KINDS))
+        bad = sorted(set(self.frame["kind"]) - set(ALL_KINDS))
         if bad:
-            raise ValueError(f"Unknown feature kinds {bad} in score table; valid: {list(FEATURE_KINDS)}")
+            raise ValueError(f"Unknown feature kinds {bad} in score table; valid: {list(ALL_KINDS)}")
         frame = self.frame.copy()
         if "feature" not in frame.columns:
             frame["feature"] = [str(f) for f in _features(frame)]
@@ -88,6 +91,7 @@ class ScoreTable:
                 "layer": [f.layer for f in features],
                 "index": [f.index for f in features],
                 "hook_name": [f.hook_name for f in features],
+                "site": [f.site for f in features],
                 "feature": [str(f) for f in features],
                 "score": score.numpy(),
                 "ci_low": low.numpy(),
@@ -131,9 +135,9 @@ class ScoreTable:
             raise ValueError("select needs threshold=..., top_k=... or both")
         frame = self.frame
         if kinds is not None:
-            unknown = sorted(set(kinds) - set(FEATURE_KINDS))
+            unknown = sorted(set(kinds) - set(ALL_KINDS))
             if unknown:
-                raise ValueError(f"Unknown kinds {unknown}; valid: {list(FEATURE_KINDS)}")
+                raise ValueError(f"Unknown kinds {unknown}; valid: {list(ALL_KINDS)}")
             frame = frame[frame["kind"].isin(list(kinds))]
         if min_selectivity is not None:
             frame = frame[frame["selectivity"] >= min_selectivity]
@@ -156,6 +160,10 @@ class ScoreTable:
             self.frame.to_parquet(tmp, index=False)
         else:
             raise ValueError(f"Save a score table as .csv or .parquet, not {path.suffix or 'no suffix'!r}")
+        if self.directions is not None:
+            from icp_lens.directions import sidecar_path
+
+            self.directions.save(sidecar_path(path))
         tmp.replace(path)
         return path
 
@@ -171,7 +179,17 @@ class ScoreTable:
             frame = pd.read_csv(path)
         else:
             raise ValueError(f"Load a score table from .csv or .parquet, not {path.suffix!r}")
-        return cls(frame)
+        directions = None
+        if "kind" in frame.columns and (frame["kind"] == "direction").any():
+            from icp_lens.directions import DirectionSet, sidecar_path
+
+            side = sidecar_path(path)
+            if not side.is_file():
+                raise FileNotFoundError(
+                    f"{path} has direction rows but their vectors are missing: expected {side} beside it"
+                )
+            directions = DirectionSet.load(side)
+        return cls(frame, directions)
 
     # -- plots ----------------------------------------------------------------------
     def plot_heatmap(self, kind: str = "neuron", *, ax: Any = None) -> Any:
@@ -215,7 +233,8 @@ class ScoreTable:
 
 
 def _features(frame: pd.DataFrame) -> list[Feature]:
+    sites = frame["site"] if "site" in frame.columns else [""] * len(frame)
     return [
-        Feature(str(k), int(layer), int(i))  # type: ignore[arg-type]
-        for k, layer, i in zip(frame["kind"], frame["layer"], frame["index"], strict=True)
+        Feature(str(k), int(layer), int(i), "" if not isinstance(s, str) else s)  # type: ignore[arg-type]
+        for k, layer, i, s in zip(frame["kind"], frame["layer"], frame["index"], sites, strict=True)
     ]
