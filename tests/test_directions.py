@@ -142,7 +142,7 @@ def test_fold_equals_run_time_edit(micro_dirs: dict[str, Path], arch: str, mode:
     writers = residual_writers(bridge)
     dm, dh = bridge.cfg.d_model, bridge.cfg.d_head
     dirs = DirectionSet(
-        (_unit_direction("resid_pre", 1, dm, len(writers), 1), _unit_direction("attn_out", 0, dm, 1, 2),
+        (_unit_direction("resid_pre", 2, dm, len(writers), 1), _unit_direction("attn_out", 0, dm, 1, 2),
          _unit_direction("mlp_out", 1, dm, 1, 3), _unit_direction("z.1", 1, dh, 1, 4)),
         writers,
     )  # fmt: skip
@@ -167,7 +167,7 @@ def test_run_time_edit_same_on_every_backend(backend: str, micro_dirs: dict[str,
 
     model = load_backend(backend, micro_dirs["gpt2"])
     writers = residual_writers(model)
-    dirs = DirectionSet((_unit_direction("resid_pre", 0, 8, len(writers)),), writers)
+    dirs = DirectionSet((_unit_direction("resid_pre", 2, 8, len(writers)),), writers)
     hf = AutoModelForCausalLM.from_pretrained(micro_dirs["gpt2"]).eval()
     tokens = torch.tensor([[0, 3, 4, 5]])
     with applying_directions(model, dirs, mode="mean"):
@@ -239,8 +239,9 @@ def test_direction_scores_exact_and_attribution(micro_dirs: dict[str, Path]) -> 
 def test_direction_set_and_table_round_trip(tmp_path: Path, micro_dirs: dict[str, Path]) -> None:
     from icp_lens.scoring.table import ScoreTable
 
-    d = _unit_direction("resid_pre", 1, 8, 5)
-    dirs = DirectionSet((d,), tuple(f"w{i}" for i in range(5)), {"source": "leace"})
+    d = _unit_direction("resid_pre", 1, 8, 3)
+    writers = ("hook_embed", "blocks.0.hook_attn_out", "blocks.0.hook_mlp_out", "blocks.1.hook_attn_out")
+    dirs = DirectionSet((d,), writers, {"source": "leace"})
     path = dirs.save(tmp_path / "d.safetensors")
     back = DirectionSet.load(path)
     assert back.digest() == dirs.digest() and torch.equal(back.directions[0].read, d.read)

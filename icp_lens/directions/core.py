@@ -16,12 +16,13 @@ activation holds. Removing the direction replaces the component ``b . x`` by
 
 Sites (``icp_lens.features.DIRECTION_SITES``):
 
-- ``resid_pre``: fitted on ``blocks.L.hook_resid_pre`` and removed from the *whole*
-  residual stream, i.e. from the output of every module that writes into it (token and
-  position embeddings, every attention and MLP output). Because the edit is linear and
-  idempotent, removing it from every writer is the same as removing it from the stream
-  at every layer, and it folds exactly into the weights (Arditi et al. 2024's weight
-  orthogonalisation, generalised to oblique reads and means);
+- ``resid_pre``: fitted on ``blocks.L.hook_resid_pre`` and removed from the residual
+  stream there, i.e. from the output of every module that writes into it before ``L``
+  (token and position embeddings, the attention and MLP outputs of blocks ``0..L-1``).
+  Because the edit is linear and idempotent, removing it from every earlier writer is
+  the same as removing it from the stream at ``L`` (and at every earlier layer), and it
+  folds exactly into the weights (Arditi et al. 2024's weight orthogonalisation, there
+  over all layers, generalised to oblique reads and means);
 - ``attn_out`` / ``mlp_out``: one module's output (a rank-1 edit of its output matrix);
 - ``z.H``: head ``H``'s output ``z`` before the output projection.
 
@@ -121,12 +122,14 @@ class DirectionSet:
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from icp_lens.directions.intervene import writers_before
+
         seen: set[Feature] = set()
         for d in self.directions:
             if d.feature in seen:
                 raise ValueError(f"Duplicate direction {d.feature}")
             seen.add(d.feature)
-            expected = len(self.writers) if d.site == "resid_pre" else 1
+            expected = len(writers_before(self.writers, d.feature.layer)) if d.site == "resid_pre" else 1
             if d.means.numel() != expected:
                 raise ValueError(f"{d.feature}: {d.means.numel()} means, expected {expected} (one per edited hook)")
 

@@ -68,6 +68,10 @@ class DirectionFit:
     #: ``|b|`` exceed this (an ill-conditioned edit that amplifies rounding), the
     #: direction keeps its unprotected read and ``info["unprotected"]`` names it
     max_read_norm: float = 10.0
+    #: LEACE's covariance: ``pairs`` (the pooled prompt/counterfactual activations) or
+    #: ``reference`` (the reference text's activations at the site: the edit is then the
+    #: least-squares one on ordinary text, which is what perplexity measures)
+    whiten: Literal["pairs", "reference"] = "pairs"
 
     def __post_init__(self) -> None:
         if self.source not in DIRECTION_SOURCES:
@@ -76,6 +80,8 @@ class DirectionFit:
             raise ValueError(f"positions must be 'last' or 'changed', got {self.positions!r}")
         if self.keep_causal not in (None, "write", "none"):
             raise ValueError(f"keep_causal must be 'write' or 'none', got {self.keep_causal!r}")
+        if self.whiten not in ("pairs", "reference"):
+            raise ValueError(f"whiten must be 'pairs' or 'reference', got {self.whiten!r}")
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
         for site in self.sites:
@@ -133,8 +139,8 @@ def fit_directions(
     >>> dirs.get("direction L3.0@resid_pre").cos_causal
     """
     fit = DirectionFit(**{**(asdict(fit) if fit is not None else {}), **overrides})
-    if not probes.has_spurious:
-        raise ValueError("Fitting directions needs a spurious_counterfactual on every probe example")
+    if not any(e.spurious_counterfactual for e in probes.examples):
+        raise ValueError("Fitting directions needs probe examples with a spurious_counterfactual (none has one)")
     metric_fn = get_metric(metric)
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     layers = list(range(n_layers)) if fit.layers is None else list(fit.layers)
@@ -156,6 +162,8 @@ def fit_directions(
     for batch in probes.batches(fit.batch_size, device=device):
         if first is None:
             first = batch.tokens[0, 0]
+        if batch.spurious is None:  # examples without a spurious counterfactual teach nothing here
+            continue
         logits, clean = _run(model, batch.tokens, names)
         p = metric_fn(logits, batch, logits)
         runs = [("spurious", batch.spurious, hi, lo)]
@@ -185,7 +193,10 @@ def fit_directions(
         t for e in probes.examples for t in (e.prompt, e.spurious_counterfactual) if t
     ]  # fmt: skip
     points = sorted({p for s, layer in keys for p in _points(s, layer, writers)})
-    means, first_acts = _reference_stats(model, texts, points, skip_first=prepends, batch_size=fit.batch_size)
+    fit_hooks = sorted(set(names)) if fit.whiten == "reference" else []
+    means, first_acts, covs = _reference_stats(
+        model, texts, points, skip_first=prepends, batch_size=fit.batch_size, second=fit_hooks
+    )
 
     directions: list[Direction] = []
     skipped: list[str] = []
@@ -196,8 +207,14 @@ def fit_directions(
         if H is None or len(H) < 2:
             skipped.append(f"{site}@L{layer}: fewer than 2 pairs changed the output")
             continue
+        sigma = None
+        if fit.whiten == "reference":
+            hook = _HOOKS[parse_site(site)[0]].format(L=layer)
+            cov = covs[hook] if parse_site(site)[1] is None else covs[hook][parse_site(site)[1]]
+            d = cov.shape[0]
+            sigma = (1 - fit.shrinkage) * cov + fit.shrinkage * torch.trace(cov) / d * torch.eye(d, dtype=cov.dtype)
         try:
-            A, B = _estimate(fit, H, L)
+            A, B = _estimate(fit, H, L, sigma)
         except ValueError as err:
             skipped.append(f"{site}@L{layer}: {err}")
             continue
@@ -237,14 +254,14 @@ def fit_directions(
 
 def _points(site: str, layer: int, writers: Sequence[str]) -> tuple[str, ...]:
     probe = Direction(Feature("direction", layer, 0, site), torch.ones(1), torch.ones(1), torch.zeros(1))
-    return edit_points(probe, writers) if site != "resid_pre" else tuple(writers)
+    return edit_points(probe, writers)
 
 
-def _estimate(fit: DirectionFit, H: Tensor, L: Tensor) -> tuple[Tensor, Tensor]:
+def _estimate(fit: DirectionFit, H: Tensor, L: Tensor, sigma: Tensor | None = None) -> tuple[Tensor, Tensor]:
     if fit.source == "diff-means":
         return diff_means(H, L, fit.rank)
     if fit.source == "leace":
-        return leace(H, L, fit.rank, shrinkage=fit.shrinkage)
+        return leace(H, L, fit.rank, shrinkage=fit.shrinkage, sigma=sigma)
     return probe_directions(H, L, fit.rank)
 
 
@@ -258,11 +275,19 @@ def _protect(A: Tensor, B: Tensor, gaps: Tensor) -> Tensor:
 
 @torch.no_grad()
 def _reference_stats(
-    model: Any, texts: Sequence[str], points: Sequence[str], *, skip_first: bool, batch_size: int
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Mean activation (fp64) at each hook point over ``texts``, and the first-position activation."""
-    names = sorted(set(points))
+    model: Any,
+    texts: Sequence[str],
+    points: Sequence[str],
+    *,
+    skip_first: bool,
+    batch_size: int,
+    second: Sequence[str] = (),
+) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+    """Mean activation (fp64) at each hook point over ``texts``, the first-position activation,
+    and the covariance at the ``second`` hooks (per head for ``hook_z``)."""
+    names = sorted(set(points) | set(second))
     sums: dict[str, Tensor] = {}
+    squares: dict[str, Tensor] = {}
     count = 0
     first: dict[str, Tensor] = {}
     by_len: dict[int, list[Tensor]] = {}
@@ -280,9 +305,17 @@ def _reference_stats(
                 body = act[:, 1:] if skip_first else act
                 flat = body.reshape(-1, *act.shape[2:])
                 sums[n] = sums.get(n, 0) + flat.sum(0)
+                if n in second:
+                    per = flat if flat.ndim == 2 else flat.transpose(0, 1)  # hook_z: [heads, n, d_head]
+                    squares[n] = squares.get(n, 0) + per.transpose(-1, -2) @ per
             count += tokens.shape[0] * (tokens.shape[1] - (1 if skip_first else 0))
     means = {n: sums[n] / max(count, 1) for n in names}
-    return _per_point(means, points), _per_point(first, points)
+    covs = {}
+    for n in second:
+        mu = means[n] if means[n].ndim == 1 else means[n]
+        outer = torch.outer(mu, mu) if mu.ndim == 1 else mu[:, :, None] * mu[:, None, :]
+        covs[n] = squares[n] / max(count, 1) - outer
+    return _per_point(means, points), _per_point(first, points), covs
 
 
 def _per_point(stats: dict[str, Tensor], points: Sequence[str]) -> dict[str, Tensor]:

@@ -30,6 +30,7 @@ from icp_lens.hooks import hooked, module_hooks
 __all__ = [
     "residual_writers",
     "edit_points",
+    "writers_before",
     "direction_hooks",
     "applying_directions",
     "hf_writer_modules",
@@ -48,12 +49,24 @@ def residual_writers(model: Any) -> tuple[str, ...]:
     return tuple(names)
 
 
+def writers_before(writers: Sequence[str], layer: int) -> tuple[str, ...]:
+    """The residual writers whose sum is ``blocks.<layer>.hook_resid_pre``: embeddings and earlier blocks."""
+    return tuple(w for w in writers if not w.startswith("blocks.") or int(w.split(".")[1]) < layer)
+
+
 def edit_points(direction: Direction, writers: Sequence[str]) -> tuple[str, ...]:
-    """The hook names where ``direction`` is applied (its means follow this order)."""
+    """The hook names where ``direction`` is applied (its means follow this order).
+
+    A ``resid_pre`` direction of layer ``L`` is applied to every writer *before* ``L``
+    (the embeddings and blocks ``0..L-1``): then ``resid_pre`` of ``L`` is exactly the
+    run-time projection of the clean stream there, every earlier layer reads the edited
+    stream, and layers from ``L`` on may write the direction again (the answer itself is
+    often written along it; removing it from every later writer can erase the output).
+    """
     name, head = parse_site(direction.site)
     layer = direction.feature.layer
     if name == "resid_pre":
-        return tuple(writers)
+        return writers_before(writers, layer)
     if name == "z":
         return (f"blocks.{layer}.attn.hook_z",)
     return (f"blocks.{layer}.hook_{name}",)

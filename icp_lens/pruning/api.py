@@ -254,18 +254,17 @@ def prune(
     """Select from ``scores`` (ScoreTable, frame, path or feature list), plan, export, verify.
 
     ``reference`` feeds the means in mean mode; its prompts are also the verification
-    inputs unless ``prompts`` are given. ``kinds`` says which rows compete (default: the
-    prunable unit kinds; add ``direction`` and ``token`` to let fitted directions and
-    token-embedding rows in); selected direction rows take their vectors from the table
+    inputs unless ``prompts`` are given. ``kinds`` says which rows compete (default: every
+    prunable kind in the table: units, ``direction`` and ``token`` rows); selected direction rows take their vectors from the table
     (``<stem>.directions.safetensors``), token rows become token-embedding edits.
     """
-    from icp_lens.pruning.arch import PRUNABLE_KINDS
+    from icp_lens.pruning.select import SELECTABLE_KINDS
     from icp_lens.scoring.table import ScoreTable
 
     table = ScoreTable.load(scores) if isinstance(scores, (str, Path)) else scores
     selected = select_features(
         table, threshold=threshold, top_k=top_k, per_layer_cap=per_layer_cap,
-        kinds=tuple(kinds) if kinds is not None else PRUNABLE_KINDS, min_selectivity=min_selectivity,
+        kinds=tuple(kinds) if kinds is not None else SELECTABLE_KINDS, min_selectivity=min_selectivity,
         min_share=min_share,
     )  # fmt: skip
     if not selected:
