@@ -96,7 +96,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from icp_lens.pruning import prune
 
     if args.top_k is None and args.threshold is None and args.min_share is None:
-        raise ValueError("choose features with --top-k K, --threshold T and/or --min-share F")
+        raise ValueError("choose features with --top-k K and/or --threshold T (or --min-share F)")
     if args.token_mode == "mean" and args.probe is None:
         raise ValueError("--token-mode mean needs --probe FILE.jsonl (the prompts the mean embedding is taken over)")
     if args.mode == "mean" and args.probe is None:
@@ -144,20 +144,5 @@ def _cmd_apply_plan(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         prompts=_prompts(args.probe),
         tolerance=args.tolerance,
-        kinds=args.kinds,
-        min_selectivity=args.min_selectivity,
-        min_share=args.min_share,
-        token_mode=args.token_mode,
-        direction_mode=args.direction_mode,
     )
     return _print(result, args.json)
-
-
-def _kinds(text: str) -> list[str]:
-    from icp_lens.pruning.select import SELECTABLE_KINDS
-
-    kinds = [k.strip() for k in text.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in SELECTABLE_KINDS]
-    if not kinds or bad:
-        raise argparse.ArgumentTypeError(f"unknown kinds {bad or text!r}; valid: {','.join(SELECTABLE_KINDS)}")
-    return kinds

@@ -311,8 +311,8 @@ def test_old_plans_without_tokens_still_load_and_are_written_as_before(micro_dir
     assert loaded.tokens == () and loaded.features == (Feature("neuron", 1, 2),)
     result = apply_plan(micro_dirs["gpt2"], loaded, tmp_path / "out")
     assert result.verification.passed and not result.stats.untied
-    with pytest.raises(ValueError, match=r"Unsupported prune plan version 3; this icp_lens reads versions \[1, 2\]"):
-        PrunePlan.from_dict({**old, "version": 3})
+    with pytest.raises(ValueError, match=r"Unsupported prune plan version 4; this icp_lens reads versions \[1, 2, 3\]"):
+        PrunePlan.from_dict({**old, "version": 4})
 
 
 def test_bad_tokens_are_refused_with_the_valid_range(micro_dirs) -> None:

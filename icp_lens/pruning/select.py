@@ -77,7 +77,7 @@ def select_features(
     include ``direction`` and ``token``.
     """
     if threshold is None and top_k is None and min_share is None:
-        raise ValueError("Choose features with threshold=..., top_k=..., min_share=... or a combination")
+        raise ValueError("Choose features with threshold=..., top_k=... or both (or min_share=...)")
     bad = sorted(set(kinds) - set(SELECTABLE_KINDS))
     if bad:
         raise ValueError(unprunable_reason(bad, f"kinds {bad}"))
