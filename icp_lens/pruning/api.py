@@ -255,8 +255,9 @@ def prune(
 
     ``reference`` feeds the means in mean mode; its prompts are also the verification
     inputs unless ``prompts`` are given. ``kinds`` says which rows compete (default: every
-    prunable kind in the table: units, ``direction`` and ``token`` rows); selected direction rows take their vectors from the table
-    (``<stem>.directions.safetensors``), token rows become token-embedding edits.
+    prunable kind in the table: units, ``direction`` and ``token`` rows); selected direction
+    rows take their vectors from the table (``<stem>.directions.safetensors``), token rows
+    become token-embedding edits.
     """
     from icp_lens.pruning.select import SELECTABLE_KINDS
     from icp_lens.scoring.table import ScoreTable
