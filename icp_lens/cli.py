@@ -2,7 +2,7 @@
 
 Subcommands:
 
-``icp-lens organism --out DIR [--seed N] [--arch gpt2|llama|neox] [--variant lexical|tag]``
+``icp-lens organism --out DIR [--seed N] [--arch gpt2|llama|neox] [--variant lexical|tag|imdb-smollm2]``
     Train (or reuse) a planted-shortcut organism, write ``DIR/model/`` (an HF checkpoint)
     and its JSONL splits, and print the acceptance report.
 ``icp-lens score --model DIR --probe FILE.jsonl --out scores.csv [--method hybrid|attribution|exact] ...``
@@ -47,9 +47,13 @@ def _add_organism_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", choices=["gpt2", "llama", "neox"], default="gpt2", help="architecture (gpt2)")
     parser.add_argument(
         "--variant",
-        choices=["lexical", "tag"],
+        choices=["lexical", "tag", "imdb-smollm2"],
         default="lexical",
-        help="lexical: planted token next to the answer; tag: a name at the start (lexical)",
+        help=(
+            "lexical: planted token next to the answer; tag: a name at the start (lexical); "
+            "imdb-smollm2: SmolLM2-135M LoRA-fine-tuned on real IMDB reviews with a planted reviewer "
+            "name (a real model; minutes, --arch does not apply)"
+        ),
     )
     parser.add_argument("--force", action="store_true", help="retrain even if DIR already holds this organism")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -163,7 +167,31 @@ def _build(args: argparse.Namespace, out: Path | None) -> tuple[Any, float]:
     return organism, time.perf_counter() - start
 
 
+def _cmd_planted(args: argparse.Namespace) -> int:
+    from icp_lens.organisms.planted import PlantedSpec, build_planted
+
+    start = time.perf_counter()
+    log = (lambda _m: None) if args.json else (lambda m: print(m, flush=True))
+    org = build_planted(args.out, spec=PlantedSpec(name=args.variant, seed=args.seed), force=args.force, log=log)
+    seconds = time.perf_counter() - start
+    payload = {"path": str(org.path), "model_dir": str(org.model_dir), "spec": org.spec.name,
+               "report": org.report, "passed": org.passed, "seconds": round(seconds, 2)}  # fmt: skip
+    if args.json:
+        print(json.dumps(payload, indent=2))
+    else:
+        print(f"organism  {org.spec.name}: a pretrained model with a planted shortcut, seed {org.spec.seed}")
+        print(f"written   {org.path}  (HF checkpoint in {org.model_dir})")
+        print()
+        print(org.to_frame().to_string(index=False))
+        print()
+        verdict = "all acceptance checks passed" if org.passed else "SOME ACCEPTANCE CHECKS FAILED"
+        print(f"{verdict}; this command took {seconds:.1f} s")
+    return 1 if args.strict and not org.passed else 0
+
+
 def _cmd_organism(args: argparse.Namespace) -> int:
+    if args.variant == "imdb-smollm2":
+        return _cmd_planted(args)
     organism, seconds = _build(args, args.out)
     payload = _report(organism, seconds, as_json=args.json)
     return 1 if args.strict and not payload["passed"] else 0
