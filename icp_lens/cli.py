@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="icp-lens",
         description="Find and remove the features through which a spurious attribute drives a transformer.",
     )
+    parser.add_argument(
+        "--verbose", action="store_true", help="show third-party progress bars (transformers' weight loading)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     organism = sub.add_parser("organism", help="train a model with a planted shortcut and report on it")
@@ -293,9 +296,23 @@ def _direction_fit(args: argparse.Namespace) -> Any:
     )  # fmt: skip
 
 
+def _quiet_third_party() -> None:
+    """Silence transformers' and the hub's progress bars ("Loading weights" on every load); ours stay."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``icp-lens`` console script."""
     args = build_parser().parse_args(argv)
+    if not args.verbose:
+        _quiet_third_party()
     try:
         return int(args.handler(args))
     except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as err:

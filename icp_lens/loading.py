@@ -361,6 +361,38 @@ def prepare_offline_model(
 # ----------------------------------------------------------------------------- resolving
 
 
+def looks_like_path(name_or_dir: str | Path) -> bool:
+    """Whether a model argument is a filesystem path (not a hub name such as ``org/model``)."""
+    raw = str(name_or_dir)
+    return isinstance(name_or_dir, Path) or raw.startswith((".", "/", "~")) or raw.count("/") > 1
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def require_safetensors(path: str | Path) -> Path:
+    """``path`` if it is a checkpoint directory whose weights are safetensors.
+
+    icp_lens never unpickles weights: a directory holding only ``pytorch_model.bin``
+    (or other pickle files) is refused with the way to convert it, in an environment
+    you trust, once.
+    """
+    path = Path(path).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint directory: no config.json inside")
+    if any(path.glob("*.safetensors")) or any(path.glob("*.gguf")):
+        return path
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"{path} holds pickle weights only ({', '.join(pickles[:3])}); icp_lens loads safetensors only, "
+            "because unpickling can run code. Convert once, in an environment you trust: "
+            f'python -c "from transformers import AutoModelForCausalLM as M; '
+            f"M.from_pretrained('{path}').save_pretrained('{path}-safetensors')\""
+        )
+    return path
+
+
 def fetch_model(
     name_or_dir: str | Path,
     *,
@@ -382,8 +414,9 @@ def fetch_model(
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint directory: no config.json inside")
+        require_safetensors(path)
         return ResolvedModel(raw, path, "local", time.perf_counter() - start)
-    if isinstance(name_or_dir, Path) or raw.startswith((".", "/", "~")) or raw.count("/") > 1:
+    if looks_like_path(name_or_dir):
         raise FileNotFoundError(f"No such model directory: {path}")
     name = canonical_name(raw)
     if offline:

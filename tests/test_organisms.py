@@ -142,6 +142,20 @@ def test_cache_reuse_does_not_retrain(organism, monkeypatch):
 
 
 @pytest.mark.slow
+def test_out_dir_gets_a_copy_of_the_cached_build(organism, monkeypatch, tmp_path):
+    org = organism("lexical", "gpt2")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached organism was retrained for another out_dir")
+
+    monkeypatch.setattr(build_module, "_build", no_training)
+    copy = build_organism(tmp_path / "mine", variant="lexical", arch="gpt2", seed=0)
+    assert copy.path == (tmp_path / "mine").resolve() and copy.report == org.report
+    for name in ("model/model.safetensors", "probe.jsonl", "report.json"):
+        assert (copy.path / name).read_bytes() == (org.path / name).read_bytes()
+
+
+@pytest.mark.slow
 def test_checkpoint_loads_with_transformers_and_bridge(organism):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -298,6 +298,18 @@ def _build(tmp: Path, spec: OrganismSpec) -> OrganismReport:
     )
 
 
+def _cached_copy(spec: OrganismSpec, target: Path) -> Path | None:
+    """The cache's finished build of ``spec`` when ``target`` is elsewhere, else ``None``."""
+    cached = (default_cache_dir() / spec.name).expanduser().resolve()
+    if cached == target or not (cached / "report.json").exists():
+        return None
+    try:
+        _load(cached, spec)
+    except (ValueError, KeyError, json.JSONDecodeError):
+        return None
+    return cached
+
+
 def build_organism(
     out_dir: str | Path | None = None,
     *,
@@ -310,7 +322,8 @@ def build_organism(
     """Build (or reuse from the cache) the organism ``variant`` x ``arch`` x ``seed``.
 
     ``out_dir`` defaults to ``default_cache_dir() / spec.name``. A directory with a
-    ``report.json`` for the same spec is reused unless ``force``; one holding another
+    ``report.json`` for the same spec is reused unless ``force``; another ``out_dir`` gets
+    a copy of the cache's build of the same spec when there is one (no retraining); one holding another
     spec raises, and so does one holding files an organism build does not write
     (nothing but organism files is ever deleted). ``steps`` overrides the training
     length (it is part of the cache name).
@@ -325,9 +338,14 @@ def build_organism(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        report = _build(tmp, spec)
-        payload = {"spec": asdict(spec), "version": VERSION, "report": report.to_dict()}
-        (tmp / "report.json").write_text(json.dumps(payload, indent=2))
+        cached = _cached_copy(spec, path) if not force else None
+        if cached is not None:  # the identical organism is in the cache: copy it instead of retraining
+            shutil.copytree(cached, tmp, dirs_exist_ok=True)
+            report = OrganismReport.from_dict(json.loads((tmp / "report.json").read_text())["report"])
+        else:
+            report = _build(tmp, spec)
+            payload = {"spec": asdict(spec), "version": VERSION, "report": report.to_dict()}
+            (tmp / "report.json").write_text(json.dumps(payload, indent=2))
         if path.exists():
             if (path / "report.json").exists() and not force:
                 return _load(path, spec)  # a concurrent build finished first

@@ -497,7 +497,8 @@ def build_planted(
 
     The directory defaults to ``default_cache_dir() / spec.dirname`` (the spec's digest is
     in the name). A directory whose ``report.json`` holds the same digest is reused
-    unless ``force``; one holding another spec raises. The build runs in a temporary
+    unless ``force``; one holding another spec raises. Another ``out_dir`` gets a copy of
+    the cache's build of the same spec when there is one. The build runs in a temporary
     sibling renamed into place after ``report.json`` is written: an interrupted build
     never looks finished.
     """
@@ -520,9 +521,21 @@ def build_planted(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        report = _build(tmp, spec, log)
-        payload = {"spec": asdict(spec), "digest": spec.digest(), "version": VERSION, "report": report}
-        (tmp / "report.json").write_text(json.dumps(payload, indent=2))
+        cached = _default_dir(spec).expanduser().resolve()
+        saved = cached / "report.json"
+        if (
+            not force
+            and cached != path
+            and saved.exists()
+            and json.loads(saved.read_text()).get("digest") == spec.digest()
+        ):
+            log(f"copying the cached build {cached}")  # the identical build: no retraining
+            shutil.copytree(cached, tmp, dirs_exist_ok=True)
+            report = json.loads((tmp / "report.json").read_text())["report"]
+        else:
+            report = _build(tmp, spec, log)
+            payload = {"spec": asdict(spec), "digest": spec.digest(), "version": VERSION, "report": report}
+            (tmp / "report.json").write_text(json.dumps(payload, indent=2))
         if path.exists():
             shutil.rmtree(path)
         os.rename(tmp, path)

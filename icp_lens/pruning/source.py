@@ -36,9 +36,9 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32) -> 
     """Load an HF checkpoint directory with ``transformers`` alone, in eval mode."""
     import transformers
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint: no config.json inside")
+    from icp_lens.loading import require_safetensors
+
+    path = require_safetensors(path)
     config = transformers.AutoConfig.from_pretrained(path)
     names = getattr(config, "architectures", None) or []
     cls = getattr(transformers, names[0], None) if names else None

@@ -1,0 +1,47 @@
+"""Expected failures end as one sentence naming the problem (and the CLI exits 2)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from icp_lens.cli import main
+
+
+@pytest.fixture
+def pickle_only(micro_dirs: dict[str, Path], tmp_path: Path) -> Path:
+    """A GPT-2 micro checkpoint whose weights are a pickle (pytorch_model.bin) only."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "pickled"
+    shutil.copytree(micro_dirs["gpt2"], out)
+    state = load_file(str(out / "model.safetensors"))
+    (out / "model.safetensors").unlink()
+    torch.save(state, out / "pytorch_model.bin")
+    return out
+
+
+def test_pickle_only_checkpoints_are_refused_everywhere(pickle_only: Path, tmp_path: Path, capsys) -> None:
+    from icp_lens import boot_bridge
+    from icp_lens.loading import fetch_model
+    from icp_lens.pruning.source import load_checkpoint
+
+    for load in (boot_bridge, load_checkpoint, fetch_model):
+        with pytest.raises(ValueError, match=r"pickle weights only \(pytorch_model.bin\); icp_lens loads safetensors"):
+            load(pickle_only)
+    probe = tmp_path / "p.jsonl"
+    probe.write_text('{"prompt": "a b", "answer": " c", "alternatives": [" d"]}\n')
+    rc = main(["score", "--model", str(pickle_only), "--probe", str(probe), "--out", str(tmp_path / "s.csv")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "icp-lens score: error:" in err and "save_pretrained" in err
+
+
+def test_a_missing_model_directory_is_one_sentence(tmp_path: Path, capsys) -> None:
+    probe = tmp_path / "p.jsonl"
+    probe.write_text('{"prompt": "a b", "answer": " c", "alternatives": [" d"]}\n')
+    rc = main(["score", "--model", str(tmp_path / "nope"), "--probe", str(probe), "--out", str(tmp_path / "s.csv")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("icp-lens score: error:") and "nope" in err
