@@ -45,3 +45,14 @@ def test_a_missing_model_directory_is_one_sentence(tmp_path: Path, capsys) -> No
     rc = main(["score", "--model", str(tmp_path / "nope"), "--probe", str(probe), "--out", str(tmp_path / "s.csv")])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("icp-lens score: error:") and "nope" in err
+
+
+def test_a_selection_larger_than_the_table_warns() -> None:
+    import pandas as pd
+
+    from icp_lens.pruning import select_features
+
+    frame = pd.DataFrame({"kind": ["neuron", "head"], "layer": [0, 1], "index": [2, 0], "score": [0.5, 0.4]})
+    with pytest.warns(UserWarning, match=r"top_k=10000 but the table has only 2 rows"):
+        chosen = select_features(frame, top_k=10000)
+    assert [str(f) for f in chosen] == ["neuron L0.2", "head L1.0"]

@@ -11,6 +11,7 @@ making the output independent of them.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,12 @@ def select_features(
             raise ValueError(f"{name} must be >= 0, got {value}")
     frame = score_frame(scores)
     frame = frame[frame["kind"].isin(list(kinds))]
+    if top_k is not None and top_k > len(frame):
+        warnings.warn(
+            f"top_k={top_k} but the table has only {len(frame)} rows of kinds {list(kinds)}: every one of them "
+            "can be selected. Check the table and --kinds.",
+            stacklevel=2,
+        )
     top_score = float(frame["score"].max()) if "score" in frame and len(frame) else 0.0
     if min_selectivity is not None:
         if "selectivity" not in frame:
