@@ -25,6 +25,8 @@ Subcommands:
 ``icp-lens pairs --spec SPEC.json --model M --out DIR [--holdout F]``
     Counterfactual pairs (and explicit-cue task prompts) from a template spec; see
     ``icp_lens.cli_pairs``.
+``icp-lens audit --model M --spec SPEC.json|--probe FILE [--data CSV]``
+    Sensitivity to spurious and causal counterfactuals, and the spuriousness ratio.
 ``icp-lens demo [--out DIR] [--json]``
     The main job on the built-in default organism (lexical shortcut, GPT-2, seed 0):
     score, prune, export and verify the checkpoint, evaluate before/after; see
@@ -126,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from icp_lens.cli_eval import add_eval_parser
     from icp_lens.cli_fetch import add_fetch_parser
-    from icp_lens.cli_pairs import add_pairs_parser
+    from icp_lens.cli_pairs import add_audit_parser, add_pairs_parser
     from icp_lens.cli_prune import add_prune_parsers
     from icp_lens.cli_train import add_train_parser
 
@@ -135,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_fetch_parser(sub)
     add_pairs_parser(sub)
+    add_audit_parser(sub)
 
     demo = sub.add_parser("demo", help="score, prune, export, verify and evaluate the default organism")
     demo.add_argument("--out", type=Path, default=None, help="output directory (default: <icp_lens cache>/demo)")

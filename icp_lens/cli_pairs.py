@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-__all__ = ["add_pairs_parser"]
+__all__ = ["add_pairs_parser", "add_audit_parser"]
 
 
 def add_pairs_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -57,4 +57,73 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
           f"held-out pairs {c['heldout_pairs']}, held-out task {c['heldout_task']}, rejected {rejected}")  # fmt: skip
     names = sorted(p.name for p in out.iterdir())
     print(f"written   {out}: {', '.join(names)}")
+    return 0
+
+
+def add_audit_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``audit`` on the ``icp-lens`` subparsers."""
+    parser = sub.add_parser(
+        "audit",
+        help="how much a model uses an attribute (sensitivity, flip rate) and how spurious it is (MI ratio)",
+        description=(
+            "Sensitivity of MODEL to the spurious and causal counterfactuals of a pair spec (or a probe file): "
+            "mean KL of the answer candidates and flip rate, and the causal robustness ratio. With --data, the "
+            "spuriousness ratio rho = (I(X_S;Y) - I(X_S;Y|X_C)) / I(X_S;Y) on a labelled CSV."
+        ),
+    )
+    parser.add_argument("--model", required=True, help="HF checkpoint directory, hub name or alias")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--spec", type=Path, help="a pair spec (JSON): its pairs are generated and measured")
+    source.add_argument("--probe", type=Path, help="a probe file (JSONL) with counterfactuals")
+    parser.add_argument("--data", type=Path, default=None, help="labelled CSV for the spuriousness ratio")
+    parser.add_argument(
+        "--columns", default="spurious,causal,label", help="the CSV's spurious, causal and label columns"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="write the table as CSV here")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(handler=_cmd_audit)
+    return parser
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    import pandas as pd
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from icp_lens.counterfactuals import PairSpec, generate_pairs, sensitivity, spuriousness_ratio
+    from icp_lens.loading import resolve_model_dir
+    from icp_lens.probes import read_probes
+
+    columns = [c.strip() for c in args.columns.split(",")]
+    if len(columns) != 3:
+        raise ValueError(f"--columns takes three names (spurious,causal,label), got {args.columns!r}")
+    frame = None
+    if args.data is not None:
+        if not args.data.is_file():
+            raise FileNotFoundError(f"No data file at {args.data}")
+        frame = pd.read_csv(args.data)
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise ValueError(f"{args.data} lacks columns {missing}; it has {list(frame.columns)}")
+    spec = PairSpec.load(args.spec) if args.spec is not None else None
+    path = resolve_model_dir(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    probes = list(generate_pairs(spec, tokenizer).pairs) if spec is not None else read_probes(args.probe)
+    model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    table = sensitivity(model, tokenizer, probes)
+    ratio = None
+    if frame is not None:
+        ratio = spuriousness_ratio(frame[columns[0]].tolist(), frame[columns[2]].tolist(), frame[columns[1]].tolist())
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.out, index=False)
+    if args.json:
+        print(json.dumps({"sensitivity": table.to_dict(orient="records"),
+                          "spuriousness_ratio": None if ratio is None else ratio.to_dict()}, indent=2))  # fmt: skip
+        return 0
+    print(table.to_string(index=False))
+    if ratio is not None:
+        print(f"spuriousness ratio rho {ratio.rho:.3f} [{ratio.ci_low:.3f}, {ratio.ci_high:.3f}] "
+              f"(I(X_S;Y) {ratio.mi:.4f} nats, I(X_S;Y|X_C) {ratio.conditional_mi:.4f}, n {ratio.n})")  # fmt: skip
+    if args.out is not None:
+        print(f"written   {args.out}")
     return 0

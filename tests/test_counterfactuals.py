@@ -133,3 +133,59 @@ def test_cli_pairs_on_the_micro_tokenizer(micro_dirs: dict[str, Path], tmp_path:
     ]
     assert main(bad) == 2
     assert "bad.json: missing 'answers'" in capsys.readouterr().err
+
+
+def test_mutual_information_and_the_spuriousness_ratio_by_hand() -> None:
+    import math
+
+    from icp_lens.counterfactuals import conditional_mutual_information, mutual_information, spuriousness_ratio
+
+    assert mutual_information([0, 0, 1, 1], ["a", "a", "b", "b"]) == pytest.approx(math.log(2))
+    assert mutual_information([0, 1, 0, 1], [0, 0, 1, 1]) == pytest.approx(0.0)
+    # p(x, y) = [[3/8, 1/8], [1/8, 3/8]]: I = sum p log(p / (1/4))
+    x, y = [0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1, 0]
+    expected = 2 * (3 / 8) * math.log(1.5) + 2 * (1 / 8) * math.log(0.5)
+    assert mutual_information(x, y) == pytest.approx(expected)
+    assert conditional_mutual_information(x, y, y) == pytest.approx(0.0)
+    # a pure shortcut: the label is the cause; the attribute agrees with the cause 3 times in 4
+    ratio = spuriousness_ratio(x, y, y, n_boot=50)
+    assert ratio.rho == pytest.approx(1.0) and ratio.mi == pytest.approx(expected) and ratio.n == 8
+    # not explained away: the attribute is the label, the "cause" is independent noise
+    noise = [0, 1, 0, 1, 0, 1, 0, 1]
+    lone = spuriousness_ratio(y, y, noise, n_boot=50)
+    assert lone.conditional_mi == pytest.approx(lone.mi) and lone.rho == pytest.approx(0.0)
+
+
+def test_sensitivity_is_zero_for_an_identical_counterfactual(micro_dirs: dict[str, Path]) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from icp_lens.counterfactuals import sensitivity
+    from icp_lens.probes import ProbeExample
+
+    model = AutoModelForCausalLM.from_pretrained(str(micro_dirs["gpt2"])).eval()
+    tok = AutoTokenizer.from_pretrained(str(micro_dirs["gpt2"]))
+    same = [ProbeExample("a b c", " pos", (" neg",), spurious_counterfactual="a b c", causal_counterfactual="a b d",
+                         causal_answer=" neg")]  # fmt: skip
+    frame = sensitivity(model, tok, same)
+    assert list(frame["counterfactual"]) == ["spurious", "causal"]
+    spurious = frame.set_index("counterfactual").loc["spurious"]
+    assert spurious["kl"] == pytest.approx(0.0, abs=1e-7) and spurious["flip_rate"] == 0.0
+    causal = frame.set_index("counterfactual").loc["causal"]
+    assert causal["kl"] > 0 and causal["causal_robustness"] == float("inf")
+
+
+def test_cli_audit(micro_dirs: dict[str, Path], tmp_path: Path, capsys) -> None:
+    spec = {"templates": ["{x} a", "b {x} a"], "spurious": {"p": ["c"], "q": ["d"]},
+            "causal": {"p": ["e"], "q": ["b"]}, "answers": {"p": " pos", "q": " neg"}}  # fmt: skip
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    (tmp_path / "data.csv").write_text(
+        "s,c,y\n" + "\n".join(f"{a},{b},{b}" for a, b in [(0, 0), (0, 0), (1, 1), (0, 1)])
+    )
+    args = ["audit", "--model", str(micro_dirs["gpt2"]), "--spec", str(tmp_path / "spec.json"),
+            "--data", str(tmp_path / "data.csv"), "--columns", "s,c,y", "--json"]  # fmt: skip
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["counterfactual"] for r in out["sensitivity"]] == ["spurious", "causal"]
+    assert out["sensitivity"][0]["n"] == 4 and out["spuriousness_ratio"]["rho"] == pytest.approx(1.0)
+    bad = [*args[:-3], "--columns", "s,y", "--json"]
+    assert main(bad) == 2 and "--columns takes three names" in capsys.readouterr().err

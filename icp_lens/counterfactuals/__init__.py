@@ -16,7 +16,24 @@ value of another group, whose answer differs), plus the explicit-cue task prompt
 ``icp-lens pairs --spec SPEC.json --model M --out DIR`` does the same from the shell.
 """
 
+from icp_lens.counterfactuals.audit import (
+    SpuriousnessRatio,
+    conditional_mutual_information,
+    mutual_information,
+    sensitivity,
+    spuriousness_ratio,
+)
 from icp_lens.counterfactuals.spec import PairSpec, SpecError
 from icp_lens.counterfactuals.templates import PairsResult, generate_pairs
 
-__all__ = ["PairSpec", "SpecError", "PairsResult", "generate_pairs"]
+__all__ = [
+    "PairSpec",
+    "SpecError",
+    "PairsResult",
+    "generate_pairs",
+    "mutual_information",
+    "conditional_mutual_information",
+    "SpuriousnessRatio",
+    "spuriousness_ratio",
+    "sensitivity",
+]
