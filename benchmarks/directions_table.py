@@ -157,7 +157,7 @@ def smollm2_section() -> dict[str, Any]:
             "seconds": round(time.perf_counter() - start, 2),
         }
         out["stereoset"]["direction"] = stereoset_scores(folded, tok).to_dict()
-        _log(f"export {out['export']}; stereoset {out['stereoset']}")
+        _log(f"export max |diff| {out['export']['max_abs_logit_diff']:.2e}; stereoset {out['stereoset']}")
         _save("smollm2", out)
     from icp_lens.case_study.finetune import FinetuneConfig, train_method
 
@@ -429,7 +429,8 @@ def report() -> str:
             e = s["export"]
             parts += [
                 f"Export of the chosen edit: max |logit diff| vs the run-time projection {e['max_abs_logit_diff']:.2e} "
-                f"(fp32), {e['changed_parameters']} parameters changed, biases added {e['biases_added']}.",
+                f"(fp32), {e['changed_parameters']} parameters changed, {len(e['biases_added'])} zero biases added "
+                "(Llama's attention_bias / mlp_bias flags add them to every layer).",
                 "",
             ]
         if "stereoset" in s:
