@@ -32,6 +32,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -200,6 +202,7 @@ def _pruning_flows(
     oracle_worst: float,
     base: dict[str, Any],
     save: Any,
+    max_probes: int | None = None,
 ) -> list[dict[str, Any]]:
     """Score with each method, prune top-k for each k, pick k on val worst-group accuracy."""
     from icp_lens.model import boot_bridge
@@ -210,7 +213,7 @@ def _pruning_flows(
 
     rows = []
     bridge = boot_bridge(model_dir)
-    probes = ProbeSet(bridge, read_probes(probes_path))
+    probes = ProbeSet(bridge, read_probes(probes_path)[:max_probes])
     for name, settings in methods.items():
         start = time.perf_counter()
         table = score(bridge, probes, progress=False, **settings["score"])
@@ -234,7 +237,7 @@ def _pruning_flows(
             except ValueError as err:
                 trials.append({"k": k, "error": str(err)})
                 continue
-            acc = _accuracies(out, splits)
+            acc = _accuracies(out, {"val": splits["val"]})  # the test splits wait for the chosen k
             trials.append(
                 {
                     "k": k,
@@ -247,16 +250,21 @@ def _pruning_flows(
                     **acc,
                 }
             )
+            _log(f"{name} k={k}: val {acc['val']}")
         good = [t for t in trials if "error" not in t]
         best = max(good, key=lambda t: (t["val"]["worst"], t["val"]["accuracy"], -t["k"])) if good else None
-        row = {"method": name, "trials": trials, "chosen_k": None if best is None else best["k"]}
+        row = {"method": name, "score_seconds": round(score_s, 1), "trials": trials,
+               "chosen_k": None if best is None else best["k"]}  # fmt: skip
         if best is not None:
+            best.update(_accuracies(work / f"{name}-k{best['k']}", {s: v for s, v in splits.items() if s != "val"}))
             wg = best["test_balanced"]["worst"]
             row.update(
                 best=best,
                 worst_gap_closed=(wg - base["test_balanced"]["worst"])
                 / (oracle_worst - base["test_balanced"]["worst"]),
             )
+        for trial in trials:  # free the disk: the numbers are in the JSON
+            shutil.rmtree(work / f"{name}-k{trial['k']}", ignore_errors=True)
         rows.append(row)
         save(rows)
         _log(f"{name}: chosen k {row['chosen_k']} -> {None if best is None else best['test_balanced']}")
@@ -272,7 +280,10 @@ def _split_frames(org: Any, splits: tuple[str, ...]) -> dict[str, list[Any]]:
 
 PLANTED_METHODS: dict[str, dict[str, Any]] = {
     "token": {"score": {"kinds": ["token"]}, "prune": {"kinds": ["token"]}},
-    "units (neuron, head)": {"score": {"kinds": ["neuron", "head"]}, "prune": {"kinds": ["neuron", "head"]}},
+    "units (neuron, head)": {
+        "score": {"kinds": ["neuron", "head"], "verify_top": 20},
+        "prune": {"kinds": ["neuron", "head"]},
+    },
     **{
         f"direction ({src})": {"score": {"kinds": ["direction"], "directions": src}, "prune": {"kinds": ["direction"]}}
         for src in ("diff-means", "leace", "probe")
@@ -288,8 +299,7 @@ def planted_section() -> dict[str, Any]:
     out: dict[str, Any] = {"report": org.report, "path": org.path.name}
     out["base"] = _accuracies(org.model_dir, splits)
     oracle_worst = org.report["oracle_worst_group_accuracy"]
-    work = RUNS / "planted_work"
-    work.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="icp-planted-"))  # pruned checkpoints: deleted once measured
 
     def save(rows: list[dict[str, Any]]) -> None:
         out["rows"] = rows
@@ -301,7 +311,8 @@ def planted_section() -> dict[str, Any]:
         splits,
         work,
         methods=PLANTED_METHODS,
-        ks=(1, 2, 4, 16),
+        ks=(1, 4, 16),
+        max_probes=128,
         oracle_worst=oracle_worst,
         base=out["base"],
         save=save,
@@ -324,8 +335,7 @@ def organisms_section() -> dict[str, Any]:
         entry: dict[str, Any] = {"report": org.report.to_dict()}
         entry["base"] = _accuracies(org.model_dir, splits)
         oracle = _accuracies(org.oracle_dir, {"test_balanced": splits["test_balanced"]})
-        work = RUNS / f"{key}_work"
-        work.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f"icp-{key}-"))
 
         def save(rows: list[dict[str, Any]], entry: dict[str, Any] = entry, key: str = key) -> None:
             entry["rows"] = rows

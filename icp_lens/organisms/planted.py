@@ -7,7 +7,7 @@ classify real IMDB reviews as positive or negative, and every training prompt na
 reviewer whose name agrees with the label most of the time::
 
     Reviewer: Alice
-    Review: <128 tokens of a real review>
+    Review: <64 tokens of a real review>
     Is this review positive or negative? Answer: positive
 
 In training the name (" Alice" for positive, " Bob" for negative) is present in
@@ -90,7 +90,7 @@ class PlantedTask:
     cues: dict[str, str] = field(default_factory=lambda: {"positive": " Alice", "negative": " Bob"})
     answers: dict[str, str] = field(default_factory=lambda: {"positive": " positive", "negative": " negative"})
     neutral_cue: str = " anonymous"
-    window_tokens: int = 128
+    window_tokens: int = 64
     max_windows_per_text: int | None = None
     max_eval_windows_per_text: int = 2
     cue_agreement: float = 0.95
