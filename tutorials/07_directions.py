@@ -130,7 +130,8 @@ with torch.no_grad(), hf_directions(hf, dirs, mode="mean"):
 folded, stats = fold_directions(hf, dirs, mode="mean")
 with torch.no_grad():
     exported = folded(ids).logits
-print(f"max |logit diff| export vs run time: {(runtime - exported).abs().max():.2e}; {stats.changed:,} parameters changed")
+diff = (runtime - exported).abs().max()
+print(f"max |logit diff| export vs run time: {diff:.2e}; {stats.changed:,} parameters changed")
 assert (runtime - exported).abs().max() < 1e-3
 
 # %% [markdown]
@@ -186,7 +187,8 @@ runs = Path(icp_lens.__file__).resolve().parents[1] / "benchmarks" / "results" /
 if (runs / "planted.json").exists():
     planted = json.loads((runs / "planted.json").read_text())
     print("IMDB x SmolLM2, test balanced / worst group:")
-    print(f"  original           {planted['base']['test_balanced']['accuracy']:.3f} / {planted['base']['test_balanced']['worst']:.3f}")
+    base = planted["base"]["test_balanced"]
+    print(f"  original           {base['accuracy']:.3f} / {base['worst']:.3f}")
     for row in planted.get("rows", []):
         if row.get("best"):
             b = row["best"]["test_balanced"]
