@@ -151,7 +151,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from icp_lens.training import Trainer
 
     try:
-        check_target(args.out, overwrite=args.overwrite)
+        check_target(args.out, overwrite=args.overwrite, source=args.model)
         features, prune = _features(args)
         config = _config(args)
         if (args.retain is None) != (config.retain_weight == 0):

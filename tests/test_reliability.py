@@ -56,3 +56,18 @@ def test_a_selection_larger_than_the_table_warns() -> None:
     with pytest.warns(UserWarning, match=r"top_k=10000 but the table has only 2 rows"):
         chosen = select_features(frame, top_k=10000)
     assert [str(f) for f in chosen] == ["neuron L0.2", "head L1.0"]
+
+
+def test_prune_refuses_to_overwrite_its_source_and_negative_tolerance(micro_dirs, tmp_path: Path, capsys) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(micro_dirs["gpt2"], model)
+    before = (model / "model.safetensors").read_bytes()
+    scores = tmp_path / "scores.csv"
+    scores.write_text("kind,layer,index,hook_name,score\nneuron,0,1,blocks.0.mlp.hook_post,0.5\n")
+    base = ["prune", "--model", str(model), "--scores", str(scores), "--top-k", "1"]
+    assert main([*base, "--out", str(model), "--overwrite"]) == 2
+    assert "is the source model itself" in capsys.readouterr().err
+    assert (model / "model.safetensors").read_bytes() == before
+    assert main([*base, "--out", str(tmp_path / "o"), "--tolerance", "-1"]) == 2
+    assert "tolerance must be >= 0, got -1.0" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -207,7 +207,9 @@ def apply_plan(
     hooked model (``model`` itself when it is a bridge or HookedTransformer, a bridge
     booted on a directory, or ``reference``); see ``VerificationReport``.
     """
-    out = check_target(out, overwrite=overwrite)
+    out = check_target(out, overwrite=overwrite, source=model)
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
     clean: nn.Module = clean_hf_model(model)
     plan.check(clean)
     tok = tokenizer if tokenizer is not None else load_tokenizer(model)
@@ -279,7 +281,7 @@ def prune(
         if source is None:
             raise ValueError("Direction rows were selected but the table carries no direction vectors")
         directions = source.subset(picked)
-    check_target(out, overwrite=overwrite)
+    check_target(out, overwrite=overwrite, source=model)
     plan = make_plan(
         model, features, mode=mode, reference=reference, tokens=token_ids, token_mode=token_mode,
         directions=directions, direction_mode=direction_mode,

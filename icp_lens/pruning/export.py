@@ -22,9 +22,12 @@ from icp_lens.pruning.plan import PLAN_FILE, PrunePlan
 __all__ = ["export_checkpoint", "check_target"]
 
 
-def check_target(out: str | Path, *, overwrite: bool = False) -> Path:
-    """Refuse a non-empty ``out`` unless ``overwrite``; return it as a ``Path``."""
+def check_target(out: str | Path, *, overwrite: bool = False, source: Any = None) -> Path:
+    """Refuse a non-empty ``out`` unless ``overwrite``, and ``out`` = the ``source`` model directory; return ``out``."""
     out = Path(out)
+    if isinstance(source, (str, Path)) and Path(source).expanduser().exists():
+        if Path(source).expanduser().resolve() == out.expanduser().resolve():
+            raise ValueError(f"--out {out} is the source model itself; write the result to another directory")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
