@@ -71,3 +71,26 @@ def test_prune_refuses_to_overwrite_its_source_and_negative_tolerance(micro_dirs
     assert main([*base, "--out", str(tmp_path / "o"), "--tolerance", "-1"]) == 2
     assert "tolerance must be >= 0, got -1.0" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_latency_is_an_interleaved_median_of_both_models(micro_dirs, tmp_path: Path) -> None:
+    from icp_lens.features import Feature
+    from icp_lens.pruning import make_plan
+    from icp_lens.pruning.api import apply_plan
+    from icp_lens.pruning.verify import interleaved_latency_ms
+
+    calls: list[str] = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name, self.w = name, torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, tokens):
+            calls.append(self.name)
+            return tokens
+
+    a, b = interleaved_latency_ms(Counting("a"), Counting("b"), [torch.zeros(1, 2)], repeats=3)
+    assert a > 0 and b > 0 and calls == ["a", "b", "a", "b", "a", "b", "a", "b"]  # warm-ups, then alternating
+    result = apply_plan(micro_dirs["gpt2"], make_plan(micro_dirs["gpt2"], [Feature("neuron", 1, 2)]), tmp_path / "o")
+    assert "median of 5 interleaved runs" in str(result.verification)

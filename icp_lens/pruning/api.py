@@ -37,7 +37,7 @@ from icp_lens.pruning.plan import PruneMode, PrunePlan, TokenRow, fingerprint, p
 from icp_lens.pruning.select import select_features
 from icp_lens.pruning.source import clean_hf_model, load_tokenizer
 from icp_lens.pruning.tokens import check_plain_lookup, embedding_mean, resolve_tokens
-from icp_lens.pruning.verify import VerificationReport, forward_latency_ms, verification_batches, verify_export
+from icp_lens.pruning.verify import VerificationReport, verification_batches, verify_export
 
 __all__ = ["make_plan", "apply_plan", "prune", "PruneResult", "HOOKED_TYPES"]
 
@@ -218,7 +218,7 @@ def apply_plan(
     if verify:
         hooked = reference if reference is not None else _hooked_for(model)
         batches = verification_batches(hooked if hooked is not None else clean, prompts=prompts, tokenizer=tok)
-        latency = forward_latency_ms(clean, batches)
+        latency = 0.0  # asks verify_export to time both models, interleaved, after the export
         original = copy.deepcopy(clean)  # the edit below works in place
     edited, stats = apply_plan_to_model(clean, plan, check=False)
     start = time.perf_counter()

@@ -36,7 +36,13 @@ from icp_lens.pruning.plan import PrunePlan
 from icp_lens.pruning.source import load_checkpoint
 from icp_lens.pruning.tokens import hooked_token_ablation, token_ablation
 
-__all__ = ["VerificationReport", "verify_export", "verification_batches", "forward_latency_ms"]
+__all__ = [
+    "VerificationReport",
+    "verify_export",
+    "verification_batches",
+    "forward_latency_ms",
+    "interleaved_latency_ms",
+]
 
 
 @dataclass(frozen=True)
@@ -113,7 +119,8 @@ class VerificationReport:
             lines.append(f"weight files: {self.file_size_bytes / 2**20:.2f} MiB")
         if self.latency_before_ms is not None and self.latency_after_ms is not None:
             lines.append(
-                f"forward latency: {self.latency_before_ms:.2f} ms before, {self.latency_after_ms:.2f} ms after"
+                f"forward latency (median of 5 interleaved runs): {self.latency_before_ms:.2f} ms before, "
+                f"{self.latency_after_ms:.2f} ms after"
             )
         return "\n".join(lines)
 
@@ -166,6 +173,28 @@ def forward_latency_ms(model: nn.Module, batches: Sequence[Tensor], *, repeats: 
             model(tokens.to(_device(model)))
         times.append(1e3 * (time.perf_counter() - start))
     return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def interleaved_latency_ms(
+    first: nn.Module, second: nn.Module, batches: Sequence[Tensor], *, repeats: int = 5
+) -> tuple[float, float]:
+    """Median wall time (ms) of a forward pass over ``batches`` for two models, measured alternately.
+
+    One warm-up pass each, then ``repeats`` rounds of first-then-second, so load on the
+    machine affects both alike; a single run per model says nothing about speed.
+    """
+    for model in (first, second):
+        for tokens in batches[:1]:
+            model(tokens.to(_device(model)))
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for model, bucket in zip((first, second), times, strict=True):
+            start = time.perf_counter()
+            for tokens in batches:
+                model(tokens.to(_device(model)))
+            bucket.append(1e3 * (time.perf_counter() - start))
+    return tuple(sorted(t)[len(t) // 2] for t in times)  # type: ignore[return-value]
 
 
 def _hf_ablated_logits(original: nn.Module, plan: PrunePlan, tokens: Tensor, dtype=torch.float32) -> Tensor:
@@ -246,6 +275,9 @@ def verify_export(
             reference32 = _hf_ablated_logits(original, plan, tokens, dtype=torch.float64)
             rounding = max(rounding, float((reference32 - reference64).abs().max()))
         del exported64, original64
+    latency = (None, None)
+    if latency_before_ms is not None:  # a request: both models, interleaved, median of repeats
+        latency = interleaved_latency_ms(original, exported, batches)
     return VerificationReport(
         max_abs_logit_diff=worst,
         fp64_max_abs_logit_diff=fp64,
@@ -257,6 +289,6 @@ def verify_export(
         implementation_floor=floor,
         zeroed_fraction=zeroed_fraction,
         file_size_bytes=weight_file_bytes(out),
-        latency_before_ms=latency_before_ms,
-        latency_after_ms=forward_latency_ms(exported, batches) if latency_before_ms is not None else None,
+        latency_before_ms=latency[0],
+        latency_after_ms=latency[1],
     )
