@@ -146,6 +146,30 @@ def _config(args: argparse.Namespace) -> Any:
     )  # fmt: skip
 
 
+def _print_counterfactual_check(args: argparse.Namespace, limit: int = 128) -> None:
+    """Without --val: how often training answers flip under their spurious counterfactuals, before/after."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from icp_lens.counterfactuals import sensitivity
+    from icp_lens.probes import read_probes
+
+    examples = [ex for ex in read_probes(args.train) if ex.spurious_counterfactual][:limit]
+    if not examples:
+        print("no --val and no spurious counterfactuals in --train: nothing to evaluate the result on")
+        return
+    tok = AutoTokenizer.from_pretrained(str(args.out))
+    rows = {}
+    for name, path in (("before", args.model), ("after", args.out)):
+        model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+        frame = sensitivity(model, tok, examples)
+        rows[name] = frame.set_index("counterfactual").loc["spurious"]
+    b, a = rows["before"], rows["after"]
+    print(
+        f"train spurious flip rate {b['flip_rate']:.3f} -> {a['flip_rate']:.3f}, KL {b['kl']:.4f} -> {a['kl']:.4f} "
+        f"({len(examples)} training prompts; pass --val for held-out numbers)"
+    )
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from icp_lens.pruning.export import check_target
     from icp_lens.training import Trainer
@@ -199,6 +223,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             for name in ("accuracy", "worst_group_accuracy", "flip_rate"):
                 if before.get(name) is not None:
                     print(f"val {name:22s} {before[name]:.3f} -> {result.final[name]:.3f}")
+        if before is None:
+            _print_counterfactual_check(args)
         print(f"written {args.out} (history.csv, training.json{', plan.json' if prune else ''})")
         print(report)
     return 0 if report.passed else 1

@@ -316,7 +316,9 @@ def test_cli_train_hybrid_and_baselines(micro_dirs, cli_files, tmp_path, capsys)
     hybrid = [*base, "--out", str(tmp_path / "h"), "--scores", str(cli_files["scores"]), "--top-k", "1",
               "--prune-top-k", "1"]  # fmt: skip
     assert run_cli(hybrid) == 0
-    assert "regularised 1 feature(s), pruned 1" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "regularised 1 feature(s), pruned 1" in printed
+    assert "train spurious flip rate" in printed  # no --val: the training pairs are checked before/after
     assert (tmp_path / "h" / "plan.json").is_file()
     for objective in ("erm", "jtt", "groupdro"):
         assert run_cli([*base, "--out", str(tmp_path / objective), "--objective", objective]) == 0
