@@ -232,6 +232,8 @@ def _pruning_flows(
                     top_k=k,
                     overwrite=True,
                     reference=probes_path,
+                    prompts=[ex.prompt for ex in probes.examples[:8]],  # export check on 8 prompts (fp32 floor)
+                    tolerance=1e-4,
                     **settings.get("prune", {}),
                 )
             except ValueError as err:
@@ -244,7 +246,7 @@ def _pruning_flows(
                     "features": result.to_dict()["features"]
                     + result.to_dict()["directions"]
                     + result.to_dict()["tokens"],
-                    "changed_parameters": result.stats.changed,
+                    "changed_parameters": _changed(result.stats, model_dir),
                     "verified": None if result.verification is None else result.verification.passed,
                     "seconds": round(score_s + time.perf_counter() - t0, 1),
                     **acc,
@@ -269,6 +271,14 @@ def _pruning_flows(
         save(rows)
         _log(f"{name}: chosen k {row['chosen_k']} -> {None if best is None else best['test_balanced']}")
     return rows
+
+
+def _changed(stats: Any, model_dir: Path) -> int:
+    """Weight entries an export changed: zeroed unit weights, replaced embedding rows, folded directions."""
+    from transformers import AutoConfig
+
+    hidden = int(AutoConfig.from_pretrained(str(model_dir)).hidden_size)
+    return int(stats.zeroed + stats.token_rows * hidden + stats.changed)
 
 
 def _split_frames(org: Any, splits: tuple[str, ...]) -> dict[str, list[Any]]:
