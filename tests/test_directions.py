@@ -337,3 +337,21 @@ def test_smollm2_export_equals_run_time_projection_in_fp32(smollm2_dir: Path) ->
         assert (runtime - exported).abs().max().item() <= 1e-4
         with torch.no_grad():
             assert (hf(ids).logits - exported).abs().max().item() > 1e-2  # the edit does something
+
+
+def test_score_honours_a_direction_source_name(micro_dirs: dict[str, Path]) -> None:
+    """score(directions="diff-means") fits diff-means (it silently fitted LEACE before)."""
+    from icp_lens import boot_bridge
+    from icp_lens.probeset import ProbeSet
+    from icp_lens.scoring import score
+
+    bridge = boot_bridge(micro_dirs["gpt2"])
+    probes = ProbeSet(bridge, _probes())
+    sources = {}
+    for source in ("diff-means", "leace"):
+        table = score(bridge, probes, kinds=["direction"], directions=source, layers=[1], progress=False)
+        sources[source] = set(table.frame["source"])
+        assert table.directions.directions[0].source.replace("_", "-") == source
+    assert sources == {"diff-means": {"diff-means"}, "leace": {"leace"}}
+    with pytest.raises(ValueError, match="Unknown direction source 'pca'; valid"):
+        score(bridge, probes, kinds=["direction"], directions="pca", progress=False)

@@ -16,7 +16,7 @@ When the probes carry causal counterfactuals, the causal effect of every feature
 scored the same way (``resample_causal``) and turned into a ``selectivity`` column.
 
 Two more kinds join the same table: ``direction`` (directions fitted on the probes, see
-``icp_lens.directions``; ``directions=`` says how, a ``DirectionFit`` or a fitted
+``icp_lens.directions``; ``directions=`` says how, a source name, a ``DirectionFit`` or a fitted
 ``DirectionSet``; scored exactly, or by attribution with ``method="attribution"``; the
 vectors travel with the table and are saved beside it) and ``token`` (input-embedding
 rows, ``icp_lens.scoring.tokens``; always exact; ``layer`` 0, ``index`` the token id):
@@ -202,7 +202,14 @@ def _score_extra(
     if isinstance(directions, DirectionSet):
         dirs = directions
     else:
-        fit = directions if isinstance(directions, DirectionFit) else DirectionFit()
+        if isinstance(directions, str):  # a source name: "leace", "diff-means" or "probe"
+            fit = DirectionFit(source=directions)
+        elif directions is None or isinstance(directions, DirectionFit):
+            fit = directions or DirectionFit()
+        else:
+            raise TypeError(
+                f"directions= takes a DirectionFit, a DirectionSet or a source name, not {type(directions).__name__}"
+            )
         if layers is not None and fit.layers is None:
             fit = DirectionFit(**{**fit.__dict__, "layers": tuple(layers)})
         dirs = fit_directions(model, probes, fit, metric=metric)
