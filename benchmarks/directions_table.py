@@ -533,6 +533,7 @@ def report() -> str:
                     }
                 )
         parts += [f"## {title}", "", _md(pd.DataFrame(rows).astype(object).fillna("")), ""]
+        parts += [f"Not measured: {k}: {v}." for k, v in data.get("not_measured", {}).items()]
         parts += [
             "k is chosen on the validation split's worst-group accuracy (group labels used to choose k only; the "
             "scores and edits use the probe prompts and their counterfactuals, no group labels). Worst gap closed = "
