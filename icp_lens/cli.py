@@ -248,6 +248,8 @@ def _layers(text: str) -> list[int]:
     try:
         for part in _csv_list(text):
             start, sep, stop = part.partition("-")
+            if sep and int(stop) < int(start):
+                raise argparse.ArgumentTypeError(f"the range {part!r} is empty; write it low-high, e.g. 1-3")
             layers += list(range(int(start), int(stop) + 1)) if sep else [int(part)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"layers look like 0,1,5 or 0-3; got {text!r}") from None

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ProbeExample",
+    "unknown_words",
     "ProbeFormatError",
     "FIELDS",
     "REQUIRED_FIELDS",
@@ -161,17 +163,58 @@ def single_token_id(tokenizer: Any, text: str) -> int:
     return int(ids[0])
 
 
+def unknown_words(tokenizer: Any, text: str) -> list[str]:
+    """The pieces of ``text`` that ``tokenizer`` maps to its unknown token (empty when none).
+
+    Out-of-vocabulary words would otherwise become the unknown (often the pad) token, and a
+    score measured on them means nothing. A literal unknown-token string in ``text`` is fine.
+    """
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or not text:
+        return []
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        spans = enc.get("offset_mapping")
+    except (NotImplementedError, TypeError, ValueError):  # slow tokenizers have no offsets
+        enc, spans = tokenizer(text, add_special_tokens=False), None
+    ids = list(enc["input_ids"])
+    if unk not in ids:
+        return []
+    literal = str(getattr(tokenizer, "unk_token", "") or "")
+    words = []
+    for i, token_id in enumerate(ids):
+        if token_id != unk:
+            continue
+        word = text[spans[i][0] : spans[i][1]].strip() if spans is not None else f"token {i}"
+        if word and word != literal and word not in words:
+            words.append(word)
+    return words
+
+
 def read_probes(path: str | Path, *, tokenizer: Any = None) -> list[ProbeExample]:
     """Read and validate a probe JSONL file (blank lines are skipped).
 
     With ``tokenizer``, every ``answer``, alternative and ``causal_answer`` must be
-    exactly one token. Raises :class:`ProbeFormatError` naming the file and line.
+    exactly one token, and no word of a prompt or counterfactual may be out of the
+    vocabulary (it would silently become the unknown token). Raises
+    :class:`ProbeFormatError` naming the file and 1-based line. Warns about exact
+    duplicate lines and about a file of one example (a bootstrap interval over one
+    example is not an interval).
     """
     path = Path(path)
     examples: list[ProbeExample] = []
     cache: dict[str, str | None] = {}
-    with path.open(encoding="utf-8") as fh:
-        for lineno, raw in enumerate(fh, start=1):
+    seen: dict[str, int] = {}
+    duplicates: list[tuple[int, int]] = []
+    with path.open("rb") as fh:  # decoded line by line, so an encoding error names its line
+        for lineno, raw_bytes in enumerate(fh, start=1):
+            try:
+                raw = raw_bytes.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ProbeFormatError(
+                    f"{path}, line {lineno}: not UTF-8 text ({err.reason} at byte {err.start} of the line); "
+                    "save the file as UTF-8"
+                ) from None
             if not raw.strip():
                 continue
             try:
@@ -191,9 +234,26 @@ def read_probes(path: str | Path, *, tokenizer: Any = None) -> list[ProbeExample
                             cache[text] = str(err)
                     if cache[text] is not None:
                         raise ProbeFormatError(f"{path}, line {lineno}: {cache[text]}")
+                for field in ("prompt", "spurious_counterfactual", "causal_counterfactual"):
+                    unknown = unknown_words(tokenizer, getattr(ex, field) or "")
+                    if unknown:
+                        raise ProbeFormatError(
+                            f"{path}, line {lineno}: {field} has words the tokenizer does not know "
+                            f"({', '.join(map(repr, unknown))}): they would become the unknown token"
+                        )
+            key = raw.strip()
+            if key in seen:
+                duplicates.append((seen[key], lineno))
+            else:
+                seen[key] = lineno
             examples.append(ex)
     if not examples:
         raise ProbeFormatError(f"{path}: the probe file is empty")
+    if duplicates:
+        pairs = ", ".join(f"{b} repeats {a}" for a, b in duplicates[:5])
+        warnings.warn(f"{path}: {len(duplicates)} duplicate line(s) (line {pairs}); each counts again", stacklevel=2)
+    if len(examples) == 1:
+        warnings.warn(f"{path}: one example only; its bootstrap interval is not an interval", stacklevel=2)
     return examples
 
 

@@ -118,13 +118,40 @@ def test_direct_construction_validates():
     assert ex.alternatives == (" neg",)
 
 
+def test_out_of_vocabulary_prompt_words_name_file_line_and_word(tmp_path, tokenizer):
+    """Unknown words would silently become the unknown token: refused with file, line, field and word."""
+    good = {**GOOD_LINE, "prompt": "the movie was great ->"}
+    bad = {**FULL.to_dict(), "spurious_counterfactual": "from zorblax : the movie was great ->"}
+    path = _write_lines(tmp_path / "oov.jsonl", [good, bad])
+    with pytest.raises(ProbeFormatError, match=r"oov.jsonl, line 2: spurious_counterfactual has words the tokenizer "
+                       r"does not know \('zorblax'\)"):  # fmt: skip
+        read_probes(path, tokenizer=tokenizer)
+    path = _write_lines(tmp_path / "oov2.jsonl", [{**good, "prompt": "the qwertyuiop was great ->"}])
+    with pytest.raises(ProbeFormatError, match=r"line 1: prompt has words .* \('qwertyuiop'\)"):
+        read_probes(path, tokenizer=tokenizer)
+    assert read_probes(path)[0].prompt == "the qwertyuiop was great ->"  # without a tokenizer nothing is checked
+
+
+def test_non_utf8_duplicates_and_single_example_are_reported(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes((json.dumps(GOOD_LINE) + "\n").encode() + '{"prompt": "caf\xe9", "answer": " pos", "alternatives": [" neg"]}\n'.encode("latin-1"))
+    with pytest.raises(ProbeFormatError, match=r"latin1.jsonl, line 2: not UTF-8 text"):
+        read_probes(path)
+    dup = _write_lines(tmp_path / "dup.jsonl", [GOOD_LINE, FULL.to_dict(), GOOD_LINE])
+    with pytest.warns(UserWarning, match=r"1 duplicate line\(s\) \(line 3 repeats 1\)"):
+        assert len(read_probes(dup)) == 3
+    one = _write_lines(tmp_path / "one.jsonl", [GOOD_LINE])
+    with pytest.warns(UserWarning, match="one example only"):
+        read_probes(one)
+
+
 def test_single_token_check_with_organism_tokenizer(tmp_path, tokenizer):
-    ok = _write_lines(tmp_path / "ok.jsonl", [GOOD_LINE, FULL.to_dict()])
+    ok = _write_lines(tmp_path / "ok.jsonl", [{**GOOD_LINE, "prompt": "the movie was great ->"}, FULL.to_dict()])
     assert len(read_probes(ok, tokenizer=tokenizer)) == 2
     assert single_token_id(tokenizer, " pos") == single_token_id(tokenizer, "pos")
 
     two = {**GOOD_LINE, "alternatives": [" neg", " very good"]}
-    path = _write_lines(tmp_path / "two.jsonl", [GOOD_LINE, two])
+    path = _write_lines(tmp_path / "two.jsonl", [{**GOOD_LINE, "prompt": "the movie was great ->"}, two])
     with pytest.raises(ProbeFormatError, match=r"line 2: ' very good' is not a single token") as info:
         read_probes(path, tokenizer=tokenizer)
     assert "['very', 'good']" in str(info.value)

@@ -281,7 +281,9 @@ def test_fp32_rounding_figures_when_the_tolerance_is_exceeded(micro_dirs, tmp_pa
     assert v.max_abs_logit_diff > 0  # fp32: the fold rounds differently from the hooked run
     assert v.fp64_max_abs_logit_diff < 1e-6 and 0 < v.rounding_floor < 1e-5
     assert v.passed == (v.max_abs_logit_diff <= 2 * v.rounding_floor)
-    assert "fp32 rounding alone moves the reference" in str(v)
+    first = str(v).splitlines()[0]  # the weight-edit comparison: its own allowance and verdict
+    assert f"allowed {v.edit_allowance:.2e} (tolerance 0e+00 + 2 x fp32 rounding floor {v.rounding_floor:.1e})" in first
+    assert first.endswith("PASS" if v.edit_passed else "FAIL") and "in float64 the checkpoint differs by" in str(v)
     zero = apply_plan(
         micro_dirs["gpt2"], make_plan(micro_dirs["gpt2"], features_for("gpt2")), tmp_path / "z", tolerance=0.0
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -206,8 +207,24 @@ def test_resume_refuses_a_checkpoint_from_other_settings(micro_dirs, tmp_path) -
     other = Trainer(
         micro_dirs["gpt2"], micro_examples(), config(objective="erm", lr=0.5), checkpoint_dir=tmp_path / "c"
     )
-    with pytest.raises(ValueError, match="from another run \\(config differs\\)"):
+    with pytest.raises(ValueError, match="from another run \\(config differs: lr 0.01 there, 0.5 here\\)"):
         other.fit(resume=True)
+
+
+def test_resume_refuses_another_model_or_other_data_and_says_when_there_is_nothing(micro_dirs, tmp_path) -> None:
+    """Same config and sizes, but another model or other content: refused, naming what differs."""
+    Trainer(micro_dirs["gpt2"], micro_examples(), config(objective="erm"), checkpoint_dir=tmp_path / "c").fit()
+    other_model = Trainer(micro_dirs["gpt2-constant"], micro_examples(), config(objective="erm"),
+                          checkpoint_dir=tmp_path / "c")  # fmt: skip
+    with pytest.raises(ValueError, match=r"model_sha256 differs: the base model's weights are not the same"):
+        other_model.fit(resume=True)
+    swapped = [dataclasses.replace(ex, prompt=ex.prompt.replace(" c ", " a ")) for ex in micro_examples()]
+    other_data = Trainer(micro_dirs["gpt2"], swapped, config(objective="erm"), checkpoint_dir=tmp_path / "c")
+    with pytest.raises(ValueError, match=r"train_sha256 differs: the training examples are not the same, another --train"):
+        other_data.fit(resume=True)
+    fresh = Trainer(micro_dirs["gpt2"], micro_examples(), config(objective="erm"), checkpoint_dir=tmp_path / "none")
+    with pytest.warns(UserWarning, match=r"resume: no checkpoint in .*none; training from the start"):
+        assert fresh.fit(resume=True).steps == 4
 
 
 def test_early_stopping_stops_and_restores_the_best_weights(micro_dirs) -> None:

@@ -37,7 +37,7 @@ from icp_lens.pruning.plan import PruneMode, PrunePlan, TokenRow, fingerprint, p
 from icp_lens.pruning.select import select_features
 from icp_lens.pruning.source import clean_hf_model, load_tokenizer
 from icp_lens.pruning.tokens import check_plain_lookup, embedding_mean, resolve_tokens
-from icp_lens.pruning.verify import VerificationReport, verification_batches, verify_export
+from icp_lens.pruning.verify import VerificationReport, verification_batches, verify_export, write_report
 
 __all__ = ["make_plan", "apply_plan", "prune", "PruneResult", "HOOKED_TYPES"]
 
@@ -221,15 +221,21 @@ def apply_plan(
         latency = 0.0  # asks verify_export to time both models, interleaved, after the export
         original = copy.deepcopy(clean)  # the edit below works in place
     edited, stats = apply_plan_to_model(clean, plan, check=False)
-    start = time.perf_counter()
-    out = export_checkpoint(edited, out, tokenizer=tok, plan=plan, overwrite=overwrite)
-    seconds = time.perf_counter() - start
-    report = None
-    if verify:
-        report = verify_export(
-            original, plan, out, hooked=hooked, batches=batches, tolerance=tolerance,
-            zeroed_fraction=stats.zeroed_fraction, latency_before_ms=latency,
-        )  # fmt: skip
+    reports: list[VerificationReport] = []
+    times = {"start": time.perf_counter()}
+
+    def finish(tmp: Path) -> None:  # verified inside the temporary folder: `out` appears complete or not at all
+        times["saved"] = time.perf_counter()
+        if verify:
+            reports.append(verify_export(
+                original, plan, tmp, hooked=hooked, batches=batches, tolerance=tolerance,
+                zeroed_fraction=stats.zeroed_fraction, latency_before_ms=latency,
+            ))  # fmt: skip
+            write_report(tmp, reports[0])
+
+    out = export_checkpoint(edited, out, tokenizer=tok, plan=plan, overwrite=overwrite, finish=finish)
+    seconds = times["saved"] - times["start"]
+    report = reports[0] if reports else None
     return PruneResult(out=out, plan=plan, stats=stats, verification=report, export_seconds=seconds)
 
 

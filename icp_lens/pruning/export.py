@@ -11,12 +11,13 @@ find it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from icp_lens.atomic import atomic_directory
+from icp_lens.atomic import atomic_directory, fault_point
 from icp_lens.pruning.plan import PLAN_FILE, PrunePlan
 
 __all__ = ["export_checkpoint", "check_target"]
@@ -42,13 +43,23 @@ def export_checkpoint(
     tokenizer: Any = None,
     plan: PrunePlan | None = None,
     overwrite: bool = False,
+    finish: Callable[[Path], Any] | None = None,
 ) -> Path:
-    """Save ``model`` (+ tokenizer, + ``plan.json``) to ``out`` atomically; return ``out``."""
+    """Save ``model`` (+ tokenizer, + ``plan.json``) to ``out`` atomically; return ``out``.
+
+    ``finish(tmp)`` runs on the complete temporary directory before the one rename: the
+    place to write more files (``training.json``, a verification report) and to verify the
+    checkpoint, so that ``out`` appears with all of them or not at all.
+    """
     out = check_target(out, overwrite=overwrite).resolve()
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        fault_point("export:after-weights")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if plan is not None:
             plan.save(tmp / PLAN_FILE)
+        if finish is not None:
+            finish(tmp)
+        fault_point("export:after-finish")
     return out

@@ -52,6 +52,7 @@ from pathlib import Path
 
 import torch
 
+from icp_lens.atomic import fault_point
 from icp_lens.features import Feature
 from icp_lens.model import HookedModel, model_dims
 from icp_lens.probeset import ProbeSet
@@ -118,8 +119,10 @@ class CheckpointState:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": FORMAT, **self.meta})
+        fault_point("score-checkpoint:before-replace")
         os.replace(tmp, self.path)  # atomic: an interrupted save leaves the previous checkpoint
         self._saved = time.monotonic()
+        fault_point("score-checkpoint:after-save")
 
 
 def _short(text: str, n: int = 80) -> str:

@@ -55,6 +55,18 @@ def all_features(
     ]
 
 
+def check_layers(model: HookedModel, layers: Sequence[int]) -> None:
+    """Refuse an empty layer list or a layer the model does not have, naming the valid range."""
+    from icp_lens.model import model_dims
+
+    n = model_dims(model).n_layers
+    if len(layers) == 0:
+        raise ValueError(f"layers is empty; the model has {n} layers, 0-{n - 1}")
+    bad = sorted({int(x) for x in layers if not 0 <= int(x) < n})
+    if bad:
+        raise ValueError(f"layers {bad} out of range: the model has {n} layers, 0-{n - 1}")
+
+
 def _verify_count(verify_top: int | float, n: int) -> int:
     if isinstance(verify_top, float) and 0 < verify_top <= 1:
         return max(1, round(verify_top * n))
@@ -96,6 +108,8 @@ def score(
     """
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; valid: {list(METHODS)}")
+    if layers is not None:
+        check_layers(model, layers)
     extra = [k for k in kinds if k in ("direction", "token")]
     if extra and features is None:
         unit_kinds = [k for k in kinds if k not in extra]

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from icp_lens.atomic import atomic_directory
+from icp_lens.atomic import atomic_directory, fault_point
 
 __all__ = [
     "STATE_FILE",
@@ -92,6 +92,7 @@ def save_checkpoint(
         if means:
             save_file(_tensors(means), str(tmp / "means.safetensors"))
         (tmp / STATE_FILE).write_text(json.dumps(payload, indent=1))
+    fault_point("train-checkpoint:after-save")
     return directory
 
 

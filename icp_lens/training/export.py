@@ -16,7 +16,10 @@ with a pruning plan's hook edits active. An export has to turn that into weights
 3. the checkpoint is reloaded with ``transformers`` alone and compared with the trained
    model ablated by module hooks and with the trained bridge under the plan's hook edits
    (:func:`~icp_lens.pruning.verify.verify_export`);
-4. ``training.json`` (the run's identity and result) and ``history.csv`` go next to it.
+4. ``training.json`` (the run's identity and result), ``history.csv`` and
+   ``verification.json`` go next to it. All of it is written, and the checkpoint verified,
+   inside the temporary folder before the one rename, so ``out`` holds all of it or
+   nothing (a run killed before the rename leaves ``out`` absent and resumable).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from icp_lens.atomic import fault_point
 from icp_lens.pruning.plan import PrunePlan
 from icp_lens.training.fused import sync_fused_qkv
 from icp_lens.training.result import TrainResult, jsonable
@@ -68,12 +72,13 @@ class ExportMixin:
         ``verify=False``. The checkpoint is reloaded with ``transformers`` alone and
         compared with the trained HF model ablated per the plan by module hooks (the weight
         edit) and with the trained bridge under the plan's hook edits (what was trained,
-        ``hooked_max_abs_logit_diff``). ``training.json`` and ``history.csv`` are written
-        next to the weights.
+        ``hooked_max_abs_logit_diff``). ``training.json``, ``history.csv`` and
+        ``verification.json`` are written next to the weights, inside the temporary folder
+        before it becomes ``out``.
         """
         from icp_lens.pruning import apply_plan_to_model, export_checkpoint, fingerprint
         from icp_lens.pruning.export import check_target
-        from icp_lens.pruning.verify import verification_batches, verify_export
+        from icp_lens.pruning.verify import verification_batches, verify_export, write_report
 
         out = check_target(out, overwrite=overwrite)
         trained = self.trained_hf_model()
@@ -81,14 +86,23 @@ class ExportMixin:
         edited = trained
         if plan is not None:
             edited, _ = apply_plan_to_model(copy.deepcopy(trained), plan, check=False)
-        out = export_checkpoint(edited, out, tokenizer=self.tokenizer, plan=plan, overwrite=overwrite)
-        record = {**self._identity(), "result": None if result is None else jsonable(result.to_dict())}
-        (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-        self.history.to_csv(out / "history.csv", index=False)
-        if not verify:
-            return out
-        prompts = [ex.prompt for ex in self.train_data.examples[:n_prompts]]
-        reference_plan = plan or PrunePlan(features=(), mode="zero", fingerprint=fingerprint(trained))
-        batches = verification_batches(self.model, prompts=prompts)
-        self.model.eval()
-        return verify_export(trained, reference_plan, out, hooked=self.model, batches=batches, tolerance=tolerance)
+        reports: list[Any] = []
+
+        def finish(tmp: Path) -> None:  # everything is written and verified before the one rename
+            record = {**self._identity(), "result": None if result is None else jsonable(result.to_dict())}
+            (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+            self.history.to_csv(tmp / "history.csv", index=False)
+            if verify:
+                prompts = [ex.prompt for ex in self.train_data.examples[:n_prompts]]
+                reference_plan = plan or PrunePlan(features=(), mode="zero", fingerprint=fingerprint(trained))
+                batches = verification_batches(self.model, prompts=prompts)
+                self.model.eval()
+                reports.append(verify_export(
+                    trained, reference_plan, tmp, hooked=self.model, batches=batches, tolerance=tolerance,
+                    subject="fine-tune",
+                ))  # fmt: skip
+                write_report(tmp, reports[0])
+            fault_point("train-export:before-swap")
+
+        out = export_checkpoint(edited, out, tokenizer=self.tokenizer, plan=plan, overwrite=overwrite, finish=finish)
+        return reports[0] if reports else out

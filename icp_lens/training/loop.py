@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -141,6 +142,8 @@ class LoopMixin:
                              "running": {}, "n_running": 0, "jtt_errors": None,
                              "features": [str(f) for f in self.features]}  # fmt: skip
         best_weights: dict[str, Tensor] | None = None
+        if resume and not ckpt.has_checkpoint(self.checkpoint_dir):
+            warnings.warn(f"resume: no checkpoint in {self.checkpoint_dir}; training from the start", stacklevel=2)
         if resume and ckpt.has_checkpoint(self.checkpoint_dir):
             s, best_weights, means = self._restore(opt, sched)
         else:

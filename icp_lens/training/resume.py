@@ -7,7 +7,8 @@ JTT error set, the regularised features as re-scoring grew them), the objective'
 (GroupDRO weights), the fitted means and the history so far.
 
 It also carries the run's *identity* (config, features, pruned features, the sizes of the
-training, pair and retain pools). Resuming compares it with the resuming trainer's and refuses a checkpoint from other
+training, pair and retain pools, and sha256 digests of the base model's weights and of
+each data set's content). Resuming compares it with the resuming trainer's and refuses a checkpoint from other
 settings: continuing somebody else's optimiser state would silently train a different
 model. Together with the seeding (data order from ``(seed, epoch)``, per-step sampling
 from ``(seed, step)``), this makes ``fit(resume=True)`` end with the weights of an
@@ -32,6 +33,39 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["ResumeMixin"]
 
+_WHAT = {
+    "model_sha256": "the base model's weights are not the same, another --model",
+    "train_sha256": "the training examples are not the same, another --train",
+    "pair_sha256": "the pair examples are not the same, another --pairs",
+    "retain_sha256": "the retain texts are not the same, another --retain",
+    "val_sha256": "the validation examples are not the same, another --val",
+}
+
+
+def _detail(key: str, saved: Any, mine: Any) -> str:
+    """What differs, for a person: the config fields, the data named by option, or the values."""
+    if key in _WHAT:
+        return _WHAT[key]
+    if isinstance(saved, dict) and isinstance(mine, dict):
+        names = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+        return ", ".join(f"{k} {saved.get(k)!r} there, {mine.get(k)!r} here" for k in names[:4])
+    return f"{saved!r} there, {mine!r} here"
+
+
+def _data_digest(data: Any) -> str:
+    """sha256 of a data set's examples (probe examples as JSON, texts as they are)."""
+    import hashlib
+    import json
+    from dataclasses import asdict, is_dataclass
+
+    items = getattr(data, "examples", None)
+    if items is None:
+        items = getattr(data, "texts", None)
+    if items is None:
+        items = [repr(data)]
+    rows = [asdict(x) if is_dataclass(x) and not isinstance(x, type) else x for x in items]
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+
 
 class ResumeMixin:
     """``Trainer``'s checkpoint methods."""
@@ -47,7 +81,22 @@ class ResumeMixin:
             "n_train": len(self.train_data),
             "n_pairs": 0 if self.pair_data is None else len(self.pair_data),
             "n_retain": 0 if self.retain_data is None else len(self.retain_data),
+            **self._digests(),
         }
+
+    def _digests(self: Trainer) -> dict[str, str]:
+        """Digests of the base model's weights and of the train / pair / retain / val data (computed once)."""
+        cached = getattr(self, "_digest_cache", None)
+        if cached is None:
+            from icp_lens.pruning.plan import fingerprint
+
+            cached = {"model_sha256": fingerprint(self.base).weights_sha256}
+            for name in ("train", "pair", "retain", "val"):
+                data = getattr(self, f"{name}_data", None)
+                if data is not None:
+                    cached[f"{name}_sha256"] = _data_digest(data)
+            self._digest_cache = cached
+        return dict(cached)
 
     def _save(
         self: Trainer,
@@ -79,10 +128,13 @@ class ResumeMixin:
                            **saved_config}  # fmt: skip
         state.setdefault("n_retain", 0)
         for key in mine:
+            if key.endswith("_sha256") and key not in state:
+                continue  # written before digests were recorded: the sizes above still have to match
             if state.get(key) != mine[key]:
                 raise ValueError(
-                    f"The checkpoint in {self.checkpoint_dir} is from another run ({key} differs); "
-                    "resume with the same settings or use another checkpoint_dir"
+                    f"The checkpoint in {self.checkpoint_dir} is from another run ({key} differs: "
+                    f"{_detail(key, state.get(key), mine[key])}); resume with the same model, data and settings, "
+                    "or start afresh without --resume (or with another checkpoint_dir)"
                 )
         self._load_trainable(saved["trainable"])
         opt.load_state_dict(saved["optimizer"])
