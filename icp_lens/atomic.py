@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_directory", "fault_point", "remove_stale_temporaries"]
+__all__ = ["atomic_directory", "check_writable", "fault_point", "remove_stale_temporaries"]
 
 _STALE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[^/]*$")
 
@@ -102,3 +102,17 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def check_writable(path: str | Path, *, option: str = "the output") -> None:
+    """Refuse an output file whose folder cannot be made or written, before any work starts."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a directory; give a file name")
+    for parent in [path.parent, *path.parent.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{option} {path}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"{option} {path}: the folder {parent} is not writable")
+            break

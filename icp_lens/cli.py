@@ -257,12 +257,17 @@ def _layers(text: str) -> list[int]:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
+    from icp_lens.atomic import check_writable
     from icp_lens.model import boot_bridge
     from icp_lens.probeset import ProbeSet
     from icp_lens.scoring import score
+    from icp_lens.scoring.provenance import table_provenance
 
     if args.out.suffix not in (".csv", ".parquet"):
         raise ValueError(f"--out must end in .csv or .parquet, got {args.out.name!r}")
+    check_writable(args.out, option="--out")  # before any model is loaded
+    if not args.probe.is_file():
+        raise FileNotFoundError(f"--probe {args.probe}: no such file")
     verify = int(args.verify_top) if args.verify_top >= 1 or args.verify_top == 0 else float(args.verify_top)
     start = time.perf_counter()
     model = boot_bridge(args.model)
@@ -285,11 +290,20 @@ def _cmd_score(args: argparse.Namespace) -> int:
         grad_drop=args.grad_drop,
         directions=_direction_fit(args) if "direction" in args.kinds else None,
     )
+    settings = {k: getattr(args, k) for k in ("method", "kinds", "layers", "intervention", "verify_top", "metric",
+                                              "weight", "no_causal", "qk_fix", "grad_drop", "directions",
+                                              "direction_sites", "direction_rank", "direction_positions",
+                                              "keep_causal")}  # fmt: skip
+    meta = table_provenance(model, args.probe, n_examples=len(probes), settings=settings)
+    table = dataclasses.replace(table, meta=meta)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.save(args.out)
     seconds = time.perf_counter() - start
     n_exact = int(table.frame["exact"].sum()) if "exact" in table.frame else 0
     print(f"scored {len(table)} features ({n_exact} exact) on {len(probes)} probes in {seconds:.1f} s -> {args.out}")
+    from icp_lens.scoring.provenance import meta_path
+
+    print(f"provenance (model fingerprint, probe digest, settings) -> {meta_path(args.out)}")
     wanted = ["feature", "score", "ci_low", "ci_high", "selectivity", "cos_causal", "exact"]
     columns = [c for c in wanted if c in table.frame]
     print(table.top(10)[columns].to_string(index=False))
@@ -323,10 +337,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.verbose:
         _quiet_third_party()
+    import torch
+
     try:
         return int(args.handler(args))
-    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, IsADirectoryError,
+            PermissionError) as err:  # fmt: skip
         print(f"icp-lens {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError as err:
+        batch = getattr(args, "batch_size", None)
+        hint = f" with --batch-size {batch}; try a smaller one" if batch is not None else "; try smaller batches"
+        print(f"icp-lens {args.command}: error: out of memory{hint} ({str(err).splitlines()[0]})", file=sys.stderr)
         return 2
 
 

@@ -53,6 +53,10 @@ def add_prune_parsers(sub: Any) -> None:
     prune.add_argument("--per-layer-cap", type=int, default=None, help="at most N features from any one layer")
     prune.add_argument("--mode", choices=["zero", "mean"], default="zero", help="zero or mean ablation (zero)")
     prune.add_argument("--probe", type=Path, default=None, help="probe JSONL: mean reference and verification prompts")
+    prune.add_argument(
+        "--force", action="store_true",
+        help="prune even if the table records another model than --model (its .meta.json); a warning says so",
+    )  # fmt: skip
     _add_common(prune)
     prune.set_defaults(handler=_cmd_prune)
 
@@ -118,6 +122,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         min_share=args.min_share,
         token_mode=args.token_mode,
         direction_mode=args.direction_mode,
+        force=args.force,
     )
     return _print(result, args.json)
 

@@ -393,6 +393,20 @@ def require_safetensors(path: str | Path) -> Path:
     return path
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
+
+
+def require_tokenizer(path: str | Path) -> Path:
+    """``path`` if the checkpoint directory holds tokenizer files (or a GGUF, which carries one)."""
+    path = Path(path).expanduser()
+    if any((path / name).is_file() for name in TOKENIZER_FILES) or any(path.glob("*.gguf")):
+        return path
+    raise FileNotFoundError(
+        f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save it beside the weights: "
+        "AutoTokenizer.from_pretrained(SOURCE).save_pretrained(DIR)"
+    )
+
+
 def fetch_model(
     name_or_dir: str | Path,
     *,

@@ -148,10 +148,12 @@ def boot_bridge(
 
     source = str(name_or_dir)
     path = Path(source).expanduser()
-    from icp_lens.loading import looks_like_path, require_safetensors
+    from icp_lens.loading import looks_like_path, require_safetensors, require_tokenizer
 
     if path.exists():
         source = str(require_safetensors(path))
+        if "tokenizer" not in kwargs:
+            require_tokenizer(path)
     elif looks_like_path(name_or_dir):
         raise FileNotFoundError(f"No such model directory: {path}")
     bridge = TransformerBridge.boot_transformers(source, device=device, dtype=dtype, **kwargs)

@@ -125,7 +125,18 @@ class ProbeSet:
     # -- construction ---------------------------------------------------------------
     @classmethod
     def from_jsonl(cls, model: HookedModel, path: str | Path, **kwargs: Any) -> ProbeSet:
-        return cls(model, read_probes(path, tokenizer=model.tokenizer), **kwargs)
+        """Read a probe file; an error about the i-th example names the file and its 1-based line."""
+        import re
+
+        examples = read_probes(path, tokenizer=model.tokenizer)
+        try:
+            return cls(model, examples, **kwargs)
+        except ProbeFormatError as err:
+            found = re.match(r"example (\d+): (.*)", str(err), re.S)
+            if found is None:
+                raise
+            lines = [n for n, raw in enumerate(Path(path).read_bytes().splitlines(), start=1) if raw.strip()]
+            raise ProbeFormatError(f"{path}, line {lines[int(found[1])]}: {found[2]}") from None
 
     @classmethod
     def from_frame(cls, model: HookedModel, frame: Any, **kwargs: Any) -> ProbeSet:

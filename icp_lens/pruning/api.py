@@ -258,8 +258,13 @@ def prune(
     min_share: float | None = None,
     token_mode: PruneMode = "zero",
     direction_mode: str = "mean",
+    force: bool = False,
 ) -> PruneResult:
     """Select from ``scores`` (ScoreTable, frame, path or feature list), plan, export, verify.
+
+    A table that records the model it was scored on (``table.meta``, written by ``icp-lens
+    score``) is refused for any other model (``ProvenanceError`` naming what differs)
+    unless ``force``.
 
     ``reference`` feeds the means in mean mode; its prompts are also the verification
     inputs unless ``prompts`` are given. ``kinds`` says which rows compete (default: every
@@ -271,6 +276,12 @@ def prune(
     from icp_lens.scoring.table import ScoreTable
 
     table = ScoreTable.load(scores) if isinstance(scores, (str, Path)) else scores
+    meta = getattr(table, "meta", None)
+    if meta and "model" in meta:  # the table's model must be this model
+        from icp_lens.scoring.provenance import check_model
+
+        name = str(scores) if isinstance(scores, (str, Path)) else "the score table"
+        check_model(meta, fingerprint(clean_hf_model(model)), table=name, force=force)
     selected = select_features(
         table, threshold=threshold, top_k=top_k, per_layer_cap=per_layer_cap,
         kinds=tuple(kinds) if kinds is not None else SELECTABLE_KINDS, min_selectivity=min_selectivity,

@@ -52,7 +52,9 @@ def load_tokenizer(source: Any) -> Any:
     if isinstance(source, (str, Path)):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(Path(source))
+        from icp_lens.loading import require_tokenizer
+
+        return AutoTokenizer.from_pretrained(require_tokenizer(source))
     return getattr(source, "tokenizer", None)
 
 

@@ -45,6 +45,9 @@ class ScoreTable:
     #: the fitted vectors of the table's ``direction`` rows (``icp_lens.directions.DirectionSet``),
     #: saved beside the table as ``<stem>.directions.safetensors``
     directions: Any = None
+    #: where the scores come from (model fingerprint, probe digest, settings;
+    #: ``icp_lens.scoring.provenance``), saved beside the table as ``<stem>.meta.json``
+    meta: Any = None
 
     def __post_init__(self) -> None:
         missing = [c for c in REQUIRED_COLUMNS if c not in self.frame.columns]
@@ -164,6 +167,15 @@ class ScoreTable:
             from icp_lens.directions import sidecar_path
 
             self.directions.save(sidecar_path(path))
+        if self.meta is not None:
+            import json
+
+            from icp_lens.scoring.provenance import meta_path
+
+            side = meta_path(path)
+            side_tmp = side.with_name(f".{side.name}.tmp")
+            side_tmp.write_text(json.dumps(self.meta, indent=2, default=str) + "\n")
+            side_tmp.replace(side)
         tmp.replace(path)
         return path
 
@@ -173,12 +185,32 @@ class ScoreTable:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"No score table at {path}")
-        if path.suffix == ".parquet":
-            frame = pd.read_parquet(path)
-        elif path.suffix == ".csv":
-            frame = pd.read_csv(path)
-        else:
-            raise ValueError(f"Load a score table from .csv or .parquet, not {path.suffix!r}")
+        try:
+            if path.suffix == ".parquet":
+                frame = pd.read_parquet(path)
+            elif path.suffix == ".csv":
+                frame = pd.read_csv(path)
+            else:
+                raise ValueError(f"Load a score table from .csv or .parquet, not {path.suffix!r}")
+        except pd.errors.EmptyDataError:
+            raise ValueError(f"{path} is empty: a score table needs the columns {list(REQUIRED_COLUMNS)}") from None
+        except (pd.errors.ParserError, UnicodeDecodeError, OSError) as err:
+            if isinstance(err, FileNotFoundError):
+                raise
+            raise ValueError(f"{path} is not a readable score table: {err}") from None
+        missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+        if missing:
+            raise ValueError(f"{path} is not a score table: it lacks the columns {missing} of {list(REQUIRED_COLUMNS)}")
+        meta = None
+        from icp_lens.scoring.provenance import meta_path
+
+        if meta_path(path).is_file():
+            import json
+
+            try:
+                meta = json.loads(meta_path(path).read_text())
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{meta_path(path)}: not valid JSON ({err})") from None
         directions = None
         if "kind" in frame.columns and (frame["kind"] == "direction").any():
             from icp_lens.directions import DirectionSet, sidecar_path
@@ -189,7 +221,7 @@ class ScoreTable:
                     f"{path} has direction rows but their vectors are missing: expected {side} beside it"
                 )
             directions = DirectionSet.load(side)
-        return cls(frame, directions)
+        return cls(frame, directions, meta)
 
     # -- plots ----------------------------------------------------------------------
     def plot_heatmap(self, kind: str = "neuron", *, ax: Any = None) -> Any:
