@@ -25,7 +25,10 @@ __all__ = ["add_prune_parsers"]
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--no-verify", action="store_true", help="skip the verification against hook ablation")
-    parser.add_argument("--tolerance", type=float, default=1e-5, help="max |logit diff| to pass (default 1e-5)")
+    parser.add_argument(
+        "--tolerance", type=float, default=1e-5,
+        help="max |logit diff| to pass (default 1e-5), plus the measured fp32 floors (each line prints its allowance)",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 

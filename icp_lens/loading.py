@@ -378,6 +378,8 @@ def require_safetensors(path: str | Path) -> Path:
     you trust, once.
     """
     path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"No such model directory: {path}")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint directory: no config.json inside")
     if any(path.glob("*.safetensors")) or any(path.glob("*.gguf")):
@@ -399,6 +401,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 def require_tokenizer(path: str | Path) -> Path:
     """``path`` if the checkpoint directory holds tokenizer files (or a GGUF, which carries one)."""
     path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"No such model directory: {path}")
     if any((path / name).is_file() for name in TOKENIZER_FILES) or any(path.glob("*.gguf")):
         return path
     raise FileNotFoundError(

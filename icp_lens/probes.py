@@ -202,6 +202,8 @@ def read_probes(path: str | Path, *, tokenizer: Any = None) -> list[ProbeExample
     example is not an interval).
     """
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such probe file")
     examples: list[ProbeExample] = []
     cache: dict[str, str | None] = {}
     seen: dict[str, int] = {}

@@ -131,15 +131,17 @@ CASES: list[tuple[str, list[str], str]] = [
     ("prune: a non-empty --out", ["prune", "--model", "{model}", "--scores", "{table}", "--top-k", "1", "--out", "{pruned}"],
      "is not empty; pass overwrite=True (--overwrite)"),
     ("prune: --model missing", ["prune", "--model", "{root}/nope", "--scores", "{table}", "--top-k", "1", "--out",
-                                "{root}/o6"], "nope"),
+                                "{root}/o6"], "No such model directory"),
     ("apply-plan: a plan made for another model",
      ["apply-plan", "--model", "{other_model}", "--plan", "{pruned}", "--out", "{root}/o7"], "another model"),
     ("train: --model a directory that does not exist",
-     ["train", "--model", "{root}/nope", "--train", "{train}", "--out", "{root}/t1", "--objective", "erm"], "nope"),
+     ["train", "--model", "{root}/nope", "--train", "{train}", "--out", "{root}/t1", "--objective", "erm"],
+     "No such model directory"),
     ("train: --train with a word out of the vocabulary",
      ["train", "--model", "{model}", "--train", "{oov}", "--out", "{root}/t2", "--objective", "erm"],
      "oov.jsonl, line 2: spurious_counterfactual has words"),
-    ("eval: --data that does not exist", ["eval", "--model", "{model}", "--data", "{root}/none.jsonl"], "none.jsonl"),
+    ("eval: --data that does not exist", ["eval", "--model", "{model}", "--data", "{root}/none.jsonl"],
+     "none.jsonl: no such probe file"),
     ("eval: a probe file that is not UTF-8", ["eval", "--model", "{model}", "--data", "{latin1}"],
      "latin1.jsonl, line 2: not UTF-8"),
 ]
@@ -158,6 +160,11 @@ def run_case(argv: list[str], files: dict[str, Path], capsys) -> tuple[int, str]
 @pytest.mark.parametrize("name,argv,fragment", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_sentence_with_rc_2(name: str, argv: list[str], fragment: str, files, capsys) -> None:
     rc, err = run_case(argv, files, capsys)
+    record = os.environ.get("ICP_LENS_CASES_OUT")  # a table of what each case prints, for people (not asserted)
+    if record:
+        first = next((line for line in err.splitlines() if ": error:" in line), err.strip().splitlines()[0])
+        with open(record, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"case": name, "rc": rc, "message": first.replace(str(files["root"]), "DIR")}) + "\n")
     assert rc == 2, (name, rc, err[-2000:])
     assert "Traceback" not in err
     assert f"icp-lens {argv[0]}: error:" in err and fragment in err, err

@@ -94,3 +94,47 @@ def test_latency_is_an_interleaved_median_of_both_models(micro_dirs, tmp_path: P
     assert a > 0 and b > 0 and calls == ["a", "b", "a", "b", "a", "b", "a", "b"]  # warm-ups, then alternating
     result = apply_plan(micro_dirs["gpt2"], make_plan(micro_dirs["gpt2"], [Feature("neuron", 1, 2)]), tmp_path / "o")
     assert "median of 5 interleaved runs" in str(result.verification)
+
+
+from test_loading import smollm2_dir  # noqa: E402,F401  (the session fixture: SmolLM2 converted offline)
+
+
+@pytest.mark.slow
+def test_smollm2_verification_passes_a_correct_64_feature_prune_and_fails_a_wrong_one(  # noqa: F811
+    smollm2_dir: Path, tmp_path: Path
+) -> None:
+    """The default allowance scales with the measured fp32 floor: a correct deep prune passes, a wrong one fails."""
+    from icp_lens import boot_bridge
+    from icp_lens.features import Feature
+    from icp_lens.pruning import make_plan
+    from icp_lens.pruning.api import apply_plan
+    from icp_lens.pruning.source import clean_hf_model
+    from icp_lens.pruning.verify import verification_batches, verify_export
+
+    gen = torch.Generator().manual_seed(0)
+    layers = torch.randint(0, 30, (64,), generator=gen).tolist()
+    feats = [Feature("head", layer, int(torch.randint(0, 9, (1,), generator=gen))) for layer in layers[:32]]
+    feats += [Feature("neuron", layer, int(torch.randint(0, 1536, (1,), generator=gen))) for layer in layers[32:]]
+    feats = list(dict.fromkeys(feats))
+    bridge = boot_bridge(smollm2_dir)
+    prompts = ["The nurse said that", "Yesterday the pilot wrote that", "The weather in Paris is", "My favourite book"]
+    plan = make_plan(smollm2_dir, feats)
+    result = apply_plan(smollm2_dir, plan, tmp_path / "out", reference=bridge, prompts=prompts)
+    v = result.verification
+    assert v.passed and v.edit_passed and v.hooked_passed, str(v)
+    assert v.max_abs_logit_diff <= 1e-5 and 1e-6 < v.implementation_floor < 1e-3
+    assert v.hooked_allowance == pytest.approx(1e-5 + 8 * v.implementation_floor)
+    lines = str(v).splitlines()
+    assert lines[0].startswith("checkpoint vs the original with the plan ablated by module hooks") and lines[0].endswith(
+        "PASS"
+    )
+    assert lines[1].startswith("checkpoint vs icp_lens's hook ablation") and "8 x implementation floor" in lines[1]
+
+    wrong = make_plan(smollm2_dir, [*feats[:-1], Feature("neuron", feats[-1].layer, (feats[-1].index + 1) % 1536)])
+    original = clean_hf_model(smollm2_dir)
+    batches = verification_batches(bridge, prompts=prompts)
+    bad = verify_export(original, wrong, tmp_path / "out", hooked=bridge, batches=batches)
+    assert not bad.passed and not bad.edit_passed and not bad.hooked_passed, str(bad)
+    assert bad.max_abs_logit_diff > 10 * bad.edit_allowance and bad.hooked_max_abs_logit_diff > bad.hooked_allowance
+    assert "verification: FAIL on" in str(bad)
+    print(f"\ncorrect: {v}\nwrong: {bad}")  # the figures, for the record (pytest -s)
