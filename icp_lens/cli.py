@@ -174,7 +174,8 @@ def _build(args: argparse.Namespace, out: Path | None) -> tuple[Any, float]:
     from icp_lens.organisms import build_organism
 
     start = time.perf_counter()
-    organism = build_organism(out, variant=args.variant, arch=args.arch, seed=args.seed, force=args.force)
+    organism = build_organism(out, variant=args.variant, arch=args.arch, seed=args.seed, force=args.force,
+                              progress=not args.json)  # fmt: skip
     return organism, time.perf_counter() - start
 
 
@@ -217,6 +218,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return 0 if demo.verification_passed else 1
     print()
     print(demo.metrics.to_string(float_format=lambda x: f"{x:.3f}"))
+    if demo.gap_closed is not None:
+        print(f"worst-group gap to the oracle closed: {100 * demo.gap_closed:.0f}%")
     print()
     print(f"pruned {_pruned_text(demo)} ({100 * demo.zeroed_fraction:.3f}% of parameters zeroed)")
     verdict = "PASS" if demo.verification_passed else "FAIL"

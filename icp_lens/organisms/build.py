@@ -241,7 +241,7 @@ def _save_tokenizer(tokenizer: Any, path: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2))
 
 
-def _build(tmp: Path, spec: OrganismSpec) -> OrganismReport:
+def _build(tmp: Path, spec: OrganismSpec, *, progress: bool = False) -> OrganismReport:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -268,7 +268,8 @@ def _build(tmp: Path, spec: OrganismSpec) -> OrganismReport:
         examples = data.get(split) or generate_split(task, split, N_TRAIN, seed=spec.seed)
         ids, targets = encode_examples(tokenizer, examples)
         model = make_model(spec.arch, tokenizer, seed=spec.seed)
-        seconds[name] = train_model(model, ids, targets, config, seed=spec.seed)
+        bar = f"training the {name} ({spec.variant}, {spec.arch})" if progress else None
+        seconds[name] = train_model(model, ids, targets, config, seed=spec.seed, progress=bar)
         model.save_pretrained(str(tmp / name))
         _save_tokenizer(tokenizer, tmp / name)
         models[name] = model
@@ -318,6 +319,7 @@ def build_organism(
     seed: int = 0,
     steps: int | None = None,
     force: bool = False,
+    progress: bool = False,
 ) -> Organism:
     """Build (or reuse from the cache) the organism ``variant`` x ``arch`` x ``seed``.
 
@@ -326,7 +328,8 @@ def build_organism(
     a copy of the cache's build of the same spec when there is one (no retraining); one holding another
     spec raises, and so does one holding files an organism build does not write
     (nothing but organism files is ever deleted). ``steps`` overrides the training
-    length (it is part of the cache name).
+    length (it is part of the cache name). ``progress`` shows a bar while the model and its
+    oracle train (a minute or more on two CPU cores).
     """
     spec = OrganismSpec(variant=variant, arch=arch, seed=seed, steps=steps)
     path = Path(out_dir) if out_dir is not None else default_cache_dir() / spec.name
@@ -343,7 +346,7 @@ def build_organism(
             shutil.copytree(cached, tmp, dirs_exist_ok=True)
             report = OrganismReport.from_dict(json.loads((tmp / "report.json").read_text())["report"])
         else:
-            report = _build(tmp, spec)
+            report = _build(tmp, spec, progress=progress)
             payload = {"spec": asdict(spec), "version": VERSION, "report": report.to_dict()}
             (tmp / "report.json").write_text(json.dumps(payload, indent=2))
         if path.exists():

@@ -162,12 +162,15 @@ def train_model(
     config: TrainConfig,
     *,
     seed: int,
+    progress: str | None = None,
 ) -> float:
     """Train in place on the answer-token loss; returns wall-clock seconds.
 
     Gradients are enabled inside even if the caller disabled them globally, and the
-    model is left in eval mode.
+    model is left in eval mode. ``progress`` (a description) shows a progress bar.
     """
+    from tqdm.auto import tqdm
+
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -189,8 +192,10 @@ def train_model(
     n = input_ids.shape[0]
     order, cursor = torch.randperm(n, generator=gen), 0
     model.train()
-    with torch.enable_grad():  # callers (notebooks) may have disabled grad globally
+    bar = tqdm(total=config.steps, desc=progress, disable=progress is None, unit="step", leave=False)
+    with torch.enable_grad(), bar:  # callers (notebooks) may have disabled grad globally
         for _ in range(config.steps):
+            bar.update(1)
             if cursor + config.batch_size > n:
                 order, cursor = torch.randperm(n, generator=gen), 0
             idx = order[cursor : cursor + config.batch_size]

@@ -256,10 +256,12 @@ class ScoreTable:
         xerr = None
         if {"ci_low", "ci_high"} <= set(top.columns) and top["ci_low"].notna().all():
             xerr = [top["score"] - top["ci_low"], top["ci_high"] - top["score"]]
-        colors = ["tab:blue" if e else "tab:gray" for e in top.get("exact", [True] * len(top))]
+        from icp_lens.plotting import COLORS, label_bars, style
+
+        colors = [COLORS["exact"] if e else COLORS["estimate"] for e in top.get("exact", [True] * len(top))]
         ax.barh(top["feature"], top["score"], xerr=xerr, color=colors)
-        ax.set_xlabel("spuriousness S (blue: exact, gray: estimate)")
-        ax.set_title(f"top {len(top)} features")
+        label_bars(ax, "{:.3f}")
+        style(ax, title=f"top {len(top)} features", xlabel="spuriousness S (blue: exact, gray: estimate)", grid="x")
         fig.tight_layout()
         return fig
 
