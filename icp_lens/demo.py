@@ -130,7 +130,8 @@ def _figure(groups: pd.DataFrame, path: Path, oracle: float | None = None) -> Pa
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(8, 3.4))
-    groups.plot.bar(ax=ax, rot=0, color=[COLORS["before"], COLORS["after"]], width=0.75)
+    shown = groups.rename(index=lambda g: str(g).replace("|", "\n"))  # "pos|shortcut=neg" on two lines
+    shown.plot.bar(ax=ax, rot=0, color=[COLORS["before"], COLORS["after"]], width=0.75)
     label_bars(ax)
     if oracle is not None:
         reference_line(ax, oracle, "oracle, worst group")
