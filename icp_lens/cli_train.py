@@ -22,6 +22,14 @@
     and adds the ``--rescore-top-k`` highest to the regularised set, so a shortcut that
     moves to other features during training is followed.
 
+*The pair recipe.* ``--objective consistency`` with ``--pairs`` (e.g. from ``icp-lens pairs``)
+fills every option left unset from :data:`icp_lens.training.PAIR_RECIPE`: LoRA, task and
+pair terms over the answer candidates, task weight 0.15, lr 5e-4, 16 examples per step,
+30 steps, the retain term at weight 1 (with ``--retain``), and a second stage of at most
+30 steps on the pairs alone, stopped on their own flip rate (``--stage2-steps``; see
+:mod:`icp_lens.training.staged`). The command prints which values it chose; any option
+given on the command line wins.
+
 Exit status 0 on success, 1 when the export's verification fails (the checkpoint is
 still written), 2 on bad arguments.
 """
@@ -58,11 +66,23 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--objective", choices=_OBJECTIVES, default="invariance")
     p.add_argument("--lambda", dest="lam", type=float, default=None,
                    help="regulariser weight (invariance: task + L*inv, default 1; consistency: "
-                        "L*task + (1-L)*d, default 0.5)")  # fmt: skip
-    p.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) and merge them on export")
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--max-steps", type=int, default=None)
+                        "L*task + (1-L)*d, default 0.5; the pair recipe: 0.15)")  # fmt: skip
+    p.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,
+                   help="train LoRA adapters (peft) and merge them on export (default off; on in the pair recipe)")
+    p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (8)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over --train (1; the pair recipe: --max-steps)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after N steps (the pair recipe: 30)")
+    p.add_argument("--task-loss", choices=["answer", "candidates", "lm"], default=None,
+                   help="task term: answer (cross-entropy over the vocabulary, default), candidates (over the answer "
+                        "and its alternatives: the pair recipe), lm")  # fmt: skip
+    p.add_argument("--representation", default=None,
+                   help="what pair terms compare: logits, candidates (answer + alternatives: the pair recipe), ...")
+    p.add_argument("--stage2-steps", type=int, default=None,
+                   help="a second stage of at most N steps on the pairs alone, early-stopped on their flip rate "
+                        "(0: one stage, the default; the pair recipe: 30)")  # fmt: skip
+    p.add_argument("--stage2-check-every", type=int, default=None,
+                   help="stage 2 checks the pairs' flip rate every N steps (5)")  # fmt: skip
+    p.add_argument("--stage2-patience", type=int, default=None, help="stage 2 stops N checks after the last drop (2)")
     p.add_argument("--val", type=Path, default=None, help="validation examples (JSONL), evaluated every epoch")
     p.add_argument("--pairs", type=Path, default=None, help="pool of examples with spurious counterfactuals")
     p.add_argument(
@@ -74,17 +94,19 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--retain",
         type=Path,
+        action="append",
         default=None,
-        help="ordinary text for the retain term (.txt one text per line, or .jsonl with 'text')",
+        help="ordinary text for the retain term (.txt one text per line, or .jsonl with 'text'); repeat to pool files",
     )
     p.add_argument(
         "--retain-weight",
         type=float,
-        default=0.0,
-        help="weight of the retain term KL(original || trained) on --retain text (needs --retain)",
+        default=None,
+        help="weight of the retain term KL(original || trained) on --retain text (1 when --retain is given)",
     )
-    p.add_argument("--retain-batch-size", type=int, default=8, help="retain texts per step (8)")
-    p.add_argument("--retain-tokens", type=int, default=64, help="each retain text cut to its first N tokens (64)")
+    p.add_argument("--retain-batch-size", type=int, default=None, help="retain texts per step (8; the pair recipe: 4)")
+    p.add_argument("--retain-tokens", type=int, default=None,
+                   help="each retain text cut to its first N tokens (64; the pair recipe: 32)")  # fmt: skip
     p.add_argument("--rescore-every", type=int, default=None,
                    help="every N steps: re-score (attribution on the pairs), regularise the new top ones")  # fmt: skip
     p.add_argument("--rescore-top-k", type=int, default=None, help="features added per re-scoring (default: --top-k)")
@@ -93,8 +115,8 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--intervention", type=_csv, default=["resample"],
                    help="resample|resample_batch|mean|zero, comma-separated to sample among (resample)")  # fmt: skip
     p.add_argument("--divergence", choices=["kl", "reverse_kl", "js", "cosine", "mse"], default="kl")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (1e-3; the pair recipe: 5e-4)")
+    p.add_argument("--batch-size", type=int, default=None, help="examples per step (64; the pair recipe: 16)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--dropout", type=float, default=None, help="set every dropout probability (default: the model's)")
     p.add_argument("--grad-clip", type=float, default=1.0)
@@ -130,6 +152,39 @@ def _features(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
     return select_features(args.scores, top_k=args.top_k), []
 
 
+#: what an unset option means outside the pair recipe (the historical defaults)
+PLAIN_DEFAULTS: dict[str, Any] = {
+    "lam": None, "lr": 1e-3, "batch_size": 64, "max_steps": None, "epochs": 1, "lora": False, "lora_r": 8,
+    "task_loss": "answer", "representation": None, "retain_weight": 0.0, "retain_batch_size": 8,
+    "retain_tokens": 64, "stage2_steps": 0, "stage2_check_every": 5, "stage2_patience": 2,
+}  # fmt: skip
+
+
+def uses_pair_recipe(args: argparse.Namespace) -> bool:
+    """``--objective consistency`` with a ``--pairs`` pool: unset options take ``PAIR_RECIPE``'s values."""
+    return args.objective == "consistency" and args.pairs is not None
+
+
+def resolve_defaults(args: argparse.Namespace) -> list[str]:
+    """Fill every unset option (None) from the pair recipe or the plain defaults; returns the recipe's choices."""
+    from icp_lens.training import PAIR_RECIPE
+
+    recipe = uses_pair_recipe(args)
+    chosen = []
+    for name, plain in PLAIN_DEFAULTS.items():
+        if getattr(args, name) is not None:
+            continue
+        value = PAIR_RECIPE.get(name, plain) if recipe else plain
+        if name == "retain_weight":
+            value = (PAIR_RECIPE["retain_weight"] if recipe else 1.0) if args.retain else 0.0
+        if name == "epochs" and recipe:
+            value = max(1, args.max_steps or 1)  # the step count, not the (small) task file, ends the run
+        setattr(args, name, value)
+        if recipe and value != plain:
+            chosen.append(f"{name} {value}")
+    return chosen
+
+
 def _config(args: argparse.Namespace) -> Any:
     from icp_lens.training import TrainConfig
 
@@ -143,7 +198,18 @@ def _config(args: argparse.Namespace) -> Any:
         pair_batch_size=args.pair_batch_size, retain_weight=args.retain_weight,
         retain_batch_size=args.retain_batch_size, retain_tokens=args.retain_tokens,
         rescore_every=args.rescore_every, rescore_top_k=args.rescore_top_k, rescore_kinds=tuple(args.rescore_kinds),
+        task_loss=args.task_loss, representation=args.representation, stage2_steps=args.stage2_steps,
+        stage2_check_every=args.stage2_check_every, stage2_patience=args.stage2_patience,
     )  # fmt: skip
+
+
+def _retain_texts(paths: list[Path] | None) -> list[str] | None:
+    """The texts of every ``--retain`` file, pooled in order."""
+    if not paths:
+        return None
+    from icp_lens.training.data import read_texts
+
+    return [text for path in paths for text in read_texts(path)]
 
 
 def _print_counterfactual_check(args: argparse.Namespace, limit: int = 128) -> None:
@@ -153,7 +219,8 @@ def _print_counterfactual_check(args: argparse.Namespace, limit: int = 128) -> N
     from icp_lens.counterfactuals import sensitivity
     from icp_lens.probes import read_probes
 
-    examples = [ex for ex in read_probes(args.train) if ex.spurious_counterfactual][:limit]
+    source = args.pairs if args.pairs is not None else args.train
+    examples = [ex for ex in read_probes(source) if ex.spurious_counterfactual][:limit]
     if not examples:
         print("no --val and no spurious counterfactuals in --train: nothing to evaluate the result on")
         return
@@ -164,34 +231,42 @@ def _print_counterfactual_check(args: argparse.Namespace, limit: int = 128) -> N
         frame = sensitivity(model, tok, examples)
         rows[name] = frame.set_index("counterfactual").loc["spurious"]
     b, a = rows["before"], rows["after"]
+    what = "pairs" if args.pairs is not None else "train"
     print(
-        f"train spurious flip rate {b['flip_rate']:.3f} -> {a['flip_rate']:.3f}, KL {b['kl']:.4f} -> {a['kl']:.4f} "
+        f"{what} spurious flip rate {b['flip_rate']:.3f} -> {a['flip_rate']:.3f}, KL {b['kl']:.4f} -> {a['kl']:.4f} "
         f"({len(examples)} training prompts; pass --val for held-out numbers)"
     )
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from icp_lens.pruning.export import check_target
-    from icp_lens.training import Trainer
+    from icp_lens.training import Trainer, fit_staged
 
     try:
         check_target(args.out, overwrite=args.overwrite, source=args.model)
         features, prune = _features(args)
+        recipe = resolve_defaults(args)
         config = _config(args)
         if (args.retain is None) != (config.retain_weight == 0):
             raise ValueError("--retain FILE and --retain-weight W (> 0) go together")
+        retain = _retain_texts(args.retain)
     except (ValueError, FileExistsError) as err:
         print(f"icp-lens train: error: {err}", file=sys.stderr)
         return 2
     checkpoints = args.checkpoint_dir or args.out.with_name(args.out.name + ".checkpoints")
     try:
         trainer = Trainer(args.model, args.train, config, features=features, prune=prune, val=args.val,
-                          pairs=args.pairs, retain=args.retain, checkpoint_dir=checkpoints)  # fmt: skip
+                          pairs=args.pairs, retain=retain, checkpoint_dir=checkpoints)  # fmt: skip
     except (ValueError, FileNotFoundError) as err:
         print(f"icp-lens train: error: {err}", file=sys.stderr)
         return 2
-    result = trainer.fit(resume=args.resume)
-    val_rows = result.history[result.history["kind"] == "val"] if len(result.history) else None
+    if recipe and not args.json:
+        print("the pair recipe (--objective consistency with --pairs) for the options left unset: " + ", ".join(recipe))
+    trainer, result = fit_staged(trainer, resume=args.resume)
+    history = result.history  # the --val rows: stage 2 (if any) evaluates the pairs it stops on instead
+    if "stage" in history:
+        history = history[history["stage"] == 1]
+    val_rows = history[history["kind"] == "val"] if args.val is not None and len(history) else None
     before = None
     if val_rows is not None and len(val_rows):
         first = val_rows.iloc[0]

@@ -77,13 +77,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
-
-if TYPE_CHECKING:  # pragma: no cover
-    from icp_lens.training import TrainResult
 
 __all__ = [
     "METHODS",
@@ -221,7 +218,7 @@ def train_method(method: str, config: FinetuneConfig, seed: int, base: Any, toke
     on too).
     """
     from icp_lens.data import explicit_gender_probes, pronoun_probes
-    from icp_lens.training import TrainConfig, Trainer
+    from icp_lens.training import TrainConfig, Trainer, fit_staged
 
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; valid: {list(METHODS)}")
@@ -243,39 +240,16 @@ def train_method(method: str, config: FinetuneConfig, seed: int, base: Any, toke
     else:
         pairs = None if method == "erm" else pronoun_probes("train")
     task = explicit_gender_probes("train")
+    staged = method == "consistency_staged"
+    if staged:  # the general two-stage option; stage 2 on the train-split pairs, stopped on their own flip rate
+        settings = replace(settings, stage2_steps=config.seen_steps, stage2_check_every=config.seen_check_every,
+                           stage2_patience=config.seen_patience)  # fmt: skip
     trainer = Trainer(
         base, task, settings, tokenizer=tokenizer, pairs=pairs, retain=retain,
         features=config.features if method == "invariance" else (),
     )  # fmt: skip
-    result = trainer.fit()
-    if method != "consistency_staged":
-        return trainer.trained_hf_model(), result
-    # stage 2: the same loss and retain term on the train-split pairs alone, from stage 1's merged model,
-    # early-stopped on the flip rate of those same pairs (training data only)
-    n, seen_pairs = config.seen_steps, pronoun_probes("train")
-    seen = replace(
-        settings, max_steps=n, epochs=n, log_every=max(1, n // 6), early_stopping="flip_rate",
-        eval_every=config.seen_check_every, patience=config.seen_patience,
-    )  # fmt: skip
-    second = Trainer(trainer.trained_hf_model(), task, seen, tokenizer=tokenizer, pairs=seen_pairs, retain=retain,
-                     val=seen_pairs)  # fmt: skip
-    both = _chain(result, second.fit())
-    return second.trained_hf_model(), both
-
-
-def _chain(first: TrainResult, second: TrainResult) -> TrainResult:
-    """One ``TrainResult`` for two runs in a row: counts and times summed, ``second``'s steps counted on.
-
-    ``history`` gets a ``stage`` column (1, 2); ``best_step`` / ``best_metric`` / ``final`` /
-    ``stopped_early`` are the second run's (its early stopping chose the returned weights).
-    """
-    later = second.history.assign(stage=2, step=second.history["step"] + first.steps)
-    return replace(
-        second, history=pd.concat([first.history.assign(stage=1), later], ignore_index=True),
-        steps=first.steps + second.steps, total_steps=first.total_steps + second.total_steps,
-        seconds=first.seconds + second.seconds,
-        best_step=None if second.best_step is None else second.best_step + first.steps,
-    )  # fmt: skip
+    last, result = fit_staged(trainer, stage2_pairs=pronoun_probes("train") if staged else None)
+    return last.trained_hf_model(), result
 
 
 def targets_table(summary: pd.DataFrame, targets: Mapping[str, float]) -> pd.DataFrame:

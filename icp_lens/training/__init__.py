@@ -42,7 +42,7 @@ off the clean ones), :mod:`~icp_lens.training.data` (tokenized, shuffled batches
 :mod:`~icp_lens.training.fused` (fused qkv weights vs the bridge's split copies).
 """
 
-from icp_lens.training.config import DEFAULT_LAMBDA, STOP_METRICS, TrainConfig
+from icp_lens.training.config import DEFAULT_LAMBDA, PAIR_RECIPE, STOP_METRICS, TrainConfig
 from icp_lens.training.data import TrainBatch, TrainData
 from icp_lens.training.evaluate import evaluate_data
 from icp_lens.training.losses import (
@@ -59,9 +59,13 @@ from icp_lens.training.losses import (
     logit_pairing,
 )
 from icp_lens.training.objectives import INTERVENTIONS, OBJECTIVES, BatchLoss, Objective, term_weights
+from icp_lens.training.staged import chain_results, fit_staged
 from icp_lens.training.trainer import Trainer, TrainResult, train
 
 __all__ = [
+    "PAIR_RECIPE",
+    "chain_results",
+    "fit_staged",
     "DEFAULT_LAMBDA",
     "DIVERGENCES",
     "INTERVENTIONS",
