@@ -3,8 +3,13 @@
 Generates counterfactual pairs from a template spec (see :mod:`icp_lens.counterfactuals`):
 ``DIR/pairs.jsonl`` (prompts with spurious and causal counterfactuals, the probe format),
 ``DIR/task.jsonl`` (explicit-cue prompts), ``DIR/heldout_pairs.jsonl`` and
-``DIR/heldout_task.jsonl`` with ``--holdout``, and ``DIR/report.json`` / ``report.md``.
-The model is read for its tokenizer only: counterfactuals are paired by token length.
+``DIR/heldout_task.jsonl`` with ``--holdout``, ``DIR/anchors.txt`` (training templates
+filled with the neutral values, for ``icp-lens train --retain``) when the spec has
+neutral values, and ``DIR/report.json`` / ``report.md``. The model is read for its
+tokenizer only: counterfactuals are paired by token length. Next step, the pair recipe::
+
+    icp-lens train --model M --train DIR/task.jsonl --pairs DIR/pairs.jsonl --objective consistency \
+        --retain TEXTS.txt --retain DIR/anchors.txt --out OUT
 """
 
 from __future__ import annotations
@@ -57,6 +62,9 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
           f"held-out pairs {c['heldout_pairs']}, held-out task {c['heldout_task']}, rejected {rejected}")  # fmt: skip
     names = sorted(p.name for p in out.iterdir())
     print(f"written   {out}: {', '.join(names)}")
+    anchors = f" --retain {out / 'anchors.txt'}" if result.anchors else ""
+    print(f"next      icp-lens train --model {args.model} --train {out / 'task.jsonl'} --pairs {out / 'pairs.jsonl'} "
+          f"--objective consistency --retain YOUR_TEXTS.txt{anchors} --out OUT")  # fmt: skip
     return 0
 
 

@@ -49,6 +49,9 @@ def test_pairs_by_hand() -> None:
     assert [r["value"] for r in rejected] == ["head nurse", "head nurse"]
     assert rejected[0]["reason"] == "no value of another group has the same token length"
     assert result.report["counts"]["train: neutral swaps"] == 4
+    # the anchors: every training template with every neutral value (retain-term texts)
+    assert result.anchors == ("The person said that", "Yesterday the person wrote that")
+    assert result.report["counts"]["anchors"] == 2
 
 
 def test_holdout_keeps_values_and_templates_apart() -> None:
@@ -113,6 +116,8 @@ def test_cli_pairs_on_the_micro_tokenizer(micro_dirs: dict[str, Path], tmp_path:
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "written" in printed and "pairs.jsonl" in printed
+    assert not (out / "anchors.txt").exists()  # no neutral values, no anchors
+    assert "next      icp-lens train --model" in printed and "--objective consistency" in printed
     pairs = read_probes(out / "pairs.jsonl")
     assert len(pairs) == 4 and all(p.spurious_counterfactual and p.causal_counterfactual for p in pairs)
     for p in pairs:  # every counterfactual aligns with its prompt token by token

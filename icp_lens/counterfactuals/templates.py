@@ -15,7 +15,11 @@ For each template ``t`` and spurious value ``v`` of group ``g``:
   neutral value.
 
 The task prompts are ``t(c)`` for every causal value, answered by the value's group
-(``group = "<g>-explicit"``). With ``holdout = F`` a fraction F of every group's values
+(``group = "<g>-explicit"``). The *anchors* are the training templates filled with the
+neutral values (``anchors.txt``, plain text): given to the trainer's retain term
+(``--retain DIR/anchors.txt``), they hold the model's answer after a neutral noun where
+the original had it, so that pulling the groups together does not drag the shared
+answer toward one group. With ``holdout = F`` a fraction F of every group's values
 (spurious, causal, neutral) and of the templates (at least one of each) is kept out of
 ``pairs``/``task`` and used, alone, for ``heldout_pairs``/``heldout_task``: held-out
 prompts combine held-out templates with held-out values, so neither was seen.
@@ -56,6 +60,8 @@ class PairsResult:
     heldout_pairs: tuple[ProbeExample, ...] = ()
     heldout_task: tuple[ProbeExample, ...] = ()
     report: dict[str, Any] = field(default_factory=dict)
+    #: training templates filled with the (kept) neutral values: retain-term texts that anchor the shared answer
+    anchors: tuple[str, ...] = ()
 
     def write(self, out: str | Path, *, overwrite: bool = False) -> Path:
         """Write the files into ``out`` atomically (a temporary sibling, then one rename)."""
@@ -70,6 +76,8 @@ class PairsResult:
             if self.report.get("holdout", 0) > 0:
                 write_probes(tmp / "heldout_pairs.jsonl", self.heldout_pairs)
                 write_probes(tmp / "heldout_task.jsonl", self.heldout_task)
+            if self.anchors:
+                (tmp / "anchors.txt").write_text("".join(a + "\n" for a in self.anchors), encoding="utf-8")
             (tmp / "report.json").write_text(json.dumps(self.report, indent=2))
             (tmp / "report.md").write_text(report_markdown(self.report))
             if out.exists():
@@ -199,6 +207,7 @@ def generate_pairs(spec: PairSpec, tokenizer: Any, *, holdout: float = 0.0, seed
         "counts": {
             "pairs": len(pairs), "task": len(task), "heldout_pairs": len(h_pairs), "heldout_task": len(h_task),
             "pairs_with_causal": sum(p.causal_counterfactual is not None for p in pairs),
+            "anchors": len(t_keep) * len(n_keep),
             "pairs_by_group": dict(Counter(p.group for p in pairs)),
             **{f"train: {k}": v for k, v in counts.items()},
             **{f"heldout: {k}": v for k, v in h_counts.items()},
@@ -213,7 +222,8 @@ def generate_pairs(spec: PairSpec, tokenizer: Any, *, holdout: float = 0.0, seed
     }  # fmt: skip
     if not pairs:
         raise SpecError(f"no pair could be formed: {len(rejected)} prompts rejected ({LENGTH_RULE})")
-    return PairsResult(tuple(pairs), tuple(task), tuple(h_pairs), tuple(h_task), report)
+    anchors = tuple(t.replace("{x}", u) for t in t_keep for u in n_keep)
+    return PairsResult(tuple(pairs), tuple(task), tuple(h_pairs), tuple(h_task), report, anchors)
 
 
 def report_markdown(report: dict[str, Any]) -> str:
