@@ -99,13 +99,16 @@ def measure(model_dir: Path, data: Path, ppl_texts: list[str]) -> dict[str, floa
 
 def markdown(frame: pd.DataFrame) -> str:
     """A markdown table, floats to 3 decimals (no tabulate needed)."""
-    def cell(v: object) -> str:
+    def cell(v: object, column: str) -> str:
         if v is None or (isinstance(v, float) and np.isnan(v)):
             return ""
+        if column in ("seed", "steps"):
+            return str(int(v))  # type: ignore[call-overload]
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 
     lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    lines += ["| " + " | ".join(cell(v, c) for v, c in zip(row, frame.columns, strict=True)) + " |"
+              for row in frame.itertuples(index=False)]  # fmt: skip
     return "\n".join(lines)
 
 
