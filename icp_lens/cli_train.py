@@ -250,7 +250,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if (args.retain is None) != (config.retain_weight == 0):
             raise ValueError("--retain FILE and --retain-weight W (> 0) go together")
         retain = _retain_texts(args.retain)
-    except (ValueError, FileExistsError) as err:
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
         print(f"icp-lens train: error: {err}", file=sys.stderr)
         return 2
     checkpoints = args.checkpoint_dir or args.out.with_name(args.out.name + ".checkpoints")

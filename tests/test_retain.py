@@ -175,7 +175,7 @@ def test_cli_retain_and_pair_batch_size(micro_dirs, tmp_path, capsys) -> None:
     out = tmp_path / "out"
     common = ["train", "--model", str(micro_dirs["gpt2"]), "--train", str(tmp_path / "train.jsonl"),
               "--objective", "consistency", "--lora", "--lora-r", "2", "--max-steps", "2", "--batch-size", "4",
-              "--pairs", str(tmp_path / "pairs.jsonl"), "--quiet", "--json"]  # fmt: skip
+              "--pairs", str(tmp_path / "pairs.jsonl"), "--quiet", "--json", "--stage2-steps", "0"]  # fmt: skip
     argv = [*common, "--out", str(out), "--retain", str(tmp_path / "retain.txt"), "--retain-weight", "0.5",
             "--pair-batch-size", "6", "--retain-tokens", "5"]  # fmt: skip
     assert _cli(argv) == 0

@@ -428,7 +428,10 @@ def test_smollm2_every_shortcut_equals_one_at_a_time(smollm2, monkeypatch) -> No
     for kind in ("resample", "zero"):
         eff = exact_effects(model, probes, features, kind, batch_size=4, features_per_pass=3, progress=False)
         want, clean = one_at_a_time(model, probes, features, kind)
-        torch.testing.assert_close(eff.values, want, rtol=0, atol=1e-5, msg=kind)
-        torch.testing.assert_close(eff.clean, clean, rtol=0, atol=1e-5)
+        # fp32 round-off of a 30-layer model under another order of operations (blocks skipped, keys and values
+        # reused): up to 1.3e-5 measured on torch 2.13 / transformers 5.23 / TransformerLens 4.3; a wrong shortcut
+        # moves these logit differences by 1e-3 or more
+        torch.testing.assert_close(eff.values, want, rtol=0, atol=3e-5, msg=kind)
+        torch.testing.assert_close(eff.clean, clean, rtol=0, atol=3e-5)
         assert eff.values.abs().max() > 0.01
     assert all(r.on == {"kv": True, "prefix": True, "attn": True, "columns": True, "last": True} for r in runners)
