@@ -103,7 +103,7 @@ def test_packed_prefix_reuse_equals_one_at_a_time(backend, micro_dirs, arch, mon
         torch.testing.assert_close(eff.clean, clean, rtol=0, atol=1e-5)
         assert eff.values[:, :5].isfinite().all() and eff.values[:, :5].abs().max() > 0.01, kind
     bridge = is_bridge(model)  # every shortcut was taken (none fell back)
-    assert all(r.on == {"kv": True, "prefix": True, "attn": bridge, "columns": bridge, "last": bridge} for r in runners)
+    assert all(r.on == {"kv": True, "prefix": True, "attn": bridge, "columns": bridge, "last": bridge} for r in runners), [r.on for r in runners]
     # positions and another metric: intervene on the last two positions only, measure KL
     eff = exact_effects(model, probes, features, "resample", positions=(-2, -1), metric="kl", progress=False)
     want, _ = one_at_a_time(model, probes, features, "resample", positions=(-2, -1), metric="kl")

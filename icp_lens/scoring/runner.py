@@ -19,6 +19,7 @@ from torch import Tensor
 
 from icp_lens.edits import Edit, _edit_hook, pack_edits
 from icp_lens.hooks import capturing, hooked
+from icp_lens.kv_compat import bridge_kv_cache
 from icp_lens.model import HookedModel, is_bridge, model_dims
 from icp_lens.scoring.prefix import BridgeBlocks, ColumnUnembed, hf_cache_prefix, tiled_hf_cache
 
@@ -128,7 +129,8 @@ class _Runner:
             logits = None
             if self.bridge and starts:  # the clean run's own cache holds every prefix
                 try:
-                    logits, full_cache = self.model(tokens, return_type="logits_and_cache")
+                    with bridge_kv_cache(self.model):  # the cache fills under transformers >= 5.24 too
+                        logits, full_cache = self.model(tokens, return_type="logits_and_cache")
                 except Exception:  # noqa: BLE001 - no cache from this bridge: prefixes are run on their own
                     logits, full_cache = None, None
             if logits is None:
@@ -153,7 +155,8 @@ class _Runner:
 
     def _prefix_cache(self, tokens: Tensor) -> Any:
         if self.bridge:
-            return self.model(tokens, return_type="logits_and_cache")[1]
+            with bridge_kv_cache(self.model):
+                return self.model(tokens, return_type="logits_and_cache")[1]
         cache = _kv_cache_class().init_cache(self.model.cfg, tokens.device, tokens.shape[0])
         self.model(tokens, past_kv_cache=cache)
         return cache
@@ -273,9 +276,11 @@ class _Runner:
 
     def _bridge_logits(self, ctx: _Clean, tokens: Tensor, kwargs: dict[str, Any]) -> Tensor:
         """The bridge's last-position logits (all, or ``ctx.columns``) of ``model(tokens, **kwargs)``."""
+        cached = "past_key_values" in kwargs
         if self.on["last"]:
             kwargs = {**kwargs, "logits_to_keep": 1}
-        if self.uses_columns(ctx):
-            assert self.unembed is not None and ctx.columns is not None
-            return self.unembed.run(lambda: self.model(tokens, **kwargs), ctx.columns)
-        return self.model(tokens, **kwargs)[:, -1]
+        with bridge_kv_cache(self.model) if cached else nullcontext():  # transformers >= 5.24 names it `cache`
+            if self.uses_columns(ctx):
+                assert self.unembed is not None and ctx.columns is not None
+                return self.unembed.run(lambda: self.model(tokens, **kwargs), ctx.columns)
+            return self.model(tokens, **kwargs)[:, -1]

@@ -48,6 +48,7 @@ from torch import Tensor
 
 from icp_lens.edits import Edit, intervene
 from icp_lens.hooks import capturing, hooked
+from icp_lens.kv_compat import bridge_kv_cache
 from icp_lens.interventions import Mean, Resample, Zero
 from icp_lens.model import HookedModel, is_bridge, model_dims
 from icp_lens.scoring.prefix import hf_cache_prefix
@@ -266,7 +267,8 @@ def _suffix_forward(
         with capturing(model, [rep_hook] if rep_hook else [], detach=False) as store:
             if source in spans:
                 kwargs = {"logits_to_keep": 1} if last_only else {}
-                logits, cache = model(tokens, return_type="logits_and_cache", **kwargs)
+                with bridge_kv_cache(model):  # the cache fills under transformers >= 5.24 too
+                    logits, cache = model(tokens, return_type="logits_and_cache", **kwargs)
                 lo = spans[source][0]
             else:
                 logits = _run(model, tokens, last_only)
@@ -278,6 +280,7 @@ def _suffix_forward(
         layer.keys, layer.values = layer.keys[lo : lo + n], layer.values[lo : lo + n]
     with ExitStack() as stack:
         stack.enter_context(apply_edits())
+        stack.enter_context(bridge_kv_cache(model))  # transformers >= 5.24 names the cache `cache`
         store = stack.enter_context(capturing(model, [rep_hook] if rep_hook else [], detach=False))
         kwargs = {"past_key_values": prefix, **({"logits_to_keep": 1} if last_only else {})}
         logits = model(tokens_do[:, first:], **kwargs)
