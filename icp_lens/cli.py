@@ -44,6 +44,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from icp_lens.devices import add_device_arguments
+
 __all__ = ["main", "build_parser"]
 
 
@@ -124,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--no-causal", action="store_true", help="skip the causal effects (selectivity)")
     score.add_argument("--checkpoint", type=Path, default=None, help="directory for partial results (resumable)")
     score.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_device_arguments(score)
     score.set_defaults(handler=_cmd_score)
 
     from icp_lens.cli_eval import add_eval_parser
@@ -260,7 +263,10 @@ def _layers(text: str) -> list[int]:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
+    import torch
+
     from icp_lens.atomic import check_writable
+    from icp_lens.devices import resolve_device, resolve_dtype
     from icp_lens.model import boot_bridge
     from icp_lens.probeset import ProbeSet
     from icp_lens.scoring import score
@@ -273,7 +279,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--probe {args.probe}: no such file")
     verify = int(args.verify_top) if args.verify_top >= 1 or args.verify_top == 0 else float(args.verify_top)
     start = time.perf_counter()
-    model = boot_bridge(args.model)
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    model = boot_bridge(args.model, device=str(device), dtype=dtype)
     probes = ProbeSet.from_jsonl(model, args.probe)
     table = score(
         model,
@@ -297,7 +304,10 @@ def _cmd_score(args: argparse.Namespace) -> int:
                                               "weight", "no_causal", "qk_fix", "grad_drop", "directions",
                                               "direction_sites", "direction_rank", "direction_positions",
                                               "keep_causal")}  # fmt: skip
-    meta = table_provenance(model, args.probe, n_examples=len(probes), settings=settings)
+    settings["dtype"] = args.dtype
+    # the fingerprint is that of the checkpoint as stored (what `prune` loads), not of a cast copy
+    stored = args.model if dtype != torch.float32 and Path(args.model).is_dir() else model
+    meta = table_provenance(stored, args.probe, n_examples=len(probes), settings=settings)
     table = dataclasses.replace(table, meta=meta)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.save(args.out)

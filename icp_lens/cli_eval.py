@@ -15,6 +15,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from icp_lens.devices import add_device_arguments
+
 __all__ = ["add_eval_parser"]
 
 
@@ -27,6 +29,7 @@ def add_eval_parser(sub: Any) -> None:
     ev.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     ev.add_argument("--sensitive-key", default=None, help="group attribute to treat as sensitive (key=value parts)")
     ev.add_argument("--batch-size", type=int, default=256)
+    add_device_arguments(ev)
     ev.set_defaults(handler=_cmd_eval)
 
 
@@ -35,7 +38,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from icp_lens.probes import read_probes
     from icp_lens.pruning.source import load_checkpoint, load_tokenizer
 
-    model = load_checkpoint(args.model)
+    from icp_lens.devices import resolve_device, resolve_dtype
+
+    model = load_checkpoint(args.model, dtype=resolve_dtype(args.dtype)).to(resolve_device(args.device))
     tokenizer = load_tokenizer(args.model)
     examples = read_probes(args.data, tokenizer=tokenizer)
     report = evaluate(

@@ -18,6 +18,8 @@ import argparse
 import json
 from pathlib import Path
 
+from icp_lens.devices import add_device_arguments
+
 __all__ = ["add_pairs_parser", "add_audit_parser"]
 
 
@@ -89,6 +91,7 @@ def add_audit_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     )
     parser.add_argument("--out", type=Path, default=None, help="write the table as CSV here")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_device_arguments(parser)
     parser.set_defaults(handler=_cmd_audit)
     return parser
 
@@ -98,6 +101,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from icp_lens.counterfactuals import PairSpec, generate_pairs, sensitivity, spuriousness_ratio
+    from icp_lens.devices import resolve_device, resolve_dtype
     from icp_lens.loading import resolve_model_dir
     from icp_lens.probes import read_probes
 
@@ -116,7 +120,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     path = resolve_model_dir(args.model)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     probes = list(generate_pairs(spec, tokenizer).pairs) if spec is not None else read_probes(args.probe)
-    model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(args.dtype)).eval()
+    model = model.to(resolve_device(args.device))
     table = sensitivity(model, tokenizer, probes)
     ratio = None
     if frame is not None:

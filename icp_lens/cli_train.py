@@ -43,6 +43,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from icp_lens.devices import add_device_arguments
+
 __all__ = ["add_train_parser"]
 
 STOP_METRICS = ("worst_group_accuracy", "accuracy", "counterfactual_accuracy", "loss", "flip_rate")
@@ -133,6 +135,8 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    # training keeps float32 master weights: no --dtype (mixed precision is not built yet)
+    add_device_arguments(p, dtype=False)
     p.set_defaults(handler=_cmd_train)
     return p
 
@@ -239,6 +243,7 @@ def _print_counterfactual_check(args: argparse.Namespace, limit: int = 128) -> N
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from icp_lens.devices import resolve_device
     from icp_lens.pruning.export import check_target
     from icp_lens.training import Trainer, fit_staged
 
@@ -256,7 +261,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     checkpoints = args.checkpoint_dir or args.out.with_name(args.out.name + ".checkpoints")
     try:
         trainer = Trainer(args.model, args.train, config, features=features, prune=prune, val=args.val,
-                          pairs=args.pairs, retain=retain, checkpoint_dir=checkpoints)  # fmt: skip
+                          pairs=args.pairs, retain=retain, checkpoint_dir=checkpoints,
+                          device=str(resolve_device(args.device)))  # fmt: skip
     except (ValueError, FileNotFoundError) as err:
         print(f"icp-lens train: error: {err}", file=sys.stderr)
         return 2

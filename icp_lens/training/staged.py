@@ -76,7 +76,7 @@ def fit_staged(
     second = Trainer(
         trainer.trained_hf_model(), list(trainer.train_data.examples), stage2_config(config),
         tokenizer=trainer.tokenizer, pairs=pairs, retain=retain, val=pairs, features=trainer.features,
-        checkpoint_dir=checkpoints,
+        checkpoint_dir=checkpoints, device=trainer.device,
     )  # fmt: skip
     result = chain_results(first, second.fit(resume=resume))
     if trainer.val_data is not None:  # report the user's validation data, not the pairs stage 2 stopped on

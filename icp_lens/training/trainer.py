@@ -177,6 +177,7 @@ class Trainer(LoopMixin, SelectionMixin, RescoreMixin, ResumeMixin, ExportMixin)
             self.lora = add_lora(hf, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                                  targets=config.lora_targets, seed=config.seed)  # fmt: skip
             hf = self.lora.hf_model
+        self.device = device
         self.model = boot_around(hf, self.tokenizer, device)
         self.model.eval()
         self._hf = hf
