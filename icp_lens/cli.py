@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from icp_lens.devices import add_device_arguments
+from icp_lens.scoring.shards import parse_shard
 
 __all__ = ["main", "build_parser"]
 
@@ -126,8 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--no-causal", action="store_true", help="skip the causal effects (selectivity)")
     score.add_argument("--checkpoint", type=Path, default=None, help="directory for partial results (resumable)")
     score.add_argument("--quiet", action="store_true", help="no progress bars")
+    score.add_argument(
+        "--shard", type=parse_shard, default=None, metavar="I/N",
+        help="score shard I of N (0-based) and write a partial table; join the parts with merge-scores",
+    )  # fmt: skip
     add_device_arguments(score)
     score.set_defaults(handler=_cmd_score)
+
+    merge = sub.add_parser("merge-scores", help="join the partial tables of score --shard I/N into one table")
+    merge.add_argument("parts", type=Path, nargs="+", metavar="PART", help="the partial tables, one per shard")
+    merge.add_argument("--out", type=Path, required=True, help="the merged table (.csv or .parquet)")
+    merge.set_defaults(handler=_cmd_merge_scores)
 
     from icp_lens.cli_eval import add_eval_parser
     from icp_lens.cli_fetch import add_fetch_parser
@@ -282,6 +292,9 @@ def _cmd_score(args: argparse.Namespace) -> int:
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     model = boot_bridge(args.model, device=str(device), dtype=dtype)
     probes = ProbeSet.from_jsonl(model, args.probe)
+    checkpoint = args.checkpoint
+    if args.shard is not None and checkpoint is not None:  # each shard resumes from its own partial results
+        checkpoint = checkpoint / f"shard-{args.shard[0]}-of-{args.shard[1]}"
     table = score(
         model,
         probes,
@@ -294,17 +307,23 @@ def _cmd_score(args: argparse.Namespace) -> int:
         metric=args.metric,
         weight=args.weight,
         batch_size=args.batch_size,
-        checkpoint_dir=args.checkpoint,
+        checkpoint_dir=checkpoint,
         progress=not args.quiet,
         qk_fix=args.qk_fix,
         grad_drop=args.grad_drop,
         directions=_direction_fit(args) if "direction" in args.kinds else None,
+        shard=args.shard,
     )
     settings = {k: getattr(args, k) for k in ("method", "kinds", "layers", "intervention", "verify_top", "metric",
                                               "weight", "no_causal", "qk_fix", "grad_drop", "directions",
                                               "direction_sites", "direction_rank", "direction_positions",
                                               "keep_causal")}  # fmt: skip
     settings["dtype"] = args.dtype
+    if args.shard is not None:
+        from icp_lens.scoring.hybrid import all_features
+
+        settings["shard"] = f"{args.shard[0]}/{args.shard[1]}"
+        settings["n_features"] = len(all_features(model, args.kinds, args.layers))
     # the fingerprint is that of the checkpoint as stored (what `prune` loads), not of a cast copy
     stored = args.model if dtype != torch.float32 and Path(args.model).is_dir() else model
     meta = table_provenance(stored, args.probe, n_examples=len(probes), settings=settings)
@@ -320,6 +339,23 @@ def _cmd_score(args: argparse.Namespace) -> int:
     wanted = ["feature", "score", "ci_low", "ci_high", "selectivity", "cos_causal", "exact"]
     columns = [c for c in wanted if c in table.frame]
     print(table.top(10)[columns].to_string(index=False))
+    return 0
+
+
+def _cmd_merge_scores(args: argparse.Namespace) -> int:
+    from icp_lens.atomic import check_writable
+    from icp_lens.scoring.provenance import meta_path
+    from icp_lens.scoring.shards import merge_tables
+
+    if args.out.suffix not in (".csv", ".parquet"):
+        raise ValueError(f"--out must end in .csv or .parquet, got {args.out.name!r}")
+    check_writable(args.out, option="--out")
+    table = merge_tables(args.parts)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    table.save(args.out)
+    n_exact = int(table.frame["exact"].sum()) if "exact" in table.frame else 0
+    print(f"merged {len(args.parts)} shards: {len(table)} features ({n_exact} exact) -> {args.out}")
+    print(f"provenance -> {meta_path(args.out)}")
     return 0
 
 

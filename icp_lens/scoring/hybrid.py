@@ -35,6 +35,7 @@ from icp_lens.metrics import Metric
 from icp_lens.model import HookedModel
 from icp_lens.probeset import ProbeSet
 from icp_lens.scoring.effects import Effects, InterventionSpec, probe_means
+from icp_lens.scoring.shards import check_shard, shard_share
 from icp_lens.scoring.spuriousness import Weight
 from icp_lens.scoring.table import ScoreTable
 
@@ -96,6 +97,7 @@ def score(
     qk_fix: bool = False,
     grad_drop: bool = False,
     directions: Any = None,
+    shard: tuple[int, int] | None = None,
 ) -> ScoreTable:
     """Score features by spuriousness; see the module docstring.
 
@@ -105,9 +107,24 @@ def score(
     exactly; ``checkpoint_dir`` keeps partial exact results so an interrupted run resumes.
     ``qk_fix`` / ``grad_drop``: the AtP* options of the attribution estimates
     (:mod:`icp_lens.scoring.attribution`); the exactly verified rows are unaffected.
+
+    ``shard=(i, n)`` scores shard ``i`` of ``n`` (0-based) and returns its partial table, for
+    job arrays (one shard per GPU or node); :func:`icp_lens.scoring.shards.merge_tables`
+    joins the ``n`` parts into the table one run writes. Exact and attribution: the
+    features ``i, i+n, i+2n, ...`` of the full list. Hybrid: every shard ranks all features
+    by attribution (the cheap part, identical in every shard), then verifies the ranks
+    ``i, i+n, ...`` of the top ``verify_top`` exactly; shard 0 also keeps the attribution
+    rows of the features outside the top. Each feature's row depends on that feature and
+    the probes only (the bootstrap resamples examples with the same seed for every row),
+    so the merged table equals the one-run table.
     """
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; valid: {list(METHODS)}")
+    if shard is not None:
+        check_shard(shard)
+        if any(k in ("direction", "token") for k in kinds) and features is None:
+            raise ValueError("--shard splits neuron/head/... features; score direction and token kinds in one "
+                             "unsharded run (they are fitted or scored together)")  # fmt: skip
     if layers is not None:
         check_layers(model, layers)
     extra = [k for k in kinds if k in ("direction", "token")]
@@ -125,6 +142,10 @@ def score(
             )  # fmt: skip
         return concat_tables(tables)
     feats = list(features) if features is not None else all_features(model, kinds, layers)
+    if shard is not None and method != "hybrid":
+        feats = shard_share(feats, shard)
+        if not feats:
+            raise ValueError(f"shard {shard[0]}/{shard[1]} gets no feature: there are fewer features than shards")
     specs = [InterventionSpec.parse(i) for i in interventions]
     if not specs or any(s.kind == "resample_causal" for s in specs):
         raise ValueError("interventions must be non-empty and spurious; the causal effect is added by causal=True")
@@ -159,9 +180,13 @@ def score(
     estimate = table("attribution", feats)
     n_verify = _verify_count(verify_top, len(feats))
     if n_verify == 0:
-        return estimate
-    verified = table("exact", estimate.features[:n_verify]).frame
-    rest = estimate.frame[~estimate.frame["feature"].isin(set(verified["feature"]))]
+        return estimate if shard is None or shard[0] == 0 else ScoreTable(estimate.frame.iloc[:0])
+    top = estimate.features[:n_verify]
+    share = top if shard is None else shard_share(top, shard)
+    verified = table("exact", share).frame if share else estimate.frame.iloc[:0]
+    rest = estimate.frame[~estimate.frame["feature"].isin({str(f) for f in top})]
+    if shard is not None and shard[0] != 0:
+        rest = rest.iloc[:0]
     import pandas as pd
 
     return ScoreTable(pd.concat([verified, rest], ignore_index=True))
