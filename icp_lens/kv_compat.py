@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["bridge_kv_cache", "cache_argument"]
+__all__ = ["bridge_kv_cache", "cache_argument", "cache_kwargs"]
 
 
 @lru_cache(maxsize=None)
@@ -41,6 +41,16 @@ def _cache_argument_of(forward: Any) -> str:
 def cache_argument(hf: torch.nn.Module) -> str:
     """The name under which ``hf``'s forward takes a KV cache: ``past_key_values`` or ``cache``."""
     return _cache_argument_of(type(hf).forward)
+
+
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` for a bridge's forward, under the name its HF model takes.
+
+    (transformers >= 5.24 still accepts ``past_key_values`` but warns that it goes in 5.40.)
+    """
+    from icp_lens.model import hf_model
+
+    return {cache_argument(hf_model(model)): cache}
 
 
 def _copy_cache(_module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:

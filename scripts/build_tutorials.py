@@ -46,7 +46,7 @@ def build(script: Path) -> float:
     # the stored outputs without third-party clutter: transformers' "Loading weights" bars and
     # tqdm's note that ipywidgets is absent (our own progress bars print as text)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::tqdm.TqdmWarning")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore:IProgress not found")
     notebook = jupytext.read(script)
     with tempfile.TemporaryDirectory() as tmp:
         NotebookClient(notebook, timeout=None, kernel_name="python3", resources={"metadata": {"path": tmp}}).execute()

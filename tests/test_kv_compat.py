@@ -8,7 +8,7 @@ import transformers
 from conftest import load_backend
 from packaging.version import Version
 
-from icp_lens.kv_compat import _copy_cache, bridge_kv_cache, cache_argument
+from icp_lens.kv_compat import _copy_cache, bridge_kv_cache, cache_argument, cache_kwargs
 from icp_lens.model import hf_model
 
 
@@ -51,7 +51,7 @@ def test_installed_transformers_reuses_a_prefix_cache_exactly(micro_dirs) -> Non
         with torch.no_grad(), bridge_kv_cache(model):
             full = model(tokens)
             _, cache = model(tokens[:, :4], return_type="logits_and_cache")
-            suffix = model(tokens[:, 4:], past_key_values=cache)
+            suffix = model(tokens[:, 4:], **cache_kwargs(model, cache))
         torch.testing.assert_close(suffix, full[:, 4:], rtol=0, atol=1e-5)
         handles = [m for m in model.modules() if getattr(m, "_forward_pre_hooks", None)]
         assert not any(_copy_cache in h._forward_pre_hooks.values() for h in handles), "hooks left behind"

@@ -435,3 +435,35 @@ def test_smollm2_every_shortcut_equals_one_at_a_time(smollm2, monkeypatch) -> No
         torch.testing.assert_close(eff.clean, clean, rtol=0, atol=3e-5)
         assert eff.values.abs().max() > 0.01
     assert all(r.on == {"kv": True, "prefix": True, "attn": True, "columns": True, "last": True} for r in runners)
+
+
+def test_out_of_memory_halves_the_pass_and_keeps_the_results(micro, monkeypatch) -> None:
+    """A pass of more than two edit sets 'runs out of memory': the scorer halves it and goes on.
+
+    The effects equal those of an unconstrained run, and the smaller size is kept: after the
+    first failure no pass of more than two edit sets is tried again.
+    """
+    probes = ProbeSet(micro, EXAMPLES)
+    features = mixed_features(micro)
+    want = exact_effects(micro, probes, features, "resample", batch_size=2, features_per_pass=8, progress=False)
+    sizes: list[int] = []
+    original = runner_module._Runner.patched
+
+    def patched(self, ctx, layer, start, groups, attn=None):
+        sizes.append(len(groups))
+        if len(groups) > 2:
+            raise torch.OutOfMemoryError("stand-in: out of memory")
+        return original(self, ctx, layer, start, groups, attn)
+
+    monkeypatch.setattr(runner_module._Runner, "patched", patched)
+    got = exact_effects(micro, probes, features, "resample", batch_size=2, features_per_pass=8, progress=False)
+    torch.testing.assert_close(got.values, want.values, rtol=0, atol=1e-6, equal_nan=True)
+    first = next(i for i, n in enumerate(sizes) if n > 2)
+    assert sizes[first + 1] == sizes[first] // 2, sizes  # halved and retried
+    # kept small from then on: at most log2(8) = 3 failed tries in the whole sweep, not one per chunk
+    assert 1 <= sum(n > 2 for n in sizes) <= 3 and sizes[-1] <= 2, sizes
+    # one edit set that does not fit is the probe batch's fault: re-raised, not looped on
+    monkeypatch.setattr(runner_module._Runner, "patched", lambda *a, **k: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("stand-in")))  # fmt: skip
+    with pytest.raises(torch.OutOfMemoryError):
+        exact_effects(micro, probes, features, "resample", batch_size=2, features_per_pass=1, progress=False)

@@ -30,7 +30,7 @@ def spy_copy_lengths(trainer: Trainer, monkeypatch: pytest.MonkeyPatch) -> list[
     real = type(trainer.model).forward
 
     def spy(self, tokens, *args, **kwargs):
-        if kwargs.get("past_key_values") is not None:
+        if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:  # both transformers names
             seen.append(tokens.shape[1])
         return real(self, tokens, *args, **kwargs)
 

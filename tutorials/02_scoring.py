@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -31,9 +31,6 @@
 #    raise balanced accuracy.
 
 # %%
-import matplotlib
-
-matplotlib.use("Agg")  # figures are returned and shown inline in Jupyter; Agg keeps scripts headless
 import pandas as pd
 import torch
 

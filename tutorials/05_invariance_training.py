@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -39,9 +39,6 @@
 import dataclasses
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # figures are returned and shown inline in Jupyter; Agg keeps scripts headless
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
@@ -171,8 +168,7 @@ for name, history in histories.items():
 axes[0].set(xlabel="step", ylabel="training loss", title="loss (task + lambda * invariance)")
 axes[1].set(xlabel="step", ylabel="accuracy on x and x_cf", title="validation counterfactual accuracy")
 axes[1].legend(fontsize=7)
-fig.tight_layout()
-fig
+fig.tight_layout()  # Jupyter shows the figure below the cell
 
 # %% [markdown]
 # ## Export: merge LoRA, bake the plan in, verify

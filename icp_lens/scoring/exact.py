@@ -67,6 +67,7 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -200,6 +201,7 @@ def exact_effects(
         desc=f"exact {spec.label}",
         unit="pass",
     )
+    fit = features_per_pass  # edit sets per pass known to fit in memory (halved on out-of-memory)
     try:
         for b, batch in enumerate(batches):
             todo = [c for c in range(len(chunks)) if not state.done[c, b]]
@@ -247,7 +249,7 @@ def exact_effects(
                         f = features[i]
                         act = fixed[f] if which is None else Resample(f.select(sources[f.hook_name])[:, start:], align)
                         groups.append([Edit(f, act, positions=patch_positions)])
-                    last = runner.patched(ctx, layer, start, groups)
+                    last, fit = _patched_within_memory(runner, ctx, layer, start, groups, fit)
                     k = len(members)
                     read, clean_last = batch, ctx.last
                     if runner.uses_columns(ctx):  # logits of ctx.columns: the metric reads them by column
@@ -261,3 +263,31 @@ def exact_effects(
         bar.close()
         state.save(force=True)
     return Effects(features, spec.label, state.values.clone(), state.clean.clone(), exact=True, metric=metric_name)
+
+
+def _patched_within_memory(
+    runner: _Runner, ctx: Any, layer: int, start: int, groups: list[list[Edit]], fit: int
+) -> tuple[Tensor, int]:
+    """``runner.patched`` on ``groups``, in passes of at most ``fit`` edit sets; ``(logits, fit)``.
+
+    On out-of-memory (a GPU's, or the CPU allocator's) the pass is retried in halves, down
+    to one edit set per pass, and the smaller size is kept for the passes that follow, so a
+    sweep finds the largest pass that fits without losing finished work (completed passes
+    are in the checkpoint state already). One edit set that does not fit re-raises: the
+    probe batch itself is too large (``--batch-size``).
+    """
+    parts = []
+    i = 0
+    while i < len(groups):
+        size = min(fit, len(groups) - i)
+        try:
+            parts.append(runner.patched(ctx, layer, start, groups[i : i + size]))
+        except torch.OutOfMemoryError:
+            if size == 1:
+                raise
+            fit = max(1, size // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        i += size
+    return (parts[0] if len(parts) == 1 else torch.cat(parts, 0)), fit

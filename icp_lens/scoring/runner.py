@@ -19,7 +19,7 @@ from torch import Tensor
 
 from icp_lens.edits import Edit, _edit_hook, pack_edits
 from icp_lens.hooks import capturing, hooked
-from icp_lens.kv_compat import bridge_kv_cache
+from icp_lens.kv_compat import bridge_kv_cache, cache_kwargs
 from icp_lens.model import HookedModel, is_bridge, model_dims
 from icp_lens.scoring.prefix import BridgeBlocks, ColumnUnembed, hf_cache_prefix, tiled_hf_cache
 
@@ -255,7 +255,7 @@ class _Runner:
             attn = self.reuses_attention(ctx, layer, edits) if attn is None else attn
             attn_out = ctx.attn[layer][:, s:].repeat(k, 1, 1) if attn else None
             # without the attention of block `layer`, its cache entry is not read either
-            kwargs = {"past_key_values": self._tiled_cache(ctx, s, k, layer + 1 if attn else layer)} if s else {}
+            kwargs = cache_kwargs(self.model, self._tiled_cache(ctx, s, k, layer + 1 if attn else layer)) if s else {}
             resid = ctx.resid[layer][:, s:].repeat(k, 1, 1)
             with self.blocks.from_layer(layer, resid, attn_out), _editing(self.model, edits):
                 return self._bridge_logits(ctx, ctx.tokens[:, s:].repeat(k, 1), kwargs)
@@ -268,7 +268,12 @@ class _Runner:
             kwargs = {"past_kv_cache": self._tiled_cache(ctx, s, k)} if s else {}
             with _editing(self.model, [e for e in edits if e.feature.hook_name != hook]):
                 return self._head(self.model(x, start_at_layer=layer, stop_at_layer=self.dims.n_layers, **kwargs))
-        kwargs = {("past_key_values" if self.bridge else "past_kv_cache"): self._tiled_cache(ctx, s, k)} if s else {}
+        if not s:
+            kwargs = {}
+        elif self.bridge:
+            kwargs = cache_kwargs(self.model, self._tiled_cache(ctx, s, k))
+        else:
+            kwargs = {"past_kv_cache": self._tiled_cache(ctx, s, k)}
         with _editing(self.model, edits):
             if self.bridge:
                 return self._bridge_logits(ctx, ctx.tokens[:, s:].repeat(k, 1), kwargs)
@@ -276,7 +281,7 @@ class _Runner:
 
     def _bridge_logits(self, ctx: _Clean, tokens: Tensor, kwargs: dict[str, Any]) -> Tensor:
         """The bridge's last-position logits (all, or ``ctx.columns``) of ``model(tokens, **kwargs)``."""
-        cached = "past_key_values" in kwargs
+        cached = "past_key_values" in kwargs or "cache" in kwargs
         if self.on["last"]:
             kwargs = {**kwargs, "logits_to_keep": 1}
         with bridge_kv_cache(self.model) if cached else nullcontext():  # transformers >= 5.24 names it `cache`

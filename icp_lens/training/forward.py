@@ -48,7 +48,7 @@ from torch import Tensor
 
 from icp_lens.edits import Edit, intervene
 from icp_lens.hooks import capturing, hooked
-from icp_lens.kv_compat import bridge_kv_cache
+from icp_lens.kv_compat import bridge_kv_cache, cache_kwargs
 from icp_lens.interventions import Mean, Resample, Zero
 from icp_lens.model import HookedModel, is_bridge, model_dims
 from icp_lens.scoring.prefix import hf_cache_prefix
@@ -282,7 +282,7 @@ def _suffix_forward(
         stack.enter_context(apply_edits())
         stack.enter_context(bridge_kv_cache(model))  # transformers >= 5.24 names the cache `cache`
         store = stack.enter_context(capturing(model, [rep_hook] if rep_hook else [], detach=False))
-        kwargs = {"past_key_values": prefix, **({"logits_to_keep": 1} if last_only else {})}
+        kwargs = {**cache_kwargs(model, prefix), **({"logits_to_keep": 1} if last_only else {})}
         logits = model(tokens_do[:, first:], **kwargs)
         captured = store.get(rep_hook) if rep_hook else None
     out["do"] = (logits, logits[:, -1], captured)
