@@ -75,14 +75,11 @@ def bridge_kv_cache(model: Any) -> Iterator[None]:
     forward pre-hooks on the bridge's attention components; they are removed on exit,
     also when the forward pass raises.
     """
+    from icp_lens.hooks import module_hooks
     from icp_lens.model import hf_model, is_bridge
 
     if not is_bridge(model) or cache_argument(hf_model(model)) != "cache":
         yield
         return
-    handles = [m.register_forward_pre_hook(_copy_cache, with_kwargs=True) for m in _attention_components(model)]
-    try:
+    with module_hooks(pre_kwargs=[(m, _copy_cache) for m in _attention_components(model)]):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
