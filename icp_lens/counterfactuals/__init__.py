@@ -14,6 +14,14 @@ value of another group, whose answer differs), plus the explicit-cue task prompt
     result.write("pairs_dir")        # pairs.jsonl, task.jsonl, heldout_*.jsonl, report.json, report.md
 
 ``icp-lens pairs --spec SPEC.json --model M --out DIR`` does the same from the shell.
+
+Beside templates: :func:`generate_substitution_pairs` (controlled word swaps over real
+sentences, :mod:`~icp_lens.counterfactuals.substitution`) and
+:func:`generate_rewrite_pairs` (an instruct model rewrites them,
+:mod:`~icp_lens.counterfactuals.rewrite`); :func:`apply_checks` runs the quality checks
+of :mod:`~icp_lens.counterfactuals.quality` on any of them. :func:`audit_model` measures how
+much a model uses each attribute and returns a table, the task's :class:`CausalGraph`
+with the measured edges, and a figure.
 """
 
 from icp_lens.counterfactuals.audit import (
@@ -23,7 +31,11 @@ from icp_lens.counterfactuals.audit import (
     sensitivity,
     spuriousness_ratio,
 )
+from icp_lens.counterfactuals.graph import AuditResult, CausalGraph, audit_model
+from icp_lens.counterfactuals.quality import QualityReport, QualityThresholds, SentenceEncoder, apply_checks, check_pairs
+from icp_lens.counterfactuals.rewrite import generate_rewrite_pairs
 from icp_lens.counterfactuals.spec import PairSpec, SpecError
+from icp_lens.counterfactuals.substitution import SwapList, generate_substitution_pairs, read_labelled_texts
 from icp_lens.counterfactuals.templates import PairsResult, generate_pairs
 
 __all__ = [
@@ -36,4 +48,16 @@ __all__ = [
     "SpuriousnessRatio",
     "spuriousness_ratio",
     "sensitivity",
+    "SwapList",
+    "read_labelled_texts",
+    "generate_substitution_pairs",
+    "generate_rewrite_pairs",
+    "QualityThresholds",
+    "QualityReport",
+    "SentenceEncoder",
+    "check_pairs",
+    "apply_checks",
+    "CausalGraph",
+    "AuditResult",
+    "audit_model",
 ]

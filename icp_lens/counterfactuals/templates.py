@@ -62,6 +62,8 @@ class PairsResult:
     report: dict[str, Any] = field(default_factory=dict)
     #: training templates filled with the (kept) neutral values: retain-term texts that anchor the shared answer
     anchors: tuple[str, ...] = ()
+    #: the quality checks' per-pair table (:func:`icp_lens.counterfactuals.quality.apply_checks`), or None
+    quality: Any = None
 
     def write(self, out: str | Path, *, overwrite: bool = False) -> Path:
         """Write the files into ``out`` atomically (a temporary sibling, then one rename)."""
@@ -78,6 +80,8 @@ class PairsResult:
                 write_probes(tmp / "heldout_task.jsonl", self.heldout_task)
             if self.anchors:
                 (tmp / "anchors.txt").write_text("".join(a + "\n" for a in self.anchors), encoding="utf-8")
+            if self.quality is not None:
+                self.quality.to_csv(tmp / "quality.csv", index=False)
             (tmp / "report.json").write_text(json.dumps(self.report, indent=2))
             (tmp / "report.md").write_text(report_markdown(self.report))
             if out.exists():
@@ -237,12 +241,28 @@ def report_markdown(report: dict[str, Any]) -> str:
         "| count | value |", "|---|---|",
         *[f"| {k} | {v} |" for k, v in c.items()], "",
     ]  # fmt: skip
-    held = report["heldout_values"]
     if report["holdout"] > 0:
-        lines += ["## Held out (never in pairs.jsonl or task.jsonl)", "", f"- templates: {held['templates']}"]
-        lines += [f"- spurious {g}: {v}" for g, v in held["spurious"].items()]
-        lines += [f"- causal {g}: {v}" for g, v in held["causal"].items()]
-        lines += [f"- neutral: {held['neutral']}", ""]
+        lines += ["## Held out (never in pairs.jsonl or task.jsonl)", ""]
+        for key, value in report["heldout_values"].items():
+            if isinstance(value, dict):
+                lines += [f"- {key} {g}: {v}" for g, v in value.items()]
+            else:
+                lines.append(f"- {key}: {value}")
+        lines.append("")
+    if report.get("ambiguous_words"):
+        lines += [f"Words with two partners (the first row's is used): {report['ambiguous_words']}", ""]
+    quality = report.get("quality")
+    if quality:
+        lines += ["## Quality checks", "", f"Checked {quality['checked']} pairs, {quality['passed']} passed every check; failing pairs "
+                  f"{'dropped' if quality.get('failed_pairs_dropped') else 'kept (counted only)'}.", "",
+                  "| check | pass rate | threshold |", "|---|---|---|"]
+        limits = {"similarity": f"similarity >= {quality['thresholds']['min_similarity']}",
+                  "fluency": f"ppl ratio <= {quality['thresholds']['max_ppl_ratio']}",
+                  "minimality": f"edit fraction <= {quality['thresholds']['max_edit_fraction']}",
+                  "attribute": "lexicon group changed", "all": "every check that ran"}
+        lines += [f"| {c} | {r:.3f} | {limits.get(c, '')} |" for c, r in quality["pass_rates"].items()]
+        lines += [f"- not run: {c} ({why})" for c, why in quality["skipped"].items()]
+        lines.append("")
     for part in ("train", "heldout"):
         rej = report["rejected"][part]
         if rej:
