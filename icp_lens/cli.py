@@ -381,14 +381,49 @@ def _quiet_third_party() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _raw_model_argument(argv: Sequence[str]) -> str | None:
+    """The ``--model`` value exactly as typed (argparse's ``Path`` would turn ``./x`` into ``x``)."""
+    for i, token in enumerate(argv):
+        if token == "--model" and i + 1 < len(argv):
+            return argv[i + 1]
+        if token.startswith("--model="):
+            return token.split("=", 1)[1]
+    return None
+
+
+def _resolve_model_names(args: argparse.Namespace, raw: str | None = None) -> None:
+    """``--model`` as a hub name or alias (``smollm2``) on every command: made a local checkpoint directory.
+
+    A path that exists, or that looks like one (``raw``, the value as typed), is left to
+    the command (which names it if it is missing); anything else goes through
+    :func:`icp_lens.loading.resolve_model_dir` (the hub, else the offline fallback for
+    known aliases), once, before the command runs.
+    """
+    model = getattr(args, "model", None)
+    if model is None or args.command == "fetch-model":
+        return
+    from icp_lens.loading import HubUnreachableError, looks_like_path, resolve_model_dir
+
+    raw = str(model) if raw is None else raw
+    if Path(raw).expanduser().exists() or looks_like_path(raw):
+        return
+    try:
+        resolved = resolve_model_dir(raw)
+    except HubUnreachableError as err:
+        raise FileNotFoundError(f"--model {raw}: no such directory, and {err}") from None
+    args.model = resolved if isinstance(model, Path) else str(resolved)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``icp-lens`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if not args.verbose:
         _quiet_third_party()
     import torch
 
     try:
+        _resolve_model_names(args, _raw_model_argument(argv))
         return int(args.handler(args))
     except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, IsADirectoryError,
             PermissionError) as err:  # fmt: skip

@@ -302,3 +302,28 @@ def test_audit_table_graph_and_figure(micro_dirs: dict[str, Path], tmp_path: Pat
     assert main([*args[:-1], str(tmp_path / "audit.txt")]) == 2
     assert "--figure must end in .png" in capsys.readouterr().err
     assert np.isfinite(result.table["kl"]).all()
+
+
+def test_every_command_takes_a_hub_name_or_alias(micro_dirs: dict[str, Path], tmp_path: Path, monkeypatch, capsys) -> None:
+    """``--model NAME`` goes through resolve_model_dir once, for train/score/eval as for pairs/audit."""
+    import icp_lens.loading as loading
+
+    asked: list[str] = []
+
+    def fake_resolve(name, **kwargs):
+        asked.append(name)
+        return micro_dirs["gpt2"]
+
+    monkeypatch.setattr(loading, "resolve_model_dir", fake_resolve)
+    probe = tmp_path / "p.jsonl"
+    probe.write_text(json.dumps({"prompt": "a b", "answer": " pos", "alternatives": [" neg"]}) + "\n")
+    assert main(["eval", "--model", "my-alias", "--data", str(probe)]) == 0
+    assert asked[0] == "my-alias"
+    import argparse
+
+    from icp_lens.cli import _resolve_model_names
+
+    for raw, expected in (("my-alias", micro_dirs["gpt2"]), ("./not-here", "./not-here")):
+        args = argparse.Namespace(command="train", model=Path(raw))
+        _resolve_model_names(args, raw)  # a path (existing or not) is left to the command
+        assert args.model == Path(expected)

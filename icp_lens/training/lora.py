@@ -21,7 +21,9 @@ model (``W + scale * B @ A`` in every targeted module) that the pruner's export 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,7 +125,7 @@ def add_lora(
         fan_in_fan_out=model_type == "gpt2",  # GPT-2's Conv1D stores weights transposed
         bias="none",
     )
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _quiet_peft():
         torch.manual_seed(seed)
         peft_model = peft.get_peft_model(model, config)
     from peft.tuners.lora import LoraLayer
@@ -132,6 +134,14 @@ def add_lora(
     if not layers:
         raise ValueError(f"No module of {type(model).__name__} matches the LoRA targets {list(names)}")
     return LoraHandle(peft_model=peft_model, config=config, layers=layers)
+
+
+@contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft asks transformers 5.x ``is_gradient_checkpointing``, which warns of its own rename: not the user's concern."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def dead_adapters(handle: LoraHandle) -> list[str]:
@@ -147,7 +157,8 @@ def dead_adapters(handle: LoraHandle) -> list[str]:
 def merge_lora(base: nn.Module, handle: LoraHandle) -> nn.Module:
     """An ordinary HF model: ``base`` (left untouched) with ``handle``'s adapters merged in."""
     peft = _peft()
-    fresh = peft.get_peft_model(copy.deepcopy(base), copy.deepcopy(handle.config))
+    with _quiet_peft():
+        fresh = peft.get_peft_model(copy.deepcopy(base), copy.deepcopy(handle.config))
     state = {f"base_model.model.{k}": v for k, v in handle.state_dict().items()}
     result = peft.set_peft_model_state_dict(fresh, state)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
