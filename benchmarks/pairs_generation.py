@@ -4,8 +4,9 @@ Three measurements on SmolLM2-135M-Instruct (its tokenizer pairs values by lengt
 is the language model of the fluency check) and the offline all-MiniLM-L6-v2 (the
 similarity check):
 
-1. **10k template pairs with all four checks.** 125 templates x 80 professions = 10,000
-   prompts, each paired with an equal-length profession of the other group. Timed:
+1. **10k template pairs with all four checks.** 125 templates x 84 professions = 10,500
+   prompts, each paired with an equal-length profession of the other group (those with
+   none are rejected). Timed:
    generation alone (the baseline), then generation + similarity + attribute + fluency +
    minimality; the figure is seconds and the ratio checked / generation alone. Target:
    the whole run within 2 minutes on 2 CPU cores.
@@ -52,12 +53,12 @@ FEMALE = ["nurse", "secretary", "receptionist", "hairdresser", "librarian", "nan
           "midwife", "stylist", "maid", "teacher", "typist", "babysitter", "cleaner", "model", "singer", "baker",
           "designer", "therapist", "counselor", "tailor", "clerk", "assistant", "housekeeper", "waitress", "actress",
           "bride", "hostess", "poet", "writer", "editor", "artist", "painter", "cook", "dietitian", "pharmacist",
-          "dentist", "vet"]  # fmt: skip
+          "dentist", "vet", "cheerleader", "seamstress"]  # fmt: skip
 MALE = ["mechanic", "pilot", "plumber", "carpenter", "electrician", "firefighter", "surgeon", "banker", "farmer",
         "soldier", "builder", "chef", "engineer", "janitor", "guard", "driver", "sheriff", "lawyer", "miner",
         "fisherman", "captain", "sailor", "butcher", "welder", "trucker", "programmer", "physicist", "architect",
         "mayor", "judge", "boxer", "coach", "officer", "detective", "scientist", "professor", "manager", "ceo",
-        "president", "analyst"]  # fmt: skip
+        "president", "analyst", "lumberjack", "astronaut"]  # fmt: skip
 SWAPS = [("she", "he"), ("her", "his"), ("hers", "his"), ("herself", "himself"), ("woman", "man"), ("women", "men"),
          ("mother", "father"), ("sister", "brother"), ("daughter", "son"), ("girl", "boy"), ("wife", "husband"),
          ("aunt", "uncle"), ("niece", "nephew"), ("lady", "gentleman"), ("ladies", "gentlemen"), ("queen", "king"),
@@ -98,7 +99,7 @@ def substitution_run(tokenizer, encoder, lm, swaps: SwapList) -> dict:
     for name, texts, answers in (
         ("stereoset", [LabelledText(t) for t in dict.fromkeys(stereo)], [" good", " bad"]),
         ("imdb", [LabelledText(" ".join(t.text.split()[:60]), t.label) for t in imdb],
-         {"positive": " good", "negative": " bad"}),
+         {"1": " good", "0": " bad"}),  # imdb/sample.csv: label 1 positive, 0 negative
     ):  # fmt: skip
         start = time.perf_counter()
         result = generate_substitution_pairs(texts, swaps, tokenizer, answers=answers, suffix=" Overall, it was")
@@ -161,6 +162,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rewrites", type=int, default=48, help="StereoSet sentences to rewrite (48)")
     parser.add_argument("--model", default=None, help="checkpoint dir (default: the offline SmolLM2)")
+    parser.add_argument("--parts", nargs="+", default=["templates", "substitution", "rewrite"],
+                        choices=["templates", "substitution", "rewrite"], help="what to run (all three)")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -171,13 +174,18 @@ def main() -> None:
     lm = AutoModelForCausalLM.from_pretrained(path).eval()
     encoder = SentenceEncoder()
     swaps = SwapList(("female", "male"), tuple(SWAPS))
-    res = {"threads": torch.get_num_threads()}
-    res["templates"] = template_run(tokenizer, encoder, lm, {"female": FEMALE, "male": MALE})
-    print("templates", res["templates"], flush=True)
-    res["substitution"] = substitution_run(tokenizer, encoder, lm, swaps)
-    print("substitution", res["substitution"], flush=True)
-    res["rewrite"] = rewrite_run(tokenizer, encoder, lm, swaps, args.rewrites)
-    print("rewrite", {k: v for k, v in res["rewrite"].items() if k != "examples"}, flush=True)
+    saved = RESULTS / "pairs_generation.json"
+    res = json.loads(saved.read_text()) if saved.is_file() else {}  # parts not rerun keep their last figures
+    res["threads"] = torch.get_num_threads()
+    if "templates" in args.parts:
+        res["templates"] = template_run(tokenizer, encoder, lm, {"female": FEMALE, "male": MALE})
+        print("templates", res["templates"], flush=True)
+    if "substitution" in args.parts:
+        res["substitution"] = substitution_run(tokenizer, encoder, lm, swaps)
+        print("substitution", res["substitution"], flush=True)
+    if "rewrite" in args.parts:
+        res["rewrite"] = rewrite_run(tokenizer, encoder, lm, swaps, args.rewrites)
+        print("rewrite", {k: v for k, v in res["rewrite"].items() if k != "examples"}, flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "pairs_generation.json").write_text(json.dumps(res, indent=2))
     (RESULTS / "pairs_generation.md").write_text(markdown(res))

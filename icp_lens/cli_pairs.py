@@ -162,6 +162,10 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_dir(args.model)))
     result, lexicon = _generate(args, tokenizer, load_lm)
+    if not result.pairs:
+        c = result.report["counts"]
+        raise ValueError(f"no training pair: the rewriter returned no changed sentence for any of the "
+                         f"{c.get('rewrites asked', 0)} texts it was asked to rewrite ({args.rewrite_model})")  # fmt: skip
     if wanted:
         encoder = None
         if "similarity" in wanted and (args.encoder is not None or default_encoder_path() is not None):

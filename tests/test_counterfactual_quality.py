@@ -327,3 +327,19 @@ def test_every_command_takes_a_hub_name_or_alias(micro_dirs: dict[str, Path], tm
         args = argparse.Namespace(command="train", model=Path(raw))
         _resolve_model_names(args, raw)  # a path (existing or not) is left to the command
         assert args.model == Path(expected)
+
+
+def test_cli_rewrite_runs_generation(micro_dirs: dict[str, Path], tmp_path: Path, monkeypatch, capsys) -> None:
+    """A random micro model as the rewriter (16 positions: the prompt is the bare text). Greedy generation runs
+    end to end through the CLI; this model stops at once (its EOS is its BOS), and the command says so."""
+    monkeypatch.setattr(rewrite_module, "REWRITE_PROMPT", "{text}")
+    (tmp_path / "s.tsv").write_text("g1\tg2\na\tb\n")
+    (tmp_path / "t.txt").write_text("a c d\nb d e\nc c\n")
+    out = tmp_path / "out"
+    args = ["pairs", "--texts", str(tmp_path / "t.txt"), "--swaps", str(tmp_path / "s.tsv"), "--answers",
+            '[" pos", " neg"]', "--model", str(micro_dirs["gpt2"]), "--rewrite-model", str(micro_dirs["gpt2"]),
+            "--out", str(out)]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "the rewriter returned no changed sentence for any of the 2 texts" in err  # "c c" has no group word
+    assert not out.exists()
