@@ -29,6 +29,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "--tolerance", type=float, default=1e-5,
         help="max |logit diff| to pass (default 1e-5), plus the measured fp32 floors (each line prints its allowance)",
     )  # fmt: skip
+    parser.add_argument(
+        "--save-dtype", choices=("float32", "bfloat16", "float16"), default=None,
+        help="write the weights in this dtype after verifying them in float32 (default: the model's float32)",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -96,6 +100,9 @@ def _print(result: Any, as_json: bool) -> int:
     print(f"export took {result.export_seconds:.2f} s; plan written to {result.out / 'plan.json'}")
     if result.verification is not None:
         print(result.verification)
+    saved = json.loads((result.out / "config.json").read_text()).get("dtype")
+    if saved in ("bfloat16", "float16"):
+        print(f"weights written in {saved} after the float32 verification above (--save-dtype)")
     return 0 if passed else 1
 
 
@@ -126,6 +133,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         token_mode=args.token_mode,
         direction_mode=args.direction_mode,
         force=args.force,
+        save_dtype=args.save_dtype,
     )
     return _print(result, args.json)
 
@@ -152,5 +160,6 @@ def _cmd_apply_plan(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         prompts=_prompts(args.probe),
         tolerance=args.tolerance,
+        save_dtype=args.save_dtype,
     )
     return _print(result, args.json)

@@ -61,6 +61,10 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="HF checkpoint directory")
     p.add_argument("--train", type=Path, required=True, help="training examples (probe-format JSONL)")
     p.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
+    p.add_argument(
+        "--save-dtype", choices=("float32", "bfloat16", "float16"), default=None,
+        help="write the trained weights in this dtype after verifying them in float32 (default: float32)",
+    )  # fmt: skip
     p.add_argument("--scores", type=Path, default=None, help="score table from `icp-lens score` (.csv/.parquet)")
     p.add_argument("--top-k", type=int, default=None, help="regularise the K highest-scoring features")
     p.add_argument("--prune-top-k", type=int, default=0, help="hybrid: prune the top P features, regularise the next K")
@@ -277,7 +281,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if val_rows is not None and len(val_rows):
         first = val_rows.iloc[0]
         before = {k: (None if first[k] != first[k] else float(first[k])) for k in result.final}
-    report = trainer.export(args.out, overwrite=args.overwrite, result=result)
+    report = trainer.export(args.out, overwrite=args.overwrite, result=result, save_dtype=args.save_dtype)
     if not args.keep_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)
     payload = {
@@ -308,4 +312,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
             _print_counterfactual_check(args)
         print(f"written {args.out} (history.csv, training.json{', plan.json' if prune else ''})")
         print(report)
+        if args.save_dtype in ("bfloat16", "float16"):
+            print(f"weights written in {args.save_dtype} after the float32 verification above (--save-dtype)")
     return 0 if report.passed else 1

@@ -186,3 +186,30 @@ def test_prune_command_errors(micro_dirs, scores_csv, tmp_path, capsys) -> None:
     assert "selection is empty" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*base, "--top-k", "1", "--mode", "median"])
+
+
+def test_save_dtype_writes_verified_weights_in_bfloat16(micro_dirs, tmp_path, capsys) -> None:
+    """--save-dtype bfloat16: verified in float32, then written in bf16 (tied weights stay one tensor)."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    plan = make_plan(micro_dirs["llama"], [Feature("head", 1, 2)], mode="mean", reference=REFERENCE)
+    plan.save(tmp_path / "plan.json")
+    argv = ["apply-plan", "--model", str(micro_dirs["llama"]), "--plan", str(tmp_path / "plan.json")]
+    assert main([*argv, "--out", str(tmp_path / "fp32"), "--json"]) == 0
+    assert main([*argv, "--out", str(tmp_path / "bf16"), "--json", "--save-dtype", "bfloat16"]) == 0
+    capsys.readouterr()
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+    assert dtypes == {torch.bfloat16}
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    fp32 = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fp32"), dtype=torch.float32).eval()
+    bf16 = AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16"), dtype=torch.float32).eval()
+    tokens = torch.tensor([[0, 3, 4, 5, 6, 7]])
+    with torch.no_grad():
+        a, b = fp32(tokens).logits, bf16(tokens).logits
+    scale = a.abs().max()
+    assert 0 < (a - b).abs().max() <= 0.01 * scale  # rounding only: within 1% of the logits' scale
+    for name, p in bf16.named_parameters():  # the plan's zeros survive the cast exactly
+        if name == "model.layers.1.self_attn.o_proj.weight":
+            assert p[:, 4:6].abs().max() == 0

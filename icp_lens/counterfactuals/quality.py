@@ -145,20 +145,25 @@ class SentenceEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
         self.model = AutoModel.from_pretrained(str(name_or_path)).to(device).eval()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def encode(self, texts: Sequence[str], *, batch_size: int = 128) -> Float[Tensor, "n d"]:
-        out = []
+        """Unit-length embeddings of ``texts``, in their order (batched by length, so little padding)."""
+        if not texts:
+            return torch.empty(0, 0)
         device = next(self.model.parameters()).device
-        for start in range(0, len(texts), batch_size):
-            batch = self.tokenizer(
-                list(texts[start : start + batch_size]), padding=True, truncation=True, max_length=256,
-                return_tensors="pt",
-            ).to(device)  # fmt: skip
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out: list[Tensor] = []
+        for start in range(0, len(order), batch_size):
+            chunk = [texts[i] for i in order[start : start + batch_size]]
+            batch = self.tokenizer(chunk, padding=True, truncation=True, max_length=256, return_tensors="pt").to(device)
             hidden = self.model(**batch).last_hidden_state.float()
             mask = batch["attention_mask"].unsqueeze(-1).float()
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
             out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
-        return torch.cat(out) if out else torch.empty(0, 0)
+        emb = torch.cat(out)
+        result = torch.empty_like(emb)
+        result[torch.tensor(order)] = emb
+        return result
 
     def similarity(self, a: Sequence[str], b: Sequence[str]) -> np.ndarray:
         """Cosine similarity of ``a[i]`` and ``b[i]`` (each distinct text encoded once)."""
@@ -223,8 +228,8 @@ def _changed(original: str, counterfactual: str, patterns: Mapping[str, re.Patte
     return counts[g] == 0 and h != g
 
 
-@torch.no_grad()
-def perplexities(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
+@torch.inference_mode()
+def perplexities(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: int = 128) -> np.ndarray:
     """Per-text perplexity under a causal LM: ``exp`` of the mean NLL of every token after the first.
 
     Texts are encoded BOS first when the tokenizer has a BOS (so the first word is scored

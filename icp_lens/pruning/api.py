@@ -28,6 +28,7 @@ from typing import Any
 
 from torch import nn
 
+from icp_lens.devices import resolve_dtype
 from icp_lens.features import Feature
 from icp_lens.pruning.arch import site_of
 from icp_lens.pruning.export import check_target, export_checkpoint
@@ -198,6 +199,7 @@ def apply_plan(
     tokenizer: Any = None,
     tolerance: float = 1e-5,
     reference: Any = None,
+    save_dtype: Any = None,
 ) -> PruneResult:
     """Edit a clean copy of ``model`` per ``plan``, export it to ``out``, and verify it.
 
@@ -205,7 +207,8 @@ def apply_plan(
     its logits on ``prompts`` (random token ids when none) with the original model
     ablated at run time: by module hooks on the HF model, and by icp_lens hooks on a
     hooked model (``model`` itself when it is a bridge or HookedTransformer, a bridge
-    booted on a directory, or ``reference``); see ``VerificationReport``.
+    booted on a directory, or ``reference``); see ``VerificationReport``. ``save_dtype``
+    (``"bfloat16"``, ``"float16"``) writes the verified weights in that dtype.
     """
     out = check_target(out, overwrite=overwrite, source=model)
     if tolerance < 0:
@@ -233,7 +236,8 @@ def apply_plan(
             ))  # fmt: skip
             write_report(tmp, reports[0])
 
-    out = export_checkpoint(edited, out, tokenizer=tok, plan=plan, overwrite=overwrite, finish=finish)
+    out = export_checkpoint(edited, out, tokenizer=tok, plan=plan, overwrite=overwrite, finish=finish,
+                            save_dtype=None if save_dtype is None else resolve_dtype(save_dtype))  # fmt: skip
     seconds = times["saved"] - times["start"]
     report = reports[0] if reports else None
     return PruneResult(out=out, plan=plan, stats=stats, verification=report, export_seconds=seconds)
@@ -259,6 +263,7 @@ def prune(
     token_mode: PruneMode = "zero",
     direction_mode: str = "mean",
     force: bool = False,
+    save_dtype: Any = None,
 ) -> PruneResult:
     """Select from ``scores`` (ScoreTable, frame, path or feature list), plan, export, verify.
 
@@ -308,4 +313,5 @@ def prune(
     )  # fmt: skip
     if prompts is None and reference is not None:
         prompts = reference_texts(reference)
-    return apply_plan(model, plan, out, overwrite=overwrite, verify=verify, prompts=prompts, tolerance=tolerance)
+    return apply_plan(model, plan, out, overwrite=overwrite, verify=verify, prompts=prompts, tolerance=tolerance,
+                      save_dtype=save_dtype)  # fmt: skip

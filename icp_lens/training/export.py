@@ -65,6 +65,7 @@ class ExportMixin:
         tolerance: float = 1e-4,
         n_prompts: int = 64,
         result: TrainResult | None = None,
+        save_dtype: Any = None,
     ) -> Any:
         """Write the trained model (LoRA merged, pruning plan baked in) as an HF checkpoint; verify it.
 
@@ -74,8 +75,10 @@ class ExportMixin:
         edit) and with the trained bridge under the plan's hook edits (what was trained,
         ``hooked_max_abs_logit_diff``). ``training.json``, ``history.csv`` and
         ``verification.json`` are written next to the weights, inside the temporary folder
-        before it becomes ``out``.
+        before it becomes ``out``. ``save_dtype`` (``"bfloat16"``, ``"float16"``) writes the
+        verified weights in that dtype.
         """
+        from icp_lens.devices import resolve_dtype
         from icp_lens.pruning import apply_plan_to_model, export_checkpoint, fingerprint
         from icp_lens.pruning.export import check_target
         from icp_lens.pruning.verify import verification_batches, verify_export, write_report
@@ -104,5 +107,7 @@ class ExportMixin:
                 write_report(tmp, reports[0])
             fault_point("train-export:before-swap")
 
-        out = export_checkpoint(edited, out, tokenizer=self.tokenizer, plan=plan, overwrite=overwrite, finish=finish)
+        dtype = None if save_dtype is None else resolve_dtype(save_dtype)
+        out = export_checkpoint(edited, out, tokenizer=self.tokenizer, plan=plan, overwrite=overwrite, finish=finish,
+                                save_dtype=dtype)  # fmt: skip
         return reports[0] if reports else out
