@@ -26,7 +26,7 @@ from icp_lens.devices import add_device_arguments
 __all__ = ["add_pairs_parser", "add_audit_parser"]
 
 # the defaults of icp_lens.counterfactuals.quality (CHECKS, QualityThresholds), here without importing torch at
-# start-up; tests/test_quality.py checks that the two agree
+# start-up; tests/test_counterfactual_quality.py checks that the two agree
 _CHECKS = ("similarity", "attribute", "fluency", "minimality")
 _THRESHOLDS = {"min_similarity": 0.4, "max_ppl_ratio": 2.0, "max_edit_fraction": 0.35}
 
@@ -110,7 +110,12 @@ def _generate(args: argparse.Namespace, tokenizer: Any, load_lm: Any) -> tuple[A
     """(the unchecked pairs, the lexicon for the attribute check) for the chosen generator."""
     from icp_lens.counterfactuals import PairSpec, generate_pairs
     from icp_lens.counterfactuals.rewrite import generate_rewrite_pairs
-    from icp_lens.counterfactuals.substitution import SwapList, generate_substitution_pairs, read_labelled_texts
+    from icp_lens.counterfactuals.substitution import (
+        SwapList,
+        check_answers,
+        generate_substitution_pairs,
+        read_labelled_texts,
+    )
 
     if args.spec is not None:
         spec = PairSpec.load(args.spec)
@@ -124,6 +129,7 @@ def _generate(args: argparse.Namespace, tokenizer: Any, load_lm: Any) -> tuple[A
     if args.rewrite_model is None:
         pairs = generate_substitution_pairs(texts, swaps, tokenizer, equal_length=args.equal_length, **common)
         return pairs, swaps.lexicon()
+    check_answers(answers, tokenizer)  # one token each for the model that will read the pairs
     rewriter, rewriter_tokenizer = load_lm(args.rewrite_model)
     names = _json_arg(args.group_names, "--group-names")
     pairs = generate_rewrite_pairs(texts, swaps, rewriter, rewriter_tokenizer, group_names=names, **common)

@@ -53,7 +53,14 @@ from icp_lens.counterfactuals.spec import SpecError
 from icp_lens.counterfactuals.templates import PairsResult, _split
 from icp_lens.probes import ProbeExample
 
-__all__ = ["SwapList", "LabelledText", "read_labelled_texts", "substitute", "generate_substitution_pairs"]
+__all__ = [
+    "SwapList",
+    "LabelledText",
+    "read_labelled_texts",
+    "substitute",
+    "check_answers",
+    "generate_substitution_pairs",
+]
 
 _TEXT_COLUMNS = ("text", "sentence", "review")
 
@@ -193,6 +200,18 @@ def _candidates(answers: Mapping[str, str] | Sequence[str]) -> tuple[dict[str, s
     return None, values
 
 
+def check_answers(
+    answers: Mapping[str, str] | Sequence[str], tokenizer: Any
+) -> tuple[dict[str, str] | None, list[str]]:
+    """(label -> answer or None, the candidates), every candidate one token for ``tokenizer``; else SpecError."""
+    by_label, cands = _candidates(answers)
+    for a in cands:
+        ids = tokenizer(a, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise SpecError(f"answer {a!r} is {len(ids)} tokens for this tokenizer; answers must be one token")
+    return by_label, cands
+
+
 def generate_substitution_pairs(
     texts: Sequence[LabelledText | str],
     swaps: SwapList,
@@ -208,11 +227,7 @@ def generate_substitution_pairs(
     if not 0.0 <= holdout < 1.0:
         raise ValueError(f"holdout must be in [0, 1), got {holdout}")
     items = [t if isinstance(t, LabelledText) else LabelledText(t) for t in texts]
-    by_label, cands = _candidates(answers)
-    for a in cands:
-        ids = tokenizer(a, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            raise SpecError(f"answer {a!r} is {len(ids)} tokens for this tokenizer; answers must be one token")
+    by_label, cands = check_answers(answers, tokenizer)
     labels = {t.label for t in items if t.label is not None}
     if by_label is not None:
         missing = sorted(labels - set(by_label))
