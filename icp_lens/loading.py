@@ -45,7 +45,10 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -224,6 +227,32 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+@contextmanager
+def heartbeat(desc: str, *, every: float = 2.0, disable: bool = False) -> Iterator[None]:
+    """A progress line that shows the elapsed time every ``every`` seconds while the block runs.
+
+    For steps that give no progress of their own (a third-party load): the user sees that
+    the program is alive and how long the step has taken, never a silent wait.
+    """
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=None, desc=desc, bar_format="{desc}: {elapsed}", disable=disable)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every):
+            bar.refresh()
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.close()
+
+
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     """Dequantize ``gguf`` to float32 and save it with its tokenizer as an HF checkpoint."""
     if importlib.util.find_spec("gguf") is None:
@@ -232,8 +261,10 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
         )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # transformers reads the GGUF for ~15 s with no output of its own: a ticking line instead of silence
+    with heartbeat(f"converting {gguf.name} to a float32 checkpoint (once; about 25 s)"):
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # the weights are plain float32 now: drop the GGUF quantization marks, or saving refuses
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

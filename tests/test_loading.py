@@ -307,3 +307,19 @@ def test_smollm2_conversion_shapes_and_bias(smollm2_dir: Path) -> None:
             margins[job] = float(logits[she] - logits[he])
     assert margins["nurse"] > 0.8 and margins["librarian"] > 0.8
     assert margins["nurse"] > margins["carpenter"] + 0.8
+
+
+def test_heartbeat_ticks_while_a_silent_step_runs(capsys) -> None:
+    """A step with no output of its own shows a line that refreshes with the elapsed time."""
+    import time
+
+    from icp_lens.loading import heartbeat
+
+    seen = ""
+    with heartbeat("a silent step", every=0.05):
+        deadline = time.monotonic() + 30  # bounded by work, not by an idle machine
+        while seen.count("a silent step") < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            seen += capsys.readouterr().err
+    seen += capsys.readouterr().err
+    assert seen.count("a silent step: 00:0") >= 3
