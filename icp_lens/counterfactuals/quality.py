@@ -47,6 +47,7 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
 __all__ = [
     "CHECKS",
@@ -153,7 +154,8 @@ class SentenceEncoder:
         device = next(self.model.parameters()).device
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out: list[Tensor] = []
-        for start in range(0, len(order), batch_size):
+        starts = range(0, len(order), batch_size)
+        for start in tqdm(starts, desc="similarity check (encoder)", leave=False, disable=len(starts) < 4):
             chunk = [texts[i] for i in order[start : start + batch_size]]
             batch = self.tokenizer(chunk, padding=True, truncation=True, max_length=256, return_tensors="pt").to(device)
             hidden = self.model(**batch).last_hidden_state.float()
@@ -243,7 +245,8 @@ def perplexities(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size
     encoded = [([bos] if bos is not None else []) + list(x) for x in ids]
     device = next(model.parameters()).device
     nll = np.full(len(unique), np.nan)
-    for idxs, tokens in length_batches(encoded, batch_size, device=device):
+    batches = list(length_batches(encoded, batch_size, device=device))
+    for idxs, tokens in tqdm(batches, desc="fluency check (perplexity)", leave=False, disable=len(batches) < 4):
         if tokens.shape[1] < 2:
             continue
         out = model(tokens)
