@@ -26,6 +26,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -109,8 +110,6 @@ def generate_rewrite_pairs(
     wording used in the prompt, e.g. ``{"female": "a man"...}``; the group names
     otherwise). ``holdout`` keeps a fraction of the texts out of training.
     """
-    import numpy as np
-
     items = [t if isinstance(t, LabelledText) else LabelledText(t) for t in texts]
     by_label, cands = _candidates(answers)
     patterns = _lexicon_patterns(swaps.lexicon())
