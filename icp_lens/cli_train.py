@@ -248,6 +248,7 @@ def _print_counterfactual_check(args: argparse.Namespace, limit: int = 128) -> N
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from icp_lens.devices import resolve_device
+    from icp_lens.progress import heartbeat
     from icp_lens.pruning.export import check_target
     from icp_lens.training import Trainer, fit_staged
 
@@ -264,9 +265,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 2
     checkpoints = args.checkpoint_dir or args.out.with_name(args.out.name + ".checkpoints")
     try:
-        trainer = Trainer(args.model, args.train, config, features=features, prune=prune, val=args.val,
-                          pairs=args.pairs, retain=retain, checkpoint_dir=checkpoints,
-                          device=str(resolve_device(args.device)))  # fmt: skip
+        with heartbeat("loading the model and the data", disable=args.quiet):
+            trainer = Trainer(args.model, args.train, config, features=features, prune=prune, val=args.val,
+                              pairs=args.pairs, retain=retain, checkpoint_dir=checkpoints,
+                              device=str(resolve_device(args.device)))  # fmt: skip
     except (ValueError, FileNotFoundError) as err:
         print(f"icp-lens train: error: {err}", file=sys.stderr)
         return 2
@@ -281,7 +283,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if val_rows is not None and len(val_rows):
         first = val_rows.iloc[0]
         before = {k: (None if first[k] != first[k] else float(first[k])) for k in result.final}
-    report = trainer.export(args.out, overwrite=args.overwrite, result=result, save_dtype=args.save_dtype)
+    with heartbeat("writing and verifying the checkpoint", disable=args.quiet or args.json):
+        report = trainer.export(args.out, overwrite=args.overwrite, result=result, save_dtype=args.save_dtype)
     if not args.keep_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)
     payload = {
@@ -309,7 +312,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 if before.get(name) is not None:
                     print(f"val {name:22s} {before[name]:.3f} -> {result.final[name]:.3f}")
         if before is None:
-            _print_counterfactual_check(args)
+            with heartbeat("measuring the counterfactual flip rate before and after", disable=args.quiet):
+                _print_counterfactual_check(args)
         print(f"written {args.out} (history.csv, training.json{', plan.json' if prune else ''})")
         print(report)
         if args.save_dtype in ("bfloat16", "float16"):

@@ -45,15 +45,14 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
+from icp_lens.progress import heartbeat
 
 __all__ = [
     "ALIASES",
@@ -225,32 +224,6 @@ def _sha256(path: Path) -> str:
         while chunk := fh.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
-
-
-@contextmanager
-def heartbeat(desc: str, *, every: float = 2.0, disable: bool = False) -> Iterator[None]:
-    """A progress line that shows the elapsed time every ``every`` seconds while the block runs.
-
-    For steps that give no progress of their own (a third-party load): the user sees that
-    the program is alive and how long the step has taken, never a silent wait.
-    """
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=None, desc=desc, bar_format="{desc}: {elapsed}", disable=disable)
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(every):
-            bar.refresh()
-
-    thread = threading.Thread(target=beat, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-        bar.close()
 
 
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:

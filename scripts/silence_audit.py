@@ -34,10 +34,16 @@ COMMANDS = [
     "--kinds neuron,head --intervention resample --verify-top 100",
     "icp-lens prune --model runs/lexical/model --scores scores.csv --out runs/debiased --top-k 2 --mode mean "
     "--probe runs/lexical/probe.jsonl",
+    "icp-lens apply-plan --model runs/lexical/model --plan runs/debiased/plan.json --out runs/again",
     "icp-lens eval --model runs/debiased --data runs/lexical/test_balanced.jsonl",
+    "icp-lens train --model runs/lexical/model --train runs/lexical/train.jsonl --out runs/invariant "
+    "--scores scores.csv --top-k 4 --objective invariance --lambda 1 --lora --epochs 3 "
+    "--val runs/lexical/test_balanced.jsonl --pairs runs/lexical/probe.jsonl",
     "icp-lens fetch-model smollm2",
     "icp-lens audit --model smollm2 --spec spec.json",
     "icp-lens pairs --spec spec.json --model smollm2 --out pairs/ --holdout 0.25",
+    "icp-lens train --model smollm2 --train pairs/task.jsonl --pairs pairs/pairs.jsonl --objective consistency "
+    "--retain pairs/anchors.txt --max-steps 4 --stage2-steps 0 --out debiased/",
 ]
 
 SPEC = """{"templates": ["The {x} said that", "Yesterday the {x} wrote that"],

@@ -313,7 +313,7 @@ def test_heartbeat_ticks_while_a_silent_step_runs(capsys) -> None:
     """A step with no output of its own shows a line that refreshes with the elapsed time."""
     import time
 
-    from icp_lens.loading import heartbeat
+    from icp_lens.progress import heartbeat
 
     seen = ""
     with heartbeat("a silent step", every=0.05):
