@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from icp_lens.counterfactuals.quality import _lexicon_patterns, lexicon_group
-from icp_lens.counterfactuals.substitution import LabelledText, SwapList, _candidates
+from icp_lens.counterfactuals.substitution import LabelledText, SwapList, _candidates, text_probe
 from icp_lens.counterfactuals.templates import PairsResult, _split
 from icp_lens.probes import ProbeExample
 
@@ -137,16 +137,13 @@ def generate_rewrite_pairs(
     empty = 0
     for (i, g), cf in zip(chosen, rewrites, strict=True):
         item = items[i]
-        answer = by_label[item.label] if by_label is not None and item.label is not None else cands[0]
-        alternatives = tuple(c for c in cands if c != answer)
         split = "heldout" if i in held_set else "train"
         if item.label is not None and by_label is not None:
-            task[split].append(ProbeExample(item.text + suffix, answer, alternatives, group=f"label-{item.label}"))
+            task[split].append(text_probe(item, by_label, cands, suffix=suffix, group=f"label-{item.label}"))
         if not cf or cf == item.text:
             empty += 1
             continue
-        out[split].append(ProbeExample(item.text + suffix, answer, alternatives, spurious_counterfactual=cf + suffix,
-                                       group=g))  # fmt: skip
+        out[split].append(text_probe(item, by_label, cands, suffix=suffix, counterfactual=cf + suffix, group=g))
     report = {
         "generator": "rewrite",
         "spec_sha256": "",

@@ -212,6 +212,21 @@ def check_answers(
     return by_label, cands
 
 
+def text_probe(
+    item: LabelledText,
+    by_label: Mapping[str, str] | None,
+    cands: Sequence[str],
+    *,
+    suffix: str = "",
+    counterfactual: str | None = None,
+    group: str | None = None,
+) -> ProbeExample:
+    """The probe of one text: its label's answer (or the first candidate when unlabelled), the rest as alternatives."""
+    answer = by_label[item.label] if by_label is not None and item.label is not None else cands[0]
+    alternatives = tuple(c for c in cands if c != answer)
+    return ProbeExample(item.text + suffix, answer, alternatives, spurious_counterfactual=counterfactual, group=group)
+
+
 def generate_substitution_pairs(
     texts: Sequence[LabelledText | str],
     swaps: SwapList,
@@ -242,12 +257,7 @@ def generate_substitution_pairs(
     n_tokens = lambda s: len(tokenizer(s)["input_ids"])  # noqa: E731
 
     def probe(item: LabelledText, cf: str | None, g: str | None) -> ProbeExample:
-        if by_label is not None and item.label is not None:
-            answer = by_label[item.label]
-        else:
-            answer = cands[0]
-        alternatives = tuple(c for c in cands if c != answer)
-        return ProbeExample(item.text + suffix, answer, alternatives, spurious_counterfactual=cf, group=g)
+        return text_probe(item, by_label, cands, suffix=suffix, counterfactual=cf, group=g)
 
     counts: Counter = Counter()
     rejected: dict[str, list[dict[str, str]]] = {"train": [], "heldout": []}
