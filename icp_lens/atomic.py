@@ -35,7 +35,13 @@ _STALE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[^/]*$")
 
 
 def fault_point(name: str) -> None:
-    """Kill this process (SIGKILL: no cleanup of any kind) if ``ICP_LENS_FAULT`` names this point."""
+    """Kill this process (SIGKILL: no cleanup of any kind) if ``ICP_LENS_FAULT`` names this point.
+
+    Under torchrun, ``ICP_LENS_FAULT_RANK=r`` restricts the kill to rank ``r``.
+    """
+    rank = os.environ.get("ICP_LENS_FAULT_RANK")
+    if rank is not None and os.environ.get("RANK", "0") != rank:
+        return
     if os.environ.get("ICP_LENS_FAULT") == name:
         os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
 

@@ -31,16 +31,23 @@ Subcommands:
     The main job on the built-in default organism (lexical shortcut, GPT-2, seed 0):
     score, prune, export and verify the checkpoint, evaluate before/after; see
     ``icp_lens.demo``.
+
+Many processes: ``torchrun --nproc-per-node N --no-python icp-lens score|train|eval ...``
+joins the process group torchrun describes (gloo on the CPU, NCCL on CUDA, where rank
+``r`` takes ``cuda:LOCAL_RANK``); the ranks share the work and rank 0 alone writes and
+prints (see ``icp_lens.distributed``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +284,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
     from icp_lens.atomic import check_writable
     from icp_lens.devices import resolve_device, resolve_dtype
+    from icp_lens.distributed import is_main
     from icp_lens.model import boot_bridge
     from icp_lens.probeset import ProbeSet
     from icp_lens.scoring import score
@@ -328,6 +336,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
     stored = args.model if dtype != torch.float32 and Path(args.model).is_dir() else model
     meta = table_provenance(stored, args.probe, n_examples=len(probes), settings=settings)
     table = dataclasses.replace(table, meta=meta)
+    if not is_main():  # under torchrun every rank holds the whole table; rank 0 writes it
+        return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.save(args.out)
     seconds = time.perf_counter() - start
@@ -414,6 +424,45 @@ def _resolve_model_names(args: argparse.Namespace, raw: str | None = None) -> No
     args.model = resolved if isinstance(model, Path) else str(resolved)
 
 
+#: the commands that split their work across the processes torchrun starts
+DISTRIBUTED_COMMANDS = ("score", "train", "eval")
+
+
+@contextlib.contextmanager
+def _process_group(args: argparse.Namespace) -> Iterator[None]:
+    """Under torchrun (``WORLD_SIZE`` > 1): join the process group; ranks other than 0 stay silent.
+
+    ``--device cuda`` becomes ``cuda:LOCAL_RANK`` on each rank. A command that does not
+    split its work refuses to run N times.
+    """
+    from icp_lens.distributed import launched_by_torchrun
+
+    if not launched_by_torchrun():
+        yield
+        return
+    import torch.distributed as dist
+
+    from icp_lens.devices import resolve_device
+    from icp_lens.distributed import init_from_env, rank_device
+
+    if args.command not in DISTRIBUTED_COMMANDS:
+        raise ValueError(f"{args.command} runs as one process; under torchrun only {list(DISTRIBUTED_COMMANDS)} "
+                         "split their work (start it without torchrun)")  # fmt: skip
+    device = rank_device(resolve_device(getattr(args, "device", "cpu")))
+    if hasattr(args, "device"):
+        args.device = str(device)
+    ranks = init_from_env(device)
+    quiet = ranks is not None and not ranks.main
+    if quiet and hasattr(args, "quiet"):
+        args.quiet = True
+    try:
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink if quiet else sys.stdout):
+            yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``icp-lens`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -424,7 +473,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         _resolve_model_names(args, _raw_model_argument(argv))
-        return int(args.handler(args))
+        with _process_group(args):
+            return int(args.handler(args))
     except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, IsADirectoryError,
             PermissionError) as err:  # fmt: skip
         print(f"icp-lens {args.command}: error: {err}", file=sys.stderr)

@@ -34,6 +34,7 @@ def add_eval_parser(sub: Any) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from icp_lens.distributed import is_main
     from icp_lens.evaluation import evaluate
     from icp_lens.probes import read_probes
     from icp_lens.pruning.source import load_checkpoint, load_tokenizer
@@ -45,8 +46,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     examples = read_probes(args.data, tokenizer=tokenizer)
     report = evaluate(
         model, tokenizer, examples, n_boot=args.n_boot, seed=args.seed,
-        sensitive_key=args.sensitive_key, batch_size=args.batch_size,
+        sensitive_key=args.sensitive_key, batch_size=args.batch_size, data_parallel=True,
     )  # fmt: skip
+    if not is_main():  # under torchrun: rank 0 prints
+        return 0
     if args.json:
         print(report.to_json())
         return 0

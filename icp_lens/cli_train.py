@@ -30,6 +30,13 @@ pair terms over the answer candidates, task weight 0.15, lr 5e-4, 16 examples pe
 :mod:`icp_lens.training.staged`). The command prints which values it chose; any option
 given on the command line wins.
 
+*Many processes.* ``torchrun --nproc-per-node N --no-python icp-lens train ...`` trains
+data-parallel (gloo on the CPU, NCCL on CUDA GPUs; :mod:`icp_lens.training.ddp`): every
+batch is split by rows across the N processes and the gradients summed, so the run
+reproduces one process's (same data order, same loss curve to float32 round-off) for
+the objectives that average over examples; a warning says when it cannot. Rank 0
+prints, writes the checkpoints and exports; the others exit 0 after training.
+
 Exit status 0 on success, 1 when the export's verification fails (the checkpoint is
 still written), 2 on bad arguments.
 """
@@ -248,6 +255,7 @@ def _print_counterfactual_check(args: argparse.Namespace, limit: int = 128) -> N
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from icp_lens.devices import resolve_device
+    from icp_lens.distributed import init_from_env, is_main, rank_device
     from icp_lens.progress import heartbeat
     from icp_lens.pruning.export import check_target
     from icp_lens.training import Trainer, fit_staged
@@ -264,14 +272,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"icp-lens train: error: {err}", file=sys.stderr)
         return 2
     checkpoints = args.checkpoint_dir or args.out.with_name(args.out.name + ".checkpoints")
+    device = rank_device(resolve_device(args.device))  # under torchrun on GPUs: cuda:LOCAL_RANK
+    init_from_env(device)  # a no-op outside torchrun, and when the CLI's main() has joined the group already
+    main = is_main()  # under torchrun rank 0 prints and exports; the others train and wait for it
     try:
-        with heartbeat("loading the model and the data", disable=args.quiet):
+        with heartbeat("loading the model and the data", disable=args.quiet or not main):
             trainer = Trainer(args.model, args.train, config, features=features, prune=prune, val=args.val,
                               pairs=args.pairs, retain=retain, checkpoint_dir=checkpoints,
-                              device=str(resolve_device(args.device)))  # fmt: skip
+                              device=str(device))  # fmt: skip
     except (ValueError, FileNotFoundError) as err:
         print(f"icp-lens train: error: {err}", file=sys.stderr)
         return 2
+    if not main:
+        trainer, _ = fit_staged(trainer, resume=args.resume)
+        trainer.export(args.out)  # rank 0 writes it; this waits for it
+        return 0
     if recipe and not args.json:
         print("the pair recipe (--objective consistency with --pairs) for the options left unset: " + ", ".join(recipe))
     trainer, result = fit_staged(trainer, resume=args.resume)

@@ -242,19 +242,32 @@ def _candidate_logits(
 
 @torch.no_grad()
 def predict_examples(
-    model: Any, tokenizer: Any, examples: Sequence[ProbeExample], *, batch_size: int = 256
-) -> Predictions:
+    model: Any, tokenizer: Any, examples: Sequence[ProbeExample], *, batch_size: int = 256,
+    data_parallel: bool = False,
+) -> Predictions:  # fmt: skip
     """Run ``model`` on every prompt, spurious and causal counterfactual of ``examples``.
 
     Three sweeps (prompts; the spurious counterfactuals that exist; the causal ones),
     each one forward pass per batch of equal-length prompts. Every answer, alternative
     and causal answer must be a single token of ``tokenizer`` (``ValueError`` otherwise).
     The model's train/eval mode is left as it is: evaluate a model in eval mode.
+
+    ``data_parallel=True`` inside a ``torch.distributed`` process group (torchrun): rank
+    ``r`` runs the examples ``r, r+N, ...`` and the candidate logits are summed across
+    ranks (zeros from the ranks that did not run an example), so every rank returns the
+    one-process predictions.
     """
     if not examples:
         raise ValueError("predict_examples needs at least one example")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    from icp_lens.distributed import current
+
+    ranks = current() if data_parallel else None
+    if ranks is not None:
+        mine = list(range(ranks.rank, len(examples), ranks.world_size))
+        local = predict_examples(model, tokenizer, [examples[i] for i in mine], batch_size=batch_size) if mine else None
+        return _gather_predictions(tuple(examples), mine, local)
     token_of: dict[str, int] = {}
 
     def ids_of(cands: tuple[str, ...]) -> list[int]:
@@ -280,3 +293,29 @@ def predict_examples(
         for i, row in zip(idx, found, strict=True):
             store[i] = row
     return Predictions(tuple(examples), tuple(logits), tuple(spurious), tuple(causal))
+
+
+def _gather_predictions(examples: tuple[ProbeExample, ...], mine: list[int], local: Predictions | None) -> Predictions:
+    """Every rank's predictions of its examples, put together on every rank."""
+    from icp_lens.distributed import gather_rows
+
+    def stack(rows: Sequence[np.ndarray | None]) -> torch.Tensor:
+        width = max(len(_causal_candidates(ex)) for ex in examples)
+        out = torch.zeros((len(rows), width), dtype=torch.float64)
+        for i, row in enumerate(rows):
+            if row is not None:
+                out[i, : len(row)] = torch.from_numpy(np.asarray(row, dtype=np.float64))
+        return out
+
+    def unstack(full: torch.Tensor, lengths: Sequence[int | None]) -> tuple[np.ndarray | None, ...]:
+        return tuple(None if k is None else full[i, :k].numpy().astype(np.float32) for i, k in enumerate(lengths))
+
+    parts = (local.logits, local.logits_spurious_cf, local.logits_causal_cf) if local is not None else ((), (), ())
+    logits, spurious, causal = (gather_rows(stack(p), mine, len(examples)) for p in parts)
+    return Predictions(
+        examples,
+        unstack(logits, [len(_candidates(ex)) for ex in examples]),
+        unstack(spurious, [len(_candidates(ex)) if ex.spurious_counterfactual is not None else None for ex in examples]),
+        unstack(causal, [len(_causal_candidates(ex)) if ex.causal_counterfactual is not None else None
+                         for ex in examples]),
+    )  # fmt: skip

@@ -197,9 +197,14 @@ def evaluate(
     sensitive_key: str | None = None,
     n_bins: int = 10,
     batch_size: int = 256,
+    data_parallel: bool = False,
 ) -> EvalReport:
-    """Run ``model`` on ``examples`` (and their counterfactuals) and report every metric."""
-    predictions = predict_examples(model, tokenizer, examples, batch_size=batch_size)
+    """Run ``model`` on ``examples`` (and their counterfactuals) and report every metric.
+
+    ``data_parallel``: share the forward passes among the ranks of a ``torch.distributed``
+    process group (torchrun); every rank gets the one-process report.
+    """
+    predictions = predict_examples(model, tokenizer, examples, batch_size=batch_size, data_parallel=data_parallel)
     return evaluate_predictions(predictions, n_boot=n_boot, seed=seed, sensitive_key=sensitive_key, n_bins=n_bins)
 
 

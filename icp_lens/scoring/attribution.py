@@ -80,6 +80,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from icp_lens.distributed import all_reduce_sum, current, split
 from icp_lens.features import Feature, validate_feature
 from icp_lens.hooks import capturing, hooked
 from icp_lens.interventions import Mean
@@ -319,6 +320,7 @@ def attribution_effects(
     batch_size: int = 32,
     means: Mapping[Feature, Mean | Tensor] | None = None,
     progress: bool = True,
+    data_parallel: bool = False,
 ) -> Effects:
     """Gradient estimates of ``dP(x, f, I)`` for every feature and probe example.
 
@@ -333,6 +335,11 @@ def attribution_effects(
     ``positions`` restricts the intervention to some positions (negative counts from the
     end; None: all); ``means`` (``probe_means``'s output) overrides the probe-set means for
     ``mean``. Examples without the needed counterfactual get ``NaN``.
+
+    ``data_parallel=True`` inside a ``torch.distributed`` process group (torchrun; see
+    :mod:`icp_lens.distributed`): this rank estimates the probe batches ``rank, rank + N,
+    ...`` and the per-example values are summed across ranks, so every rank returns the
+    full ``Effects`` of a one-process run. Outside a group it changes nothing.
 
     Returns ``Effects`` with ``exact=False``, ``values`` ``[n_features, n_examples]`` in
     probe-set order, and ``estimator`` one of ``"atp"``, ``"atp+qk"``, ``"graddrop"``,
@@ -390,8 +397,10 @@ def attribution_effects(
     per_hook: dict[str, Tensor] = {}  # hook name -> [n_examples, n_units], NaN until scored
     clean = torch.full((n_examples,), float("nan"))
 
+    ranks = current() if data_parallel else None
+    mine = split(batch_list, ranks)
     with _activation_grads_only(model):
-        for batch in tqdm(batch_list, desc=f"attribution {estimator} {spec.label}", disable=not progress, unit="batch"):
+        for batch in tqdm(mine, desc=f"attribution {estimator} {spec.label}", disable=not progress, unit="batch"):
             rows = batch.index.cpu()
             if which is not None and getattr(batch, which) is None:  # NaN effects; clean is defined
                 with torch.no_grad():
@@ -417,4 +426,10 @@ def attribution_effects(
             rows = [i for i, f in enumerate(features) if f.hook_name == name]
             units = torch.tensor([features[i].index for i in rows], dtype=torch.long)
             values[torch.tensor(rows, dtype=torch.long)] = per_hook[name][:, units].T
+    if ranks is not None:  # each example was estimated by one rank: zeros elsewhere, then the sum
+        owned = torch.zeros(n_examples, dtype=torch.bool)
+        for batch in mine:
+            owned[batch.index.cpu()] = True
+        values = all_reduce_sum(torch.where(owned[None, :], values, 0.0))
+        clean = all_reduce_sum(torch.where(owned, clean, 0.0))
     return Effects(features, spec.label, values, clean, exact=False, metric=metric_name, estimator=estimator)

@@ -30,6 +30,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
+from icp_lens.distributed import Ranks, current, gather_rows
 from icp_lens.features import Feature, FeatureKind, enumerate_features
 from icp_lens.metrics import Metric
 from icp_lens.model import HookedModel
@@ -98,6 +101,7 @@ def score(
     grad_drop: bool = False,
     directions: Any = None,
     shard: tuple[int, int] | None = None,
+    distributed: bool = True,
 ) -> ScoreTable:
     """Score features by spuriousness; see the module docstring.
 
@@ -117,6 +121,16 @@ def score(
     rows of the features outside the top. Each feature's row depends on that feature and
     the probes only (the bootstrap resamples examples with the same seed for every row),
     so the merged table equals the one-run table.
+
+    Inside a ``torch.distributed`` process group (``torchrun``; :mod:`icp_lens.distributed`)
+    and with ``distributed`` left on, the ranks share the work and every rank returns the
+    one-process table: exact scoring is feature-parallel (rank ``r`` patches the features
+    ``r, r+N, ...``, resuming from its own ``checkpoint_dir`` file), attribution is
+    data-parallel (rank ``r`` takes the probe batches ``r, r+N, ...``), and the hybrid ranks
+    by data-parallel attribution, then verifies its top feature-parallel. Every feature's
+    (example's) numbers come from one rank and are summed with zeros from the others, so
+    the table equals the one-process table. ``shard`` turns this off (a job-array shard
+    is one process's share already).
     """
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; valid: {list(METHODS)}")
@@ -155,20 +169,26 @@ def score(
         raise ValueError("causal=True needs probes with causal counterfactuals")
     all_specs = specs + ([InterventionSpec("resample_causal")] if causal else [])
     means = probe_means(model, probes, feats, batch_size=batch_size) if any(s.kind == "mean" for s in specs) else None
+    ranks = current() if distributed and shard is None else None
+    progress = progress and (ranks is None or ranks.main)
     common: dict[str, Any] = dict(metric=metric, batch_size=batch_size, means=means, progress=progress)
 
     def run(kind: Literal["exact", "attribution"], spec: InterventionSpec, subset: list[Feature]) -> Effects:
         if kind == "attribution":
             from icp_lens.scoring.attribution import attribution_effects
 
-            return attribution_effects(model, probes, subset, spec, qk_fix=qk_fix, grad_drop=grad_drop, **common)
+            return attribution_effects(model, probes, subset, spec, qk_fix=qk_fix, grad_drop=grad_drop,
+                                       data_parallel=ranks is not None, **common)  # fmt: skip
         from icp_lens.scoring.exact import exact_effects
 
         checkpoint = None
         if checkpoint_dir is not None:
             Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-            checkpoint = Path(checkpoint_dir) / f"exact_{spec.label.replace(':', '_')}.pt"
-        return exact_effects(model, probes, subset, spec, checkpoint=checkpoint, **common)
+            rank = "" if ranks is None else f".rank-{ranks.rank}-of-{ranks.world_size}"
+            checkpoint = Path(checkpoint_dir) / f"exact_{spec.label.replace(':', '_')}{rank}.pt"
+        if ranks is None:
+            return exact_effects(model, probes, subset, spec, checkpoint=checkpoint, **common)
+        return _feature_parallel(model, probes, subset, spec, ranks, checkpoint=checkpoint, **common)
 
     def table(kind: Literal["exact", "attribution"], subset: list[Feature]) -> ScoreTable:
         effects = [run(kind, s, subset) for s in all_specs]
@@ -190,6 +210,31 @@ def score(
     import pandas as pd
 
     return ScoreTable(pd.concat([verified, rest], ignore_index=True))
+
+
+def _feature_parallel(
+    model: HookedModel,
+    probes: ProbeSet,
+    features: list[Feature],
+    spec: InterventionSpec,
+    ranks: Ranks,
+    **kwargs: Any,
+) -> Effects:
+    """Exact effects of ``features`` with the ranks sharing them (every rank gets all rows)."""
+    from icp_lens.scoring.exact import exact_effects
+
+    mine = list(range(ranks.rank, len(features), ranks.world_size))
+    n_examples = len(probes)
+    if mine:
+        local = exact_effects(model, probes, [features[i] for i in mine], spec, **kwargs)
+        values, clean = local.values, local.clean
+    else:  # more ranks than features: this one only adds zeros
+        values, clean = torch.zeros((0, n_examples)), torch.zeros(n_examples)
+    values = gather_rows(values.float(), mine, len(features))
+    clean = gather_rows(clean.float()[None], [0] if ranks.main else [], 1)[0]  # rank 0 always has a feature
+    metric = kwargs.get("metric", "logit_diff")
+    name = metric if isinstance(metric, str) else getattr(metric, "__name__", "custom")
+    return Effects(tuple(features), spec.label, values, clean, exact=True, metric=name)
 
 
 def concat_tables(tables: Sequence[ScoreTable]) -> ScoreTable:

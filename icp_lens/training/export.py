@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from icp_lens.atomic import fault_point
+from icp_lens.distributed import barrier, is_main
 from icp_lens.pruning.plan import PrunePlan
 from icp_lens.training.fused import sync_fused_qkv
 from icp_lens.training.result import TrainResult, jsonable
@@ -77,7 +78,24 @@ class ExportMixin:
         ``verification.json`` are written next to the weights, inside the temporary folder
         before it becomes ``out``. ``save_dtype`` (``"bfloat16"``, ``"float16"``) writes the
         verified weights in that dtype.
+
+        Under a process group every rank calls it: rank 0 writes and verifies, the others
+        wait for it and return ``None``.
         """
+        if not is_main():
+            barrier()
+            return None
+        try:
+            return self._export(out, overwrite=overwrite, verify=verify, tolerance=tolerance, n_prompts=n_prompts,
+                                result=result, save_dtype=save_dtype)  # fmt: skip
+        finally:
+            barrier()
+
+    def _export(
+        self: Trainer, out: str | Path, *, overwrite: bool, verify: bool, tolerance: float, n_prompts: int,
+        result: TrainResult | None, save_dtype: Any,
+    ) -> Any:  # fmt: skip
+        """:meth:`export`'s work (on one process)."""
         from icp_lens.devices import resolve_dtype
         from icp_lens.pruning import apply_plan_to_model, export_checkpoint, fingerprint
         from icp_lens.pruning.export import check_target

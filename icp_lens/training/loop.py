@@ -32,6 +32,14 @@ the original model (LoRA: the same model with its adapters disabled; full fine-t
 the kept original weights) without gradients and through the trained model (with the
 pruning plan, as trained); ``retain_weight * retain_kl`` is back-propagated and the KL is
 logged as ``retain``.
+
+*Many processes* (under ``torchrun``; :mod:`~icp_lens.training.ddp`): every rank draws the
+same batches, ``train_step`` runs the terms on this rank's rows with each term's weight
+scaled by the rank's share, sums the gradients across ranks and steps identically
+everywhere, so N processes reproduce one process's run. Every rank evaluates the whole
+validation set (redundant, but every rank then takes the same early-stopping and
+best-model decisions without a message); rank 0 alone writes checkpoints, shows the
+progress bar and warns. Outside a process group nothing of this runs.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from icp_lens.distributed import Ranks, barrier, current, is_main
 from icp_lens.features import Feature
 from icp_lens.training import checkpoint as ckpt
 from icp_lens.training.data import TrainBatch
@@ -100,6 +109,9 @@ class LoopMixin:
         cfg = self.config
         parts = pair_batch if isinstance(pair_batch, list) else [pair_batch]
         optimizer.zero_grad(set_to_none=True)
+        ranks = current()
+        if ranks is not None:
+            return self._distributed_step(step, batch, parts, optimizer, scheduler, ranks)
         with torch.random.fork_rng(devices=[]), torch.enable_grad():
             torch.manual_seed(self._step_seed(step))
             gen = torch.Generator().manual_seed(self._step_seed(step))
@@ -116,6 +128,37 @@ class LoopMixin:
                 terms["loss"] = terms["loss"].detach() + cfg.retain_weight * terms["retain"]
         self._check_gradients(step)
         params = list(self.trainable.values())
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
+        optimizer.step()
+        scheduler.step()
+        return terms, norm
+
+    def _distributed_step(
+        self: Trainer, step: int, batch: TrainBatch, parts: list, optimizer: torch.optim.Optimizer, scheduler: Any,
+        ranks: Ranks,
+    ) -> tuple[dict[str, Tensor], Tensor]:  # fmt: skip
+        """:meth:`train_step` on this rank's rows, gradients summed across ranks (:mod:`~icp_lens.training.ddp`)."""
+        from icp_lens.training import ddp
+
+        cfg = self.config
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            torch.manual_seed(self._step_seed(step))
+            gen = torch.Generator().manual_seed(self._step_seed(step))
+            with self.pruned():
+                local = ddp.distributed_step_terms(self, batch, parts, gen, ranks)
+            if self.retain_data is not None:
+                tokens = self._retain_batch(step)
+                mine = tokens[ranks.rank :: ranks.world_size]
+                if len(mine):
+                    share = len(mine) / len(tokens)
+                    kl = self._retain_term(step, tokens=mine.contiguous())
+                    (cfg.retain_weight * share * kl).backward()
+                    local["retain"] = share * float(kl.detach())
+                    local["loss"] = local.get("loss", 0.0) + cfg.retain_weight * local["retain"]
+        params = list(self.trainable.values())
+        ddp.sum_gradients(params)
+        terms = ddp.reduce_terms(local)
+        self._check_gradients(step)
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
         optimizer.step()
         scheduler.step()
@@ -138,6 +181,8 @@ class LoopMixin:
         eval_every = cfg.eval_every or per_epoch
         ckpt_every = cfg.checkpoint_every or eval_every
         opt, sched = self._optimizer(total)
+        if current() is not None:
+            self._join_ranks()
         s: dict[str, Any] = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "stopped_early": False,
                              "running": {}, "n_running": 0, "jtt_errors": None,
                              "features": [str(f) for f in self.features]}  # fmt: skip
@@ -162,7 +207,8 @@ class LoopMixin:
             errors = torch.zeros(len(data), dtype=torch.bool)
             errors[s["jtt_errors"]] = True
             data = data.with_weights(jtt_weights(errors, cfg.jtt_upweight))
-        bar = tqdm(total=total, initial=s["step"], disable=not cfg.progress, desc=f"train ({cfg.objective})")
+        bar = tqdm(total=total, initial=s["step"], disable=not (cfg.progress and is_main()),
+                   desc=f"train ({cfg.objective})")  # fmt: skip
         epoch_batches: tuple[int, list] = (-1, [])
         self.model.train()  # once: switching modes walks the bridge's whole module tree
         try:
@@ -200,6 +246,21 @@ class LoopMixin:
             best_metric=s["best"], stopped_early=s["stopped_early"], final=final,
             seconds=time.perf_counter() - start_time,
         )  # fmt: skip
+
+    def _join_ranks(self: Trainer) -> None:
+        """Under a process group: start from rank 0's weights; warn (rank 0, once) where N != 1 process."""
+        from icp_lens.training import ddp
+
+        ddp.broadcast_parameters(list(self.trainable.values()))
+        reasons = ddp.reproducibility_warnings(self)
+        if reasons and is_main() and not getattr(self, "_warned_ranks", False):
+            warnings.warn(
+                f"{current().world_size} processes will not reproduce one process's run: " + "; ".join(reasons)
+                + ". Each rank trains on its rows and the gradients are summed, which is still a valid run.",
+                stacklevel=3,
+            )  # fmt: skip
+        self._warned_ranks = True
+        barrier()
 
     @staticmethod
     def _accumulate(s: dict[str, Any], terms: dict[str, Tensor], norm: Tensor, tic: float) -> None:
@@ -301,11 +362,11 @@ class LoopMixin:
             out = self._reference(tokens)
             return (out.logits if hasattr(out, "logits") else out).detach()
 
-    def _retain_term(self: Trainer, step: int) -> Tensor:
-        """``KL(p_orig || p_theta)`` on retain batch ``step`` (with the graph of the trained side)."""
+    def _retain_term(self: Trainer, step: int, tokens: Tensor | None = None) -> Tensor:
+        """``KL(p_orig || p_theta)`` on retain batch ``step`` or ``tokens`` (with the graph of the trained side)."""
         from icp_lens.training.losses import retain_kl
 
-        tokens = self._retain_batch(step)
+        tokens = self._retain_batch(step) if tokens is None else tokens
         reference = self._reference_logits(tokens)
         with self.pruned():
             logits = self.model(tokens)

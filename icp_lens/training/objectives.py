@@ -160,6 +160,9 @@ class BatchLoss:
         self.weights = term_weights(config.objective, config.lam, config.extra_terms)
         self.n_groups = n_groups
         self.group_q = torch.full((n_groups,), 1.0 / n_groups) if n_groups else None
+        # data-parallel training (:mod:`icp_lens.training.ddp`) sets this to the global batch's first
+        # position where a counterfactual differs from its prompt, so each rank patches what one process would
+        self.shared_start: int | None = None
         n_layers = model_dims(model).n_layers
         self.representation = config.representation or (
             f"blocks.{n_layers - 1}.hook_resid_post" if "contrastive" in self.weights else "logits"
@@ -212,7 +215,7 @@ class BatchLoss:
             activations = capture_prefix(self.model, feats, source)
             interventions = {f: Resample(f.select(activations[f.hook_name]), align) for f in feats}
             if name == "resample" and align == "exact":
-                start = shared_prefix(batch.tokens, source)
+                start = shared_prefix(batch.tokens, source) if self.shared_start is None else self.shared_start
                 if start == batch.tokens.shape[1]:  # the counterfactuals equal the prompts: nothing to intervene on
                     return []
                 if start > 0:  # before it the counterfactual's activations are the prompt's own
@@ -302,7 +305,7 @@ class BatchLoss:
             other = out["cf"] if "cf" in out else out["do"]
             z_other = self._represent(other[1], other[2], anchor)
             terms["contrastive"] = L.info_nce(rep_a, z_other, temperature=cfg.nce_temperature)
-        if cfg.objective == "cda" and "cda" not in terms:  # no counterfactuals in this batch: plain task loss
+        if cfg.objective == "cda" and "cda" in w and "cda" not in terms:  # no counterfactuals here: plain task loss
             w = {**w, "task": 1.0}
         total = sum((w[name] * value for name, value in terms.items() if name in w), 0.0)
         result = {name: value.detach() for name, value in terms.items()}

@@ -13,6 +13,9 @@ settings: continuing somebody else's optimiser state would silently train a diff
 model. Together with the seeding (data order from ``(seed, epoch)``, per-step sampling
 from ``(seed, step)``), this makes ``fit(resume=True)`` end with the weights of an
 uninterrupted run.
+
+Under a process group (:mod:`icp_lens.training.ddp`) rank 0 writes the checkpoints and
+every rank resumes from the same one.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from icp_lens.distributed import barrier, is_main
 from icp_lens.features import Feature
 from icp_lens.interventions import Mean
 from icp_lens.training import checkpoint as ckpt
@@ -106,12 +110,20 @@ class ResumeMixin:
         best: dict[str, Tensor] | None,
         means: dict[Feature, Mean],
     ) -> None:
-        """Write a checkpoint of the loop state ``s``, the optimiser, the schedule and the means."""
+        """Write a checkpoint of the loop state ``s``, the optimiser, the schedule and the means.
+
+        Under a process group rank 0 writes it (every rank holds the same state) and the
+        others wait for it, so a resumed run of any rank finds the same checkpoint.
+        """
+        if not is_main():
+            barrier()
+            return
         state = {**self._identity(), "loop": s, "objective_state": self.loss.state_dict(),
                  "scheduler": sched.state_dict(), "history": self._history}  # fmt: skip
         mean_tensors = {str(f): m.value for f, m in means.items()}
         trainable = {k: v for k, v in self.trainable.items()}
         ckpt.save_checkpoint(self.checkpoint_dir, state, trainable, opt.state_dict(), best=best, means=mean_tensors)
+        barrier()
 
     def _restore(
         self: Trainer, opt: torch.optim.Optimizer, sched: Any
