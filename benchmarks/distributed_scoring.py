@@ -119,7 +119,9 @@ def main() -> None:
     n = args.nproc
     print(f"exact scoring, {len(ref)} features x {len(lines)} examples, 1 thread per process, best of {args.repeats}")
     print(f"  scoring:  1 process {s1:7.2f} s, {n} processes {sn:7.2f} s -> {s1 / sn:.2f}x (target >= 1.6x)")
-    print(f"  command:  1 process {c1:7.2f} s, {n} processes {cn:7.2f} s -> {c1 / cn:.2f}x (model loading on every rank)")
+    print(
+        f"  command:  1 process {c1:7.2f} s, {n} processes {cn:7.2f} s -> {c1 / cn:.2f}x (model loading on every rank)"
+    )
     print(f"  launch:   1 process {w1:7.2f} s, {n} processes {wn:7.2f} s -> {w1 / wn:.2f}x (start-up included)")
     print(f"  max |score difference| across the four tables {diff:.2e} (target <= 1e-6)")
 

@@ -43,6 +43,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Iterable
+
     from icp_lens.model import HookedModel
 
 __all__ = [
@@ -56,6 +58,7 @@ __all__ = [
     "feature_count",
     "enumerate_features",
     "validate_feature",
+    "validate_features",
 ]
 
 FeatureKind = Literal["neuron", "head", "resid", "value", "query", "key", "direction", "token"]
@@ -202,6 +205,18 @@ def validate_feature(model: HookedModel, feature: Feature) -> None:
     count = feature_count(model, feature.kind)
     if feature.index >= count:
         raise IndexError(f"{feature}: index {feature.index} out of range; valid {feature.kind} indices 0..{count - 1}")
+
+
+def validate_features(model: HookedModel, features: Iterable[Feature]) -> None:
+    """:func:`validate_feature` for many features, reading the model's sizes once."""
+    from icp_lens.model import model_dims
+
+    features = list(features)
+    n_layers = model_dims(model).n_layers
+    counts = {kind: feature_count(model, kind) for kind in {f.kind for f in features}}
+    for f in features:
+        if f.layer >= n_layers or f.index >= counts[f.kind]:
+            validate_feature(model, f)  # raises with the valid ranges
 
 
 def enumerate_features(

@@ -31,7 +31,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from icp_lens.features import Feature, validate_feature
+from icp_lens.features import Feature, validate_features
 from icp_lens.hooks import capturing
 from icp_lens.model import HookedModel, to_tokens
 
@@ -230,8 +230,7 @@ def means_over(
     Pooled over examples and positions, or per position (then all batches must have the
     same length). ``fit_means`` and ``icp_lens.scoring.probe_means`` are built on it.
     """
-    for f in features:
-        validate_feature(model, f)
+    validate_features(model, features)
     names = sorted({f.hook_name for f in features})
     sums: dict[str, Tensor] = {}
     count = 0
@@ -279,8 +278,7 @@ def resample_from(
 ) -> dict[Feature, Resample]:
     """``Resample`` interventions: each feature's activation on the ``source`` inputs."""
     tokens = _as_tokens(model, source)
-    for f in features:
-        validate_feature(model, f)
+    validate_features(model, features)
     with capturing(model, sorted({f.hook_name for f in features})) as store:
         model(tokens)
     return {f: Resample(f.select(store[f.hook_name]).clone(), align) for f in features}

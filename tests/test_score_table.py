@@ -58,6 +58,22 @@ def test_bootstrap_interval_brackets_the_mean_and_is_seeded() -> None:
     assert torch.equal(low, bootstrap_ci(values, n_boot=300, seed=3)[0])
 
 
+def test_bootstrap_in_row_chunks_equals_one_pass(monkeypatch) -> None:
+    """Rows are bootstrapped in chunks (memory flat in the number of features): same numbers."""
+    import icp_lens.scoring.spuriousness as spuriousness
+
+    values = torch.randn(7, 12, generator=torch.Generator().manual_seed(1))
+    values[2, 3] = NAN
+    values[5] = NAN
+    whole = bootstrap_ci(values, n_boot=50, seed=4)
+    monkeypatch.setattr(spuriousness, "_BOOT_ROWS", 3)
+    chunked = bootstrap_ci(values, n_boot=50, seed=4)
+    for a, b in zip(whole, chunked, strict=True):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    assert whole[0][5].isnan() and not whole[0][2].isnan()
+    assert bootstrap_ci(values[:0], n_boot=50)[0].shape == (0,)
+
+
 def test_save_load_round_trip(tmp_path) -> None:
     spurious, causal = effects()
     table = ScoreTable.from_effects([spurious], causal=causal, n_boot=10)

@@ -81,7 +81,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from icp_lens.distributed import all_reduce_sum, current, split
-from icp_lens.features import Feature, validate_feature
+from icp_lens.features import Feature, validate_features
 from icp_lens.hooks import capturing, hooked
 from icp_lens.interventions import Mean
 from icp_lens.metrics import Metric, get_metric
@@ -134,9 +134,12 @@ class _Plan:
     def __init__(self, features: Sequence[Feature], spec: InterventionSpec, means: Mapping[Feature, Any] | None):
         self.features = tuple(features)
         self.spec = spec
-        self.names = sorted({f.hook_name for f in self.features})
+        self.rows: dict[str, list[int]] = {}  # hook name -> positions in ``features`` (one pass)
+        for i, f in enumerate(self.features):
+            self.rows.setdefault(f.hook_name, []).append(i)
+        self.names = sorted(self.rows)
         self.units: dict[str, Tensor] = {
-            n: torch.tensor(sorted({f.index for f in self.features if f.hook_name == n}), dtype=torch.long)
+            n: torch.tensor(sorted({self.features[i].index for i in self.rows[n]}), dtype=torch.long)
             for n in self.names
         }
         self.means = means
@@ -364,7 +367,7 @@ def attribution_effects(
     for f in features:
         if not isinstance(f, Feature):
             raise TypeError(f"features must be Feature objects; got {type(f).__name__} ({f!r})")
-        validate_feature(model, f)
+    validate_features(model, features)
     if len(set(features)) < len(features):
         dupes = sorted({str(f) for f in features if features.count(f) > 1})
         raise ValueError(f"Duplicate features: {dupes[:5]}")
@@ -423,7 +426,7 @@ def attribution_effects(
     values = torch.full((len(features), n_examples), float("nan"))
     for name in plan.names:
         if name in per_hook:
-            rows = [i for i, f in enumerate(features) if f.hook_name == name]
+            rows = plan.rows[name]
             units = torch.tensor([features[i].index for i in rows], dtype=torch.long)
             values[torch.tensor(rows, dtype=torch.long)] = per_hook[name][:, units].T
     if ranks is not None:  # each example was estimated by one rank: zeros elsewhere, then the sum

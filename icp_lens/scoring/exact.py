@@ -74,7 +74,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from icp_lens.edits import Edit
-from icp_lens.features import Feature, feature_count, validate_feature
+from icp_lens.features import Feature, validate_features
 from icp_lens.hooks import capturing
 from icp_lens.interventions import Intervention, Mean, Resample, Scale, Zero
 from icp_lens.metrics import Metric, get_metric, logit_diff
@@ -100,14 +100,6 @@ def _device(model: HookedModel) -> torch.device:
     except StopIteration:  # pragma: no cover
         return torch.device("cpu")
 
-
-def _validate(model: HookedModel, features: Sequence[Feature]) -> None:
-    """``validate_feature`` for many features, reading the model's sizes once."""
-    n_layers = model_dims(model).n_layers
-    counts = {kind: feature_count(model, kind) for kind in {f.kind for f in features}}
-    for f in features:
-        if f.layer >= n_layers or f.index >= counts[f.kind]:
-            validate_feature(model, f)  # raises with the valid ranges
 
 
 @torch.no_grad()
@@ -151,7 +143,7 @@ def exact_effects(
     dupes = sorted(str(f) for f, n in Counter(features).items() if n > 1)
     if dupes:
         raise ValueError(f"Duplicate features: {dupes[:5]}")
-    _validate(model, features)
+    validate_features(model, features)
     if getattr(model, "training", False):
         raise ValueError("The model is in training mode (dropout is active): call model.eval() before scoring")
     if batch_size < 1 or features_per_pass < 1:

@@ -86,6 +86,9 @@ def selectivity(spurious: Float[Tensor, " n"], causal: Float[Tensor, " n"], eps:
     return torch.where(total > eps, out, torch.full_like(out, float("nan")))
 
 
+_BOOT_ROWS = 2048  # feature rows per bootstrap chunk
+
+
 def bootstrap_ci(
     values: Float[Tensor, "n_features n_pairs"],
     *,
@@ -105,11 +108,19 @@ def bootstrap_ci(
     counts = torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(
         1, picks, torch.ones(n_boot, n, dtype=torch.float64)
     )
-    valid = ~torch.isnan(values)
-    sums = torch.where(valid, values, torch.zeros_like(values)).double() @ counts.T
-    totals = valid.double() @ counts.T
-    means = (sums / totals).float()  # [F, B]; NaN where a resample drew no valid example
     alpha = (1 - level) / 2
-    low = torch.nanquantile(means, alpha, dim=1)
-    high = torch.nanquantile(means, 1 - alpha, dim=1)
-    return low, high
+    lows, highs = [], []
+    # rows in chunks: the [rows, n_boot] resample means stay small however many features
+    # are scored (46k features x 200 resamples would hold ~0.3 GB at once)
+    for start in range(0, values.shape[0], _BOOT_ROWS):
+        chunk = values[start : start + _BOOT_ROWS]
+        valid = ~torch.isnan(chunk)
+        sums = torch.where(valid, chunk, torch.zeros_like(chunk)).double() @ counts.T
+        totals = valid.double() @ counts.T
+        means = (sums / totals).float()  # [rows, B]; NaN where a resample drew no valid example
+        lows.append(torch.nanquantile(means, alpha, dim=1))
+        highs.append(torch.nanquantile(means, 1 - alpha, dim=1))
+    if not lows:
+        empty = torch.zeros(0)
+        return empty, empty
+    return torch.cat(lows), torch.cat(highs)
