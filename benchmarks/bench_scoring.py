@@ -92,6 +92,79 @@ def tl_patching_loop(model, probes: ProbeSet, features: Sequence[Feature]) -> to
     return out
 
 
+def hook_idiom(model, probes: ProbeSet, features: Sequence[Feature], *, per_pass: int = 64) -> torch.Tensor:
+    """dP [n_features, n_examples] the way an expert writes it with plain PyTorch forward hooks.
+
+    On the Hugging Face model under the bridge (Llama family: ``model.layers[i].mlp.down_proj``,
+    whose input is TransformerLens's ``mlp.hook_post``): one run of the spurious
+    counterfactuals caches every layer's MLP activation; one clean run caches the residual
+    stream entering every layer (``output_hidden_states``). Then, per layer and per group of
+    up to ``per_pass`` neurons, the prompts are tiled once per neuron, a forward pre-hook on
+    that layer's ``down_proj`` writes copy ``j``'s neuron from the counterfactual cache, and
+    only the layers from the patched one onwards run (rotary embeddings recomputed, causal
+    attention without a mask, as the model's own forward does for unpadded input).
+    """
+    from dataclasses import replace
+    from functools import partial
+
+    hf = getattr(model, "original_model", None)
+    body = getattr(hf, "model", None)
+    if body is None or not hasattr(body, "layers") or not hasattr(body.layers[0].mlp, "down_proj"):
+        raise ValueError("the hook idiom here is written for Llama-family models (model.layers[i].mlp.down_proj)")
+    if any(f.kind != "neuron" for f in features):
+        raise ValueError("the hook idiom here patches MLP neurons")
+    by_layer: dict[int, list[tuple[int, Feature]]] = {}
+    for row, f in enumerate(features):
+        by_layer.setdefault(f.layer, []).append((row, f))
+    out = torch.full((len(features), len(probes)), float("nan"))
+    with torch.no_grad():
+        for batch in probes.batches(len(probes)):
+            if batch.spurious is None or batch.spurious.shape != batch.tokens.shape:
+                raise ValueError("the hook idiom patches position by position: counterfactuals of the prompts' length")
+            source: dict[int, torch.Tensor] = {}
+            def keep(_m, args, i, source=source):
+                source[i] = args[0].detach()
+
+            handles = [body.layers[i].mlp.down_proj.register_forward_pre_hook(partial(keep, i=i)) for i in by_layer]
+            try:
+                hf(input_ids=batch.spurious)
+            finally:
+                for h in handles:
+                    h.remove()
+            clean = hf(input_ids=batch.tokens, output_hidden_states=True)
+            base = logit_diff(clean.logits[:, -1], batch)
+            n, length = batch.tokens.shape
+            for layer, members in sorted(by_layer.items()):
+                for start in range(0, len(members), per_pass):
+                    group = members[start : start + per_pass]
+                    k = len(group)
+                    units = torch.tensor([f.index for _, f in group])
+                    copy = torch.arange(k).repeat_interleave(n)  # row r of the tiled batch is copy r // n
+
+                    def patch(_m, args, units=units, copy=copy, layer=layer, source=source):
+                        x = args[0].clone()
+                        rows = torch.arange(x.shape[0])
+                        x[rows, :, units[copy]] = source[layer].repeat(len(units), 1, 1)[rows, :, units[copy]]
+                        return (x,)
+
+                    hidden = clean.hidden_states[layer].repeat(k, 1, 1)
+                    positions = torch.arange(length).unsqueeze(0).expand(hidden.shape[0], -1)
+                    rotary = body.rotary_emb(hidden, positions)
+                    handle = body.layers[layer].mlp.down_proj.register_forward_pre_hook(patch)
+                    try:
+                        for block in body.layers[layer:]:
+                            hidden = block(hidden, position_embeddings=rotary, position_ids=positions)
+                            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+                    finally:
+                        handle.remove()
+                    logits = hf.lm_head(body.norm(hidden[:, -1]))
+                    tiled = replace(batch, answer=batch.answer.repeat(k), alternatives=batch.alternatives.repeat(k, 1))
+                    values = (logit_diff(logits, tiled) - base.repeat(k)).view(k, n)
+                    for j, (row, _) in enumerate(group):
+                        out[row, batch.index] = values[j].float().cpu()
+    return out
+
+
 def spread(features: Sequence[Feature], n: int) -> list[Feature]:
     """``n`` of ``features`` evenly spaced over the list (so over the layers, for ``enumerate_features``)."""
     if not 0 < n < len(features):
@@ -126,18 +199,22 @@ def bench_exact(
     features_per_pass: int = 64,
     repeats: int = 2,
     ablate: bool = False,
+    peers: bool = False,
 ) -> dict[str, float]:
     """Time ``exact_effects`` and the TransformerLens loop on the same work; best of ``repeats``.
 
     ``ablate``: also time ``exact_effects`` without block skipping (``no_block_skipping``).
+    ``peers``: also time the expert's plain-PyTorch hook idiom (``hook_idiom``, Llama family).
     """
-    times = {"tl": float("inf"), "exact": float("inf"), "no_skip": float("inf")}
+    times = {"tl": float("inf"), "exact": float("inf"), "no_skip": float("inf"), "hooks": float("inf")}
     results = {}
 
     def run(key: str) -> None:
         start = time.perf_counter()
         if key == "tl":
             results[key] = tl_patching_loop(model, probes, features)
+        elif key == "hooks":
+            results[key] = hook_idiom(model, probes, features, per_pass=features_per_pass)
         else:
             with no_block_skipping() if key == "no_skip" else contextlib.nullcontext():
                 results[key] = exact_effects(
@@ -146,8 +223,9 @@ def bench_exact(
                 ).values  # fmt: skip
         times[key] = min(times[key], time.perf_counter() - start)
 
+    keys = ("tl", "exact") + (("no_skip",) if ablate else ()) + (("hooks",) if peers else ())
     for _ in range(repeats):  # interleaved, so all see the same machine load
-        for key in ("tl", "exact", "no_skip") if ablate else ("tl", "exact"):
+        for key in keys:
             run(key)
     n, t_tl = len(features), times["tl"]
     layers = sorted({f.layer for f in features})
@@ -157,14 +235,20 @@ def bench_exact(
     )
     print(f"  TransformerLens generic_activation_patch loop (baseline): {1e3 * t_tl / n:8.2f} ms/feature   ratio 1.00")
     label = f"{features_per_pass} features x {batch_size} examples per pass"
+    k_label = f"{features_per_pass} features x all {len(probes)} examples per pass"
     out: dict[str, float] = {}
-    for key, name in (("exact", f"icp_lens exact_effects ({label})"), ("no_skip", "  ... without block skipping")):
+    for key, name in (("exact", f"icp_lens exact_effects ({label})"), ("no_skip", "  ... without block skipping"),
+                      ("hooks", f"expert's forward-hook idiom, layer skipping ({k_label})")):  # fmt: skip
         if key in results:
             diff = (results[key] - results["tl"]).abs().max().item()
             print(f"  {name}: {1e3 * times[key] / n:8.2f} ms/feature   ratio {t_tl / times[key]:.2f}x faster")
             print(f"    max |exact_effects - baseline| = {diff:.2e}")
             out.update({f"ratio_{key}": t_tl / times[key], f"max_abs_diff_{key}": diff})
     out["ratio"], out["max_abs_diff"] = out["ratio_exact"], out["max_abs_diff_exact"]
+    if "hooks" in results:
+        print(f"  icp_lens exact_effects against the hook idiom: {times['hooks'] / times['exact']:.2f}x faster "
+              "(target >= 3x the fastest peer)")  # fmt: skip
+        out["ratio_vs_hooks"] = times["hooks"] / times["exact"]
     return out
 
 
@@ -220,6 +304,8 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=0, help="N MLP neurons spread over all layers (0: all)")
     parser.add_argument("--first", action="store_true", help="--features takes the first N neurons instead")
     parser.add_argument("--ablate", action="store_true", help="also time exact_effects without block skipping")
+    parser.add_argument("--peers", action="store_true",
+                        help="also time the expert's forward-hook idiom (Llama family, e.g. smollm2)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--features-per-pass", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
@@ -268,7 +354,7 @@ def main() -> None:
             features = features[: args.features] if args.first else spread(features, args.features)
         bench_exact(
             model, probes, features, batch_size=args.batch_size, features_per_pass=args.features_per_pass,
-            repeats=args.repeats, ablate=args.ablate,
+            repeats=args.repeats, ablate=args.ablate, peers=args.peers,
         )  # fmt: skip
         if args.float64:
             float64_agreement(model, probes, spread(features, args.float64), batch_size=args.batch_size,

@@ -61,8 +61,9 @@ def test_every_architecture_loads_on_every_model_class(arch, backend, micro_dirs
 def test_model_dims_does_not_build_the_bridges_hook_dict(micro, monkeypatch) -> None:
     """The bridge's ``hook_dict`` is a property that rebuilds every alias (~0.5 ms on
     SmolLM2); validating 46k features once read it per feature (95 s of a 113 s run)."""
-    if not is_bridge(micro):
-        pytest.skip("HookedTransformer's hook_dict is a plain attribute")
+    if not is_bridge(micro):  # a plain attribute there: the check finds it in the instance's __dict__
+        assert "hook_dict" in vars(micro) and model_dims(micro).n_layers == 2
+        return
 
     def refuse(self) -> None:
         raise AssertionError("hook_dict read")

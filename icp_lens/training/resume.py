@@ -122,8 +122,10 @@ class ResumeMixin:
                  "scheduler": sched.state_dict(), "history": self._history}  # fmt: skip
         mean_tensors = {str(f): m.value for f, m in means.items()}
         trainable = {k: v for k, v in self.trainable.items()}
-        ckpt.save_checkpoint(self.checkpoint_dir, state, trainable, opt.state_dict(), best=best, means=mean_tensors)
-        barrier()
+        try:
+            ckpt.save_checkpoint(self.checkpoint_dir, state, trainable, opt.state_dict(), best=best, means=mean_tensors)
+        finally:  # the others are waiting: release them even when the save fails (torchrun then stops the group)
+            barrier()
 
     def _restore(
         self: Trainer, opt: torch.optim.Optimizer, sched: Any
