@@ -242,7 +242,7 @@ def bench_exact(
         if key in results:
             diff = (results[key] - results["tl"]).abs().max().item()
             print(f"  {name}: {1e3 * times[key] / n:8.2f} ms/feature   ratio {t_tl / times[key]:.2f}x faster")
-            print(f"    max |exact_effects - baseline| = {diff:.2e}")
+            print(f"    max |its dP - the baseline's dP| = {diff:.2e}")
             out.update({f"ratio_{key}": t_tl / times[key], f"max_abs_diff_{key}": diff})
     out["ratio"], out["max_abs_diff"] = out["ratio_exact"], out["max_abs_diff_exact"]
     if "hooks" in results:
