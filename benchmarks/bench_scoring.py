@@ -22,7 +22,10 @@ profession -> pronoun probes (``icp_lens.data.pronouns``, ``train``), e.g.
 represented as in a run over all neurons (``--first`` takes the first N instead: all in
 layer 0 on a large model, where no pass can skip a block). ``--ablate`` also times
 ``exact_effects`` with block skipping turned off (every patched pass runs every block, and
-no attention output is reused; the other shortcuts stay), in the same run. ``bench_exact`` takes any
+no attention output is reused; the other shortcuts stay), in the same run. ``--peers`` (Llama-family
+models, e.g. ``--model smollm2``) also times the idiom an expert writes with plain PyTorch
+forward hooks on the HF model (``hook_idiom``: neurons batched by tiling the prompts,
+layers before the patched one skipped), in the same run. ``bench_exact`` takes any
 TransformerBridge / HookedTransformer.
 
 Both sides run with one torch thread by default: on a shared 2-core machine, two threads
