@@ -125,6 +125,7 @@ def hook_idiom(model, probes: ProbeSet, features: Sequence[Feature], *, per_pass
             if batch.spurious is None or batch.spurious.shape != batch.tokens.shape:
                 raise ValueError("the hook idiom patches position by position: counterfactuals of the prompts' length")
             source: dict[int, torch.Tensor] = {}
+
             def keep(_m, args, i, source=source):
                 source[i] = args[0].detach()
 

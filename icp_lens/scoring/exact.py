@@ -101,7 +101,6 @@ def _device(model: HookedModel) -> torch.device:
         return torch.device("cpu")
 
 
-
 @torch.no_grad()
 def exact_effects(
     model: HookedModel,
