@@ -26,7 +26,7 @@ no attention output is reused; the other shortcuts stay), in the same run. ``--p
 models, e.g. ``--model smollm2``) also times the idiom an expert writes with plain PyTorch
 forward hooks on the HF model (``hook_idiom``: neurons batched by tiling the prompts,
 layers before the patched one skipped) and nnsight 0.8's batched invokes
-(``nnsight_idiom``; skipped with a message when nnsight is not installed), in the same run.
+(``nnsight_idiom``; ``pip install -e ".[bench]"``, skipped with a message without it), in the same run.
 pyvene is not among them (not tried against transformers 5). ``bench_exact`` takes any
 TransformerBridge / HookedTransformer.
 
