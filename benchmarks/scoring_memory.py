@@ -13,6 +13,12 @@ all 46,350 of them. Each process loads the model, resets the kernel's peak-RSS m
 * the ratio of the two runs' peaks (target: all features within 1.2x of 512 features).
 
     python benchmarks/scoring_memory.py [--examples 16] [--verify 32] [--small 512]
+    python benchmarks/scoring_memory.py --peers [--examples 16] [--neurons 128]
+
+``--peers`` measures instead the peak RSS of exact patching (``exact_effects``, 64
+features x 32 examples per pass) against the expert's forward-hook idiom of
+``bench_scoring.py`` (64 neurons x all examples per pass) on the same ``--neurons``
+neurons, each in a fresh process (issue 22: no higher peak than the hook idiom).
 
 Linux only (``/proc``). Scoring runs with one torch thread; timings are printed for
 orientation only.
@@ -61,15 +67,69 @@ def _worker(n_features: int, n_examples: int, verify: int) -> None:
                       "peak_mib": peak / 1024, "seconds": seconds}))  # fmt: skip
 
 
+def _peer_worker(method: str, n_neurons: int, n_examples: int) -> None:
+    import torch
+    from bench_scoring import hook_idiom, spread
+
+    from icp_lens.data.pronouns import pronoun_probes
+    from icp_lens.features import enumerate_features
+    from icp_lens.loading import load_bridge
+    from icp_lens.probeset import ProbeSet
+    from icp_lens.scoring.exact import exact_effects
+
+    torch.set_num_threads(1)
+    model = load_bridge("smollm2")
+    probes = ProbeSet(model, pronoun_probes("train")[:n_examples])
+    features = spread(enumerate_features(model, "neuron"), n_neurons)
+    Path("/proc/self/clear_refs").write_text("5")
+    loaded = _rss_kib("VmRSS")
+    tic = time.perf_counter()
+    with torch.no_grad():
+        if method == "exact":
+            exact_effects(model, probes, features, "resample", progress=False)
+        else:
+            hook_idiom(model, probes, features, per_pass=64)
+    seconds = time.perf_counter() - tic
+    print(json.dumps({"method": method, "features": len(features), "loaded_mib": loaded / 1024,
+                      "peak_mib": _rss_kib("VmHWM") / 1024, "seconds": seconds}))  # fmt: skip
+
+
+def _peers(args: argparse.Namespace) -> None:
+    results = {}
+    for method in ("hooks", "exact"):
+        run = subprocess.run([sys.executable, __file__, "--peer-worker", method, "--neurons", str(args.neurons),
+                              "--examples", str(args.examples)], capture_output=True, text=True)  # fmt: skip
+        if run.returncode != 0:
+            raise SystemExit(f"{method} worker failed:\n{run.stderr[-3000:]}")
+        results[method] = json.loads(run.stdout.strip().splitlines()[-1])
+    print(f"SmolLM2-135M exact patching, {args.neurons} neurons x {args.examples} examples, 1 thread")
+    for method, name in (("hooks", "forward-hook idiom"), ("exact", "icp_lens exact_effects")):
+        r = results[method]
+        held = r["peak_mib"] - r["loaded_mib"]
+        print(f"  {name:24s} peak RSS {r['peak_mib']:7.0f} MiB (+{held:6.0f} MiB over the loaded model), "
+              f"{r['seconds']:6.1f} s")  # fmt: skip
+    ratio = results["exact"]["peak_mib"] / results["hooks"]["peak_mib"]
+    print(f"  peak RSS exact / hooks: {ratio:.2f}x (target <= 1.0x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=16)
     parser.add_argument("--verify", type=int, default=32, help="features verified exactly (the same in both runs)")
     parser.add_argument("--small", type=int, default=512, help="features in the small run")
+    parser.add_argument("--peers", action="store_true", help="exact_effects against the forward-hook idiom")
+    parser.add_argument("--neurons", type=int, default=128, help="neurons patched in --peers")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--peer-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
         _worker(args.worker, args.examples, args.verify)
+        return
+    if args.peer_worker is not None:
+        _peer_worker(args.peer_worker, args.neurons, args.examples)
+        return
+    if args.peers:
+        _peers(args)
         return
     results = []
     for n in (args.small, 0):
