@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--shard", type=parse_shard, default=None, metavar="I/N",
         help="score shard I of N (0-based) and write a partial table; join the parts with merge-scores",
     )  # fmt: skip
-    add_device_arguments(score)
+    add_device_arguments(score, device_map=True)
     score.set_defaults(handler=_cmd_score)
 
     merge = sub.add_parser("merge-scores", help="join the partial tables of score --shard I/N into one table")
@@ -283,7 +283,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     import torch
 
     from icp_lens.atomic import check_writable
-    from icp_lens.devices import resolve_device, resolve_dtype
+    from icp_lens.devices import load_kwargs, resolve_dtype
     from icp_lens.distributed import is_main
     from icp_lens.model import boot_bridge
     from icp_lens.probeset import ProbeSet
@@ -297,8 +297,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--probe {args.probe}: no such file")
     verify = int(args.verify_top) if args.verify_top >= 1 or args.verify_top == 0 else float(args.verify_top)
     start = time.perf_counter()
-    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
-    model = boot_bridge(args.model, device=str(device), dtype=dtype)
+    dtype = resolve_dtype(args.dtype)
+    model = boot_bridge(args.model, dtype=dtype, **load_kwargs(args))
     probes = ProbeSet.from_jsonl(model, args.probe)
     checkpoint = args.checkpoint
     if args.shard is not None and checkpoint is not None:  # each shard resumes from its own partial results
@@ -332,8 +332,10 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
         settings["shard"] = f"{args.shard[0]}/{args.shard[1]}"
         settings["n_features"] = len(all_features(model, args.kinds, args.layers))
-    # the fingerprint is that of the checkpoint as stored (what `prune` loads), not of a cast copy
-    stored = args.model if dtype != torch.float32 and Path(args.model).is_dir() else model
+    # the fingerprint is that of the checkpoint as stored (what `prune` loads), not of a cast or
+    # split copy (a split model's offloaded weights are not in memory)
+    as_stored = dtype != torch.float32 or args.device_map is not None
+    stored = args.model if as_stored and Path(args.model).is_dir() else model
     meta = table_provenance(stored, args.probe, n_examples=len(probes), settings=settings)
     table = dataclasses.replace(table, meta=meta)
     if not is_main():  # under torchrun every rank holds the whole table; rank 0 writes it
@@ -448,6 +450,9 @@ def _process_group(args: argparse.Namespace) -> Iterator[None]:
     if args.command not in DISTRIBUTED_COMMANDS:
         raise ValueError(f"{args.command} runs as one process; under torchrun only {list(DISTRIBUTED_COMMANDS)} "
                          "split their work (start it without torchrun)")  # fmt: skip
+    if getattr(args, "device_map", None) is not None:
+        raise ValueError("--device-map splits one process's model over devices; under torchrun each rank takes "
+                         "one device (use --device)")  # fmt: skip
     device = rank_device(resolve_device(getattr(args, "device", "cpu")))
     if hasattr(args, "device"):
         args.device = str(device)

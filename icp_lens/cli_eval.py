@@ -29,7 +29,7 @@ def add_eval_parser(sub: Any) -> None:
     ev.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     ev.add_argument("--sensitive-key", default=None, help="group attribute to treat as sensitive (key=value parts)")
     ev.add_argument("--batch-size", type=int, default=256)
-    add_device_arguments(ev)
+    add_device_arguments(ev, device_map=True)
     ev.set_defaults(handler=_cmd_eval)
 
 
@@ -39,9 +39,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from icp_lens.probes import read_probes
     from icp_lens.pruning.source import load_checkpoint, load_tokenizer
 
-    from icp_lens.devices import resolve_device, resolve_dtype
+    from icp_lens.devices import load_kwargs, resolve_dtype
 
-    model = load_checkpoint(args.model, dtype=resolve_dtype(args.dtype)).to(resolve_device(args.device))
+    placement = load_kwargs(args)
+    device = placement.pop("device")
+    model = load_checkpoint(args.model, dtype=resolve_dtype(args.dtype), **placement)
+    if device is not None:
+        model = model.to(device)
     tokenizer = load_tokenizer(args.model)
     examples = read_probes(args.data, tokenizer=tokenizer)
     report = evaluate(

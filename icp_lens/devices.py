@@ -11,11 +11,19 @@ model changes the *model's* arithmetic, not the bookkeeping's. The agreement mea
 the organisms (``tests/test_devices.py``) is the bound we document: bfloat16 scores on CPU
 keep the fp32 top-20 and stay within ``BF16_EFFECT_ATOL`` of the fp32 effects after
 normalising by the largest.
+
+A model too large for one device is split by accelerate: ``--device-map auto`` (or
+``balanced``, ``balanced_low_0``, ``sequential``, or a JSON file mapping module names to
+devices, ``"disk"`` included) with ``--offload-folder DIR`` for layers kept on disk. The
+blocks then live on several devices and accelerate moves the activations between them;
+icp_lens puts its inputs where the token embedding runs (:func:`input_device`) and reads
+hook activations wherever they are.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:  # torch is imported lazily: `icp-lens --help` should not wait for it
@@ -25,7 +33,10 @@ __all__ = [
     "BF16_EFFECT_ATOL",
     "DEVICE_HELP",
     "DTYPE_NAMES",
+    "DEVICE_MAPS",
     "add_device_arguments",
+    "input_device",
+    "load_kwargs",
     "resolve_device",
     "resolve_dtype",
 ]
@@ -84,6 +95,67 @@ def resolve_dtype(name: str | torch.dtype | None = "float32") -> torch.dtype:
     return getattr(torch, key)
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s input ids go: the device its token embedding runs on.
+
+    That is the first parameter's device, except under an accelerate ``device_map`` that
+    offloaded it (a ``meta`` parameter): then the execution device of accelerate's hook.
+    """
+    import torch
+
+    try:
+        first = next(model.parameters())
+    except StopIteration:
+        return torch.device("cpu")
+    if first.device.type != "meta":
+        return first.device
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        device = getattr(hook, "execution_device", None)
+        if device is not None:
+            return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    return torch.device("cpu")
+
+
+def _device_map_arg(text: str) -> str | dict:
+    if text in DEVICE_MAPS:
+        return text
+    import json
+
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is neither one of {list(DEVICE_MAPS)} nor a JSON file")
+    try:
+        mapping = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"{text}: not JSON ({err})") from None
+    if not isinstance(mapping, dict) or not all(isinstance(k, str) for k in mapping):
+        raise argparse.ArgumentTypeError(f"{text}: expected an object mapping module names to devices")
+    return mapping
+
+
+def load_kwargs(args: argparse.Namespace) -> dict:
+    """``boot_bridge`` keywords for a command's ``--device``/``--device-map``/``--offload-folder``.
+
+    With ``--device-map`` the model is split by accelerate and ``--device`` must stay
+    ``auto``; without it, ``{"device": <resolved --device>}``.
+    """
+    device_map = getattr(args, "device_map", None)
+    if device_map is None:
+        if getattr(args, "offload_folder", None) is not None:
+            raise ValueError("--offload-folder needs --device-map")
+        return {"device": str(resolve_device(getattr(args, "device", "auto")))}
+    if getattr(args, "device", "auto") != "auto":
+        raise ValueError(f"choose --device {args.device} or --device-map, not both")
+    kwargs: dict = {"device": None, "device_map": device_map}
+    if getattr(args, "offload_folder", None) is not None:
+        kwargs["offload_folder"] = str(args.offload_folder)
+    return kwargs
+
+
 def _device_arg(text: str) -> str:
     try:
         resolve_device(text)
@@ -92,9 +164,16 @@ def _device_arg(text: str) -> str:
     return text
 
 
-def add_device_arguments(parser: argparse.ArgumentParser, *, dtype: bool = True) -> None:
-    """Add ``--device`` (default ``auto``) and, with ``dtype``, ``--dtype`` (default ``float32``)."""
+def add_device_arguments(parser: argparse.ArgumentParser, *, dtype: bool = True, device_map: bool = False) -> None:
+    """Add ``--device`` (default ``auto``), with ``dtype`` ``--dtype`` (default ``float32``) and
+    with ``device_map`` ``--device-map`` / ``--offload-folder`` (a model split by accelerate)."""
     parser.add_argument("--device", type=_device_arg, default="auto", help=f"where the model runs: {DEVICE_HELP}")
+    if device_map:
+        split = (f"split the model over devices with accelerate: {'|'.join(DEVICE_MAPS)} or a JSON file "
+                 "{module: device} ('disk' needs --offload-folder); not with --device")  # fmt: skip
+        parser.add_argument("--device-map", type=_device_map_arg, default=None, help=split)
+        parser.add_argument("--offload-folder", type=Path, default=None,
+                            help="where accelerate keeps the layers a --device-map sends to 'disk'")  # fmt: skip
     if dtype:
         parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
                             help="the model's precision (sums are kept in float32 whatever it is)")  # fmt: skip

@@ -208,7 +208,6 @@ def to_tokens(
 
 
 def _device(model: HookedModel) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device("cpu")
+    from icp_lens.devices import input_device
+
+    return input_device(model)

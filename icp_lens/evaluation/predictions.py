@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Float, Shaped
 
+from icp_lens.devices import input_device
 from icp_lens.encoding import encode_texts
 from icp_lens.probes import ProbeExample, single_token_id
 
@@ -223,7 +224,7 @@ def _candidate_logits(
     model: Any, tokenizer: Any, prompts: Sequence[str], candidate_ids: Sequence[Sequence[int]], batch_size: int
 ) -> list[np.ndarray]:
     """Last-position logits of each prompt at its candidate token ids (batched by length)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     encoded = encode_texts(list(prompts), model=model, tokenizer=tokenizer)
     by_len: dict[int, list[int]] = defaultdict(list)
     for i, ids in enumerate(encoded):

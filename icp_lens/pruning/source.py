@@ -32,8 +32,12 @@ __all__ = ["clean_hf_model", "load_tokenizer", "load_checkpoint"]
 _WRAPPED = "._original_component"
 
 
-def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Load an HF checkpoint directory with ``transformers`` alone, in eval mode."""
+def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, **placement: Any) -> nn.Module:
+    """Load an HF checkpoint directory with ``transformers`` alone, in eval mode.
+
+    ``placement`` goes to ``from_pretrained`` (``device_map=...``, ``offload_folder=...``:
+    a model split over devices by accelerate).
+    """
     import transformers
 
     from icp_lens.loading import require_safetensors
@@ -43,7 +47,7 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32) -> 
     names = getattr(config, "architectures", None) or []
     cls = getattr(transformers, names[0], None) if names else None
     cls = cls or transformers.AutoModelForCausalLM
-    model = cls.from_pretrained(path, dtype=dtype)
+    model = cls.from_pretrained(path, dtype=dtype, **placement)
     return model.eval()
 
 

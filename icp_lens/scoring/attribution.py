@@ -98,10 +98,9 @@ _IG_MAX_ROWS = 4096  # rows of one IG forward pass (paths x steps x batch)
 
 
 def _device(model: HookedModel) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device("cpu")
+    from icp_lens.devices import input_device
+
+    return input_device(model)
 
 
 @contextmanager

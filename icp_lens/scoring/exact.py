@@ -95,10 +95,9 @@ _PASS_OVERHEAD_ROWS_ACCELERATOR = 4096.0
 
 
 def _device(model: HookedModel) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device("cpu")
+    from icp_lens.devices import input_device
+
+    return input_device(model)
 
 
 @torch.no_grad()
