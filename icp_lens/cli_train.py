@@ -255,7 +255,7 @@ def _print_counterfactual_check(args: argparse.Namespace, limit: int = 128) -> N
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from icp_lens.devices import resolve_device
-    from icp_lens.distributed import init_from_env, is_main, rank_device
+    from icp_lens.distributed import is_main
     from icp_lens.progress import heartbeat
     from icp_lens.pruning.export import check_target
     from icp_lens.training import Trainer, fit_staged
@@ -272,8 +272,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"icp-lens train: error: {err}", file=sys.stderr)
         return 2
     checkpoints = args.checkpoint_dir or args.out.with_name(args.out.name + ".checkpoints")
-    device = rank_device(resolve_device(args.device))  # under torchrun on GPUs: cuda:LOCAL_RANK
-    init_from_env(device)  # a no-op outside torchrun, and when the CLI's main() has joined the group already
+    device = resolve_device(args.device)  # under torchrun, main() has joined the group and set cuda:LOCAL_RANK
     main = is_main()  # under torchrun rank 0 prints and exports; the others train and wait for it
     try:
         with heartbeat("loading the model and the data", disable=args.quiet or not main):

@@ -30,6 +30,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from icp_lens.devices import input_device
+
 __all__ = [
     "HookedModel",
     "ModelDims",
@@ -204,10 +206,4 @@ def to_tokens(
             f"Strings tokenize to different lengths {sorted(lengths)}, e.g. "
             + "; ".join(f"{n} tokens: {t!r}" for n, t in sorted(by_len.items())[:3])
         )
-    return torch.stack(rows).to(_device(model))
-
-
-def _device(model: HookedModel) -> torch.device:
-    from icp_lens.devices import input_device
-
-    return input_device(model)
+    return torch.stack(rows).to(input_device(model))

@@ -7,34 +7,19 @@ process) and compares what rank 0 wrote with a one-process run of the same comma
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from safetensors.torch import load_file
-
 from test_shards import _probe_file
-
-pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
-                                reason="torchrun (from torch) is not on PATH")  # fmt: skip
+from torchrun_launch import icp_lens_script, torchrun
 
 
-def _torchrun(*argv: str, fault: str | None = None, fault_rank: int | None = None,
-              nproc: int = 2) -> subprocess.CompletedProcess:  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("ICP_LENS_FAULT", None)
-    env.pop("ICP_LENS_FAULT_RANK", None)
-    if fault:
-        env["ICP_LENS_FAULT"] = fault
-    if fault_rank is not None:
-        env["ICP_LENS_FAULT_RANK"] = str(fault_rank)
-    runner = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone",
-              "--no-python", str(Path(sys.executable).with_name("icp-lens"))]  # fmt: skip
-    return subprocess.run([*runner, *argv], env=env, capture_output=True, text=True, timeout=900)
+def _torchrun(*argv: str, fault: str | None = None, fault_rank: int | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node 2 --no-python icp-lens ARGV``."""
+    return torchrun(icp_lens_script(), *argv, python=False, fault=fault, fault_rank=fault_rank)
 
 
 def _sorted(path: Path) -> pd.DataFrame:
@@ -67,8 +52,9 @@ def test_torchrun_score_equals_one_process(tmp_path: Path, micro_dirs: dict[str,
     assert meta["model"] == json.loads((tmp_path / "one.meta.json").read_text())["model"]
 
 
-def test_torchrun_exact_scoring_resumes_each_rank_from_its_own_checkpoint(tmp_path: Path,
-                                                                          micro_dirs: dict[str, Path]) -> None:  # fmt: skip
+def test_torchrun_exact_scoring_resumes_each_rank_from_its_own_checkpoint(
+    tmp_path: Path, micro_dirs: dict[str, Path]
+) -> None:
     from icp_lens.cli import main
 
     model, probe = micro_dirs["gpt2"], _probe_file(tmp_path / "probe.jsonl", n=12)

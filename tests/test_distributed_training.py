@@ -15,46 +15,22 @@ full fine-tuning comparisons use Llama, the LoRA one GPT-2.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
-from safetensors.torch import load_file
-
 from ddp_worker import run_job
-from icp_lens.probes import write_probes
+from safetensors.torch import load_file
 from test_pair_batch import shaped_examples
 from test_training import micro_examples
+from torchrun_launch import icp_lens_script, torchrun
 
-pytestmark = pytest.mark.skipif(not Path(sys.executable).with_name("torchrun").exists() and shutil.which("torchrun")
-                                is None, reason="torchrun (from torch) is not installed")  # fmt: skip
+from icp_lens.probes import write_probes
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 BASE = {"max_steps": 4, "batch_size": 8, "lr": 1e-2, "progress": False, "log_every": 1, "seed": 0}
 FEATURES = ["head L0.1", "neuron L1.3"]
 RTOL, ATOL = 1e-5, 1e-6
-
-
-def _torchrun(*argv: str, fault: str | None = None, python: bool = True) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc-per-node 2 [--no-python] ARGV`` with one thread per process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("ICP_LENS_FAULT", None)
-    if fault is not None:
-        env["ICP_LENS_FAULT"] = fault
-    runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    if not python:
-        runner.append("--no-python")
-    return subprocess.run([*runner, *argv], env=env, capture_output=True, text=True, timeout=600)
-
-
-def _icp_lens() -> str:
-    script = Path(sys.executable).with_name("icp-lens")
-    return str(script) if script.exists() else shutil.which("icp-lens") or "icp-lens"
 
 
 def _worst(one: list[dict[str, Any]], two: list[dict[str, Any]]) -> tuple[float, float]:
@@ -104,7 +80,7 @@ def test_two_processes_reproduce_one_process_and_warn_where_they_cannot(micro_di
     spec = tmp_path / "spec.json"
     (tmp_path / "two").mkdir()
     spec.write_text(json.dumps({"out": str(tmp_path / "two"), "jobs": jobs}))
-    run = _torchrun(str(WORKER), str(spec))
+    run = torchrun(str(WORKER), str(spec))
     assert run.returncode == 0, run.stderr[-4000:]
     (tmp_path / "one").mkdir()
     measured = {}
@@ -123,8 +99,8 @@ def test_two_processes_reproduce_one_process_and_warn_where_they_cannot(micro_di
         worst = _worst(one["history"], two["history"])
         weights = _weight_diff(load_file(str(tmp_path / "one" / f"{name}.rank0.safetensors")), rank0)
         assert weights < 1e-5, (name, weights)
-        loss = max(abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(one["history"], two["history"])
-                   if a["kind"] == "train")  # fmt: skip
+        pairs = zip(one["history"], two["history"], strict=True)
+        loss = max(abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in pairs if a["kind"] == "train")
         measured[name] = {"max abs": worst[0], "max rel": worst[1], "loss rel": loss, "weights abs": weights}
     print("1 vs 2 processes:", measured)
 
@@ -137,7 +113,7 @@ def test_torchrun_cli_exports_once_and_a_killed_run_resumes_to_the_same_weights(
             "--batch-size", "4", "--epochs", "2", "--max-steps", "6", "--checkpoint-every", "2", "--quiet"]  # fmt: skip
     assert main(["train", *opts, "--out", str(tmp_path / "one")]) == 0
     cli = ["train", *opts, "--out", str(tmp_path / "two")]
-    run = _torchrun(_icp_lens(), *cli, python=False)
+    run = torchrun(icp_lens_script(), *cli, python=False)
     assert run.returncode == 0, run.stderr[-4000:]
     assert run.stdout.count("erm: 6 steps") == 1  # rank 0 alone prints
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "train.jsonl", "two"]  # one export, no leftovers
@@ -145,11 +121,11 @@ def test_torchrun_cli_exports_once_and_a_killed_run_resumes_to_the_same_weights(
     assert _weight_diff(one, two) < 1e-5
     assert json.loads((tmp_path / "two" / "verification.json").read_text())["passed"] is True
 
-    killed = _torchrun(_icp_lens(), *cli[:-1], str(tmp_path / "resumed"), fault="train-checkpoint:after-save",
+    killed = torchrun(icp_lens_script(), *cli[:-1], str(tmp_path / "resumed"), fault="train-checkpoint:after-save",
                        python=False)  # fmt: skip
     assert killed.returncode != 0 and not (tmp_path / "resumed").exists()
     assert json.loads((tmp_path / "resumed.checkpoints" / "state.json").read_text())["loop"]["step"] == 2
-    done = _torchrun(_icp_lens(), *cli[:-1], str(tmp_path / "resumed"), "--resume", python=False)
+    done = torchrun(icp_lens_script(), *cli[:-1], str(tmp_path / "resumed"), "--resume", python=False)
     assert done.returncode == 0, done.stderr[-4000:]
     resumed = load_file(str(tmp_path / "resumed" / "model.safetensors"))
     assert _weight_diff(two, resumed) < 1e-6  # the resumed 2-process run = the uninterrupted one

@@ -262,11 +262,11 @@ def predict_examples(
         raise ValueError("predict_examples needs at least one example")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    from icp_lens.distributed import current
+    from icp_lens.distributed import current, split
 
     ranks = current() if data_parallel else None
     if ranks is not None:
-        mine = list(range(ranks.rank, len(examples), ranks.world_size))
+        mine = split(range(len(examples)), ranks)
         local = predict_examples(model, tokenizer, [examples[i] for i in mine], batch_size=batch_size) if mine else None
         return _gather_predictions(tuple(examples), mine, local)
     token_of: dict[str, int] = {}
@@ -313,10 +313,13 @@ def _gather_predictions(examples: tuple[ProbeExample, ...], mine: list[int], loc
 
     parts = (local.logits, local.logits_spurious_cf, local.logits_causal_cf) if local is not None else ((), (), ())
     logits, spurious, causal = (gather_rows(stack(p), mine, len(examples)) for p in parts)
+    widths = [len(_candidates(ex)) for ex in examples]
+    spurious_widths = [k if ex.spurious_counterfactual is not None else None
+                       for k, ex in zip(widths, examples, strict=True)]  # fmt: skip
     return Predictions(
         examples,
-        unstack(logits, [len(_candidates(ex)) for ex in examples]),
-        unstack(spurious, [len(_candidates(ex)) if ex.spurious_counterfactual is not None else None for ex in examples]),
+        unstack(logits, widths),
+        unstack(spurious, spurious_widths),
         unstack(causal, [len(_causal_candidates(ex)) if ex.causal_counterfactual is not None else None
                          for ex in examples]),
     )  # fmt: skip

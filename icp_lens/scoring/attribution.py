@@ -80,6 +80,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from icp_lens.devices import input_device
 from icp_lens.distributed import all_reduce_sum, current, split
 from icp_lens.features import Feature, validate_features
 from icp_lens.hooks import capturing, hooked
@@ -95,12 +96,6 @@ __all__ = ["AttributionMethod", "IGPaths", "attribution_effects"]
 AttributionMethod = Literal["atp", "ig"]
 IGPaths = Literal["hook", "feature"]
 _IG_MAX_ROWS = 4096  # rows of one IG forward pass (paths x steps x batch)
-
-
-def _device(model: HookedModel) -> torch.device:
-    from icp_lens.devices import input_device
-
-    return input_device(model)
 
 
 @contextmanager
@@ -372,7 +367,7 @@ def attribution_effects(
         raise ValueError(f"Duplicate features: {dupes[:5]}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = _device(model)
+    device = input_device(model)
     batch_list = list(probes.batches(batch_size, device=device))
     positions = check_batches(batch_list, spec, positions)
     which = spec.counterfactual

@@ -73,6 +73,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from icp_lens.devices import input_device
 from icp_lens.edits import Edit
 from icp_lens.features import Feature, validate_features
 from icp_lens.hooks import capturing
@@ -92,12 +93,6 @@ __all__ = ["exact_effects"]
 #: per-call costs are worth a few dozen rows on a CPU; on an accelerator small passes are latency-bound
 _PASS_OVERHEAD_ROWS = {"cpu": 32.0}
 _PASS_OVERHEAD_ROWS_ACCELERATOR = 4096.0
-
-
-def _device(model: HookedModel) -> torch.device:
-    from icp_lens.devices import input_device
-
-    return input_device(model)
 
 
 @torch.no_grad()
@@ -146,7 +141,7 @@ def exact_effects(
         raise ValueError("The model is in training mode (dropout is active): call model.eval() before scoring")
     if batch_size < 1 or features_per_pass < 1:
         raise ValueError(f"batch_size and features_per_pass must be >= 1, got {batch_size}, {features_per_pass}")
-    batches = list(probes.batches(batch_size, device=_device(model)))
+    batches = list(probes.batches(batch_size, device=input_device(model)))
     positions = check_batches(batches, spec, positions)
     which = spec.counterfactual
     fixed: dict[Feature, Intervention] = {}
@@ -165,7 +160,7 @@ def exact_effects(
     runner = _Runner(model)
     n_layers = model_dims(model).n_layers
     if runner.on["prefix"]:  # passes skip the blocks before their chunk: chunks by block
-        rows = _PASS_OVERHEAD_ROWS.get(_device(model).type, _PASS_OVERHEAD_ROWS_ACCELERATOR)
+        rows = _PASS_OVERHEAD_ROWS.get(input_device(model).type, _PASS_OVERHEAD_ROWS_ACCELERATOR)
         chunks = _plan(features, features_per_pass, n_layers, rows / max(1, min(batch_size, len(probes))))
     else:  # every pass runs every block: as few passes as possible
         chunks = _plan(features, features_per_pass, n_layers, math.inf)

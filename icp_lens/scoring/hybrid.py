@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import torch
 
-from icp_lens.distributed import Ranks, current, gather_rows
+from icp_lens.distributed import Ranks, current, gather_rows, split
 from icp_lens.features import Feature, FeatureKind, enumerate_features
 from icp_lens.metrics import Metric
 from icp_lens.model import HookedModel
@@ -223,7 +223,7 @@ def _feature_parallel(
     """Exact effects of ``features`` with the ranks sharing them (every rank gets all rows)."""
     from icp_lens.scoring.exact import exact_effects
 
-    mine = list(range(ranks.rank, len(features), ranks.world_size))
+    mine = split(range(len(features)), ranks)
     n_examples = len(probes)
     if mine:
         local = exact_effects(model, probes, [features[i] for i in mine], spec, **kwargs)
