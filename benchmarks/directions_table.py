@@ -72,12 +72,12 @@ def _log(msg: str) -> None:
 
 
 def smollm2_section() -> dict[str, Any]:
-    from icp_lens.case_study.measures import imdb_texts, next_token_margins
-    from icp_lens.data import explicit_gender_probes, pronoun_probes
+    from icp_lens.data import explicit_gender_probes, imdb_texts, pronoun_probes
     from icp_lens.data.pronouns import stereotype_gap
     from icp_lens.directions import applying_directions, fit_directions
     from icp_lens.directions.fold import fold_directions
     from icp_lens.directions.intervene import hf_directions
+    from icp_lens.evaluation.margins import next_token_margins
     from icp_lens.evaluation.perplexity import perplexity
     from icp_lens.evaluation.stereoset import stereoset_scores
     from icp_lens.loading import load_model, resolve_model_dir
@@ -161,7 +161,9 @@ def smollm2_section() -> dict[str, Any]:
         out["stereoset"]["direction"] = stereoset_scores(folded, tok).to_dict()
         _log(f"export max |diff| {out['export']['max_abs_logit_diff']:.2e}; stereoset {out['stereoset']}")
         _save("smollm2", out)
-    from icp_lens.case_study.finetune import FinetuneConfig, train_method
+    import _repo_root  # noqa: F401  (examples/ imports from the repository root)
+
+    from examples.smollm2_case.finetune import FinetuneConfig, train_method
 
     start = time.perf_counter()
     base_hf, _ = load_model(path)

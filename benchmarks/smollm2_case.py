@@ -11,7 +11,7 @@ an HF checkpoint, verifies it, and evaluates the original and the checkpoint on 
 professions and templates, IMDB perplexity, the Wino-style set and CrowS-Pairs gender
 pairs. Writes the run into ``--out`` (checkpoint, scores, grid, per-profession plot) and
 copies the summary to ``benchmarks/results/smollm2_case.{md,json,png}`` (``--no-record``
-to skip). See :mod:`icp_lens.case_study` for the method and the measures.
+to skip). See :mod:`examples.smollm2_case` (``examples/smollm2_case/``) for the method and the measures.
 """
 
 from __future__ import annotations
@@ -19,9 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
-from icp_lens.case_study import FULL, REDUCED, run_case
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: examples/ (the case study) imports from the repository root
+    sys.path.insert(0, str(ROOT))
+
+from examples.smollm2_case import FULL, REDUCED, run_case  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -5,7 +5,7 @@
     python benchmarks/smollm2_finetune.py --reduced        # a quick look (ERM vs consistency, small samples)
 
 Trains LoRA adapters on SmolLM2-135M-Instruct with every method in the same loop and
-budget (:mod:`icp_lens.case_study.finetune`): the task term on explicit-cue prompts,
+budget (:mod:`examples.smollm2_case.finetune`): the task term on explicit-cue prompts,
 the pair terms on the ambiguous train-split profession prompts and their
 profession-swapped counterfactuals. Measures the original and each trained model on the
 train (seen) and eval (held-out) professions: flip rate under the swap, mean |delta
@@ -27,8 +27,12 @@ from typing import Any
 
 import pandas as pd
 
-from icp_lens.case_study.finetune import METHODS, FinetuneConfig, FinetuneResult, run_finetune
-from icp_lens.case_study.run import _md
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: examples/ (the case study) imports from the repository root
+    sys.path.insert(0, str(ROOT))
+
+from examples.smollm2_case.finetune import METHODS, FinetuneConfig, FinetuneResult, run_finetune  # noqa: E402
+from examples.smollm2_case.run import _md  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 PRUNING_CUT = "smollm2_case.json"
@@ -111,7 +115,7 @@ def markdown(result: FinetuneResult, pruning_cut: float | None, command: str) ->
         f"lr {c.lr:g}, batch {c.batch_size} explicit-cue prompts + up to {c.batch_size} profession pairs per step, "
         f"seeds {list(c.seeds)}; pair terms compare the `{c.representation}` distribution. Task term: she/he "
         "cross-entropy on the train-split explicit-cue prompts; pair terms: the 60 train-split profession prompts "
-        "and their swaps (`consistency_wide`: lam 0.15 on the wide pool of `icp_lens.case_study.wide_pairs`, "
+        "and their swaps (`consistency_wide`: lam 0.15 on the wide pool of `examples.smollm2_case.wide_pairs`, "
         "train-split and 34 extra professions, every same-length swap and swaps to a neutral noun, 11 templates, plus "
         "the retain term on IMDB selection reviews and neutral-noun prompts; `consistency_staged`: the same, then "
         f"at most {c.seen_steps} more steps with the same loss on the 60 train-split prompts alone, stopped "

@@ -75,8 +75,8 @@ def measure(model_dir: Path, data: Path, ppl_texts: list[str], spec: dict) -> di
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from icp_lens.case_study.measures import next_token_margins
     from icp_lens.counterfactuals import sensitivity
+    from icp_lens.evaluation.margins import next_token_margins
     from icp_lens.evaluation.perplexity import perplexity
     from icp_lens.probes import read_probes
 
@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--name", default="spec_finetune", help="results name (benchmarks/results/NAME.*)")
     args = parser.parse_args()
     spec = json.loads(args.spec.read_text()) if args.spec is not None else SPEC
-    from icp_lens.case_study.measures import imdb_texts
+    from icp_lens.data import imdb_texts
 
     if args.model is None:
         from icp_lens import loading

@@ -47,6 +47,9 @@ def build(script: Path) -> float:
     # tqdm's note that ipywidgets is absent (our own progress bars print as text)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("PYTHONWARNINGS", "ignore:IProgress not found")
+    # the kernel runs in a scratch directory: the repository root on its path, for examples.smollm2_case
+    if str(ROOT) not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     notebook = jupytext.read(script)
     with tempfile.TemporaryDirectory() as tmp:
         NotebookClient(notebook, timeout=None, kernel_name="python3", resources={"metadata": {"path": tmp}}).execute()

@@ -15,15 +15,15 @@ import torch
 # the converted-model fixture (session scope) lives in test_loading.py
 from test_loading import smollm2_dir  # noqa: F401
 
-from icp_lens.case_study.finetune import (
+from examples.smollm2_case.finetune import (
     MEASURE_COLUMNS,
     METHODS,
     FinetuneConfig,
     targets_table,
     train_method,
 )
-from icp_lens.case_study.finetune_measures import counterfactual_margins, pair_shift
-from icp_lens.case_study.measures import next_token_margins
+from examples.smollm2_case.finetune_measures import counterfactual_margins, pair_shift
+from icp_lens.evaluation import next_token_margins
 from icp_lens.probes import ProbeExample
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -97,7 +97,7 @@ class _CharTokenizer:
 
 
 def test_wide_pair_pool_by_hand() -> None:
-    from icp_lens.case_study.wide_pairs import (
+    from examples.smollm2_case.wide_pairs import (
         EXTRA_FEMALE,
         EXTRA_MALE,
         EXTRA_TEMPLATES,
@@ -172,7 +172,7 @@ needs_real = pytest.mark.skipif(
 @pytest.mark.slow
 @needs_real
 def test_consistency_finetuning_on_smollm2(smollm2_dir: Path) -> None:  # noqa: F811
-    from icp_lens.case_study.finetune import run_finetune
+    from examples.smollm2_case.finetune import run_finetune
 
     config = FinetuneConfig(
         model=str(smollm2_dir), methods=("consistency",), steps=4, batch_size=8, lr=1e-3, n_imdb=2, imdb_tokens=32

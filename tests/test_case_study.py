@@ -15,17 +15,17 @@ import torch
 # the converted-model fixture (session scope) lives in test_loading.py
 from test_loading import smollm2_dir  # noqa: F401
 
-from icp_lens.case_study import (
+from examples.smollm2_case import (
     REDUCED,
     CaseConfig,
     candidates,
     choose,
-    next_token_margins,
     per_profession,
     profession_of,
     results_table,
 )
 from icp_lens.data import pronoun_probes
+from icp_lens.evaluation import next_token_margins
 from icp_lens.evaluation.perplexity import perplexity
 from icp_lens.features import Feature
 from icp_lens.probes import ProbeExample
@@ -166,7 +166,7 @@ needs_real = pytest.mark.skipif(
 @pytest.mark.slow
 @needs_real
 def test_reduced_case_on_smollm2(smollm2_dir: Path, tmp_path: Path) -> None:  # noqa: F811
-    from icp_lens.case_study import run_case
+    from examples.smollm2_case import run_case
 
     result = run_case(REDUCED, out=tmp_path / "case", progress=False, log=None)
     # the original model's numbers on the held-out split (pinned: BOS-first encoding, fp32)

@@ -25,7 +25,7 @@ def test_jsonable_makes_strict_json() -> None:
 
 
 def test_result_writers_share_it() -> None:
-    from icp_lens.case_study import run as case_run
+    from examples.smollm2_case import run as case_run
     from icp_lens.training import result as train_result
 
     assert train_result.jsonable is jsonable

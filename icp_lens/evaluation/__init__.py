@@ -15,9 +15,11 @@ The metrics themselves are pure functions on per-example arrays
 (:mod:`icp_lens.evaluation.metrics`); :mod:`~icp_lens.evaluation.predictions` makes
 those arrays from a model; :mod:`~icp_lens.evaluation.pair_bias` scores
 CrowS-Pairs-style sentence pairs; :mod:`~icp_lens.evaluation.perplexity` measures
-what a mitigation costs on ordinary text.
+what a mitigation costs on ordinary text; :func:`~icp_lens.evaluation.margins.next_token_margins`
+gives each example's answer-minus-alternatives logit margin in one forward pass.
 """
 
+from icp_lens.evaluation.margins import next_token_margins
 from icp_lens.evaluation.metrics import (
     InsufficientDataError,
     accuracy,
@@ -61,6 +63,7 @@ __all__ = [
     "flip_rate",
     "gap_closed",
     "group_accuracy",
+    "next_token_margins",
     "pair_bias",
     "pair_bias_score",
     "perplexity",

@@ -12,7 +12,7 @@ __all__ = ["CaseConfig", "FULL", "REDUCED"]
 
 @dataclass(frozen=True)
 class CaseConfig:
-    """The knobs of :func:`icp_lens.case_study.run_case`.
+    """The knobs of :func:`examples.smollm2_case.run_case`.
 
     Scoring: ``kinds`` over ``layers`` (``None``: all 30), hybrid attribution with the
     top ``verify_top`` features re-scored by exact patching. Selection (train split

@@ -1,6 +1,6 @@
 """Invariance fine-tuning of the case-study model: teach SmolLM2 that the profession is not a cue.
 
-Pruning (:func:`~icp_lens.case_study.run_case`) removes the few features that carry the
+Pruning (:func:`~examples.smollm2_case.run_case`) removes the few features that carry the
 profession -> pronoun shortcut and cuts the held-out stereotype gap by about a sixth
 within a 3% perplexity budget: the shortcut is spread over many features. Fine-tuning
 attacks the behaviour instead. Every method below trains LoRA adapters (peft) with the
@@ -26,12 +26,12 @@ batches (same seed), and differs only in the terms of its loss:
     features ``f`` (e.g. the pruned ones of the case study): the answer distribution
     must not change when they take their counterfactual value;
   - ``consistency_wide``: ``consistency`` with ``lam`` 0.15 on the wide pair pool of
-    :mod:`~icp_lens.case_study.wide_pairs` (the train professions plus 34 others, every
+    :mod:`~examples.smollm2_case.wide_pairs` (the train professions plus 34 others, every
     same-length swap and every swap to a neutral noun, extra templates; no eval-split word
     or template), plus the retain term (``WIDE_RETAIN``: ``KL(original || trained)`` on
     IMDB *selection* reviews, not the evaluation ones, and on neutral-noun prompts, which
     anchor the shared answer at the original's). Chosen on a validation split of the
-    train professions (see :mod:`~icp_lens.case_study.wide_pairs`). Recorded run (seeds
+    train professions (see :mod:`~examples.smollm2_case.wide_pairs`). Recorded run (seeds
     0, 1): held-out flip rate 0.29 (ERM 0.74), held-out gap cut 83% (CLP 72%), held-out
     mean margins -0.10 / -0.79 (original +1.71 / -2.33: no drift toward one pronoun),
     perplexity -0.8%, explicit cues 100%; but 0.17 of the *seen* prompts flip (their
@@ -48,7 +48,7 @@ batches (same seed), and differs only in the terms of its loss:
     the fewest flips (the trainer's early stopping on ``flip_rate``). Stopping early
     matters: the longer the second stage runs, the more it fits the seen professions
     alone and the more the unseen ones drift apart again. Chosen on the same validation
-    split (see :mod:`~icp_lens.case_study.wide_pairs`). Recorded run (seeds 0, 1; the
+    split (see :mod:`~examples.smollm2_case.wide_pairs`). Recorded run (seeds 0, 1; the
     second stage ran 20 and 15 steps): seen flips 0.00, held-out flips 0.29, held-out
     gap cut 82%, perplexity -0.7%, explicit cues 100%: every target met. Held-out mean
     margins -0.25 / -0.96: the shared answer leans more to " he" than
@@ -66,7 +66,7 @@ Those train-split runs chose ``lr``, ``steps`` and ``representation``; the held-
 played no part in the choice.
 
 :func:`run_finetune` measures the original and every trained model
-(:func:`~icp_lens.case_study.finetune_measures.finetune_measures`, on the LoRA-merged HF
+(:func:`~examples.smollm2_case.finetune_measures.finetune_measures`, on the LoRA-merged HF
 model) and checks the issue's targets: flip rate <= 1% on the professions seen in
 training, held-out flip rate <= half of ERM's, explicit cues >= 95%, IMDB perplexity
 rise <= 3%; the held-out gap cut compares with pruning's.
@@ -230,8 +230,8 @@ def train_method(method: str, config: FinetuneConfig, seed: int, base: Any, toke
     )  # fmt: skip
     retain = None
     if method in WIDE_METHODS:
-        from icp_lens.case_study.measures import imdb_texts
-        from icp_lens.case_study.wide_pairs import anchor_prompts, wide_pair_pool
+        from examples.smollm2_case.wide_pairs import anchor_prompts, wide_pair_pool
+        from icp_lens.data import imdb_texts
 
         lam = config.lam.get(method, WIDE_LAM)
         settings = replace(settings, lam=lam, **{k: v for k, v in WIDE_RETAIN.items() if k != "n_texts"})
@@ -287,7 +287,7 @@ def run_finetune(config: FinetuneConfig | None = None, *, log: Callable[[str], N
     ``log`` gets one line per run (``None``: silent).
     """
     config = config if config is not None else FinetuneConfig()
-    from icp_lens.case_study.finetune_measures import finetune_measures
+    from examples.smollm2_case.finetune_measures import finetune_measures
     from icp_lens.loading import load_model
 
     say = log or (lambda _msg: None)

@@ -12,7 +12,7 @@ say how far a model is from that, per split of :func:`icp_lens.data.pronoun_prob
 - **mean |delta margin|**: ``mean |margin(x_cf) - margin(x)|``
   (:func:`icp_lens.evaluation.sensitivity`), the size of the move, 0 when consistent.
 
-Beside them, the case study's measures (:mod:`icp_lens.case_study.measures`): the
+Beside them, the case study's measures (:mod:`examples.smollm2_case.measures`): the
 stereotype gap per split, explicit-cue accuracy (the true cause must still work), IMDB
 perplexity on the reviews the study keeps for evaluation, and optionally the Wino-style
 and CrowS-Pairs gender scores.
@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from icp_lens.case_study.measures import imdb_texts, next_token_margins, per_profession
-from icp_lens.data import explicit_gender_probes, pronoun_probes, stereotype_gap
-from icp_lens.evaluation import flip_rate, pair_bias, perplexity, sensitivity
+from examples.smollm2_case.measures import per_profession
+from icp_lens.data import explicit_gender_probes, imdb_texts, pronoun_probes, stereotype_gap
+from icp_lens.evaluation import flip_rate, next_token_margins, pair_bias, perplexity, sensitivity
 from icp_lens.probes import ProbeExample
 
 __all__ = ["PAIR_SPLITS", "counterfactual_margins", "pair_shift", "finetune_measures"]
@@ -83,7 +83,7 @@ def finetune_measures(
     Values: ``flip_rate_{split}``, ``abs_shift_{split}`` (mean |delta margin|),
     ``gap_{split}`` (stereotype gap) and ``explicit_accuracy_{split}`` for ``split`` in
     :data:`PAIR_SPLITS`; ``perplexity_imdb`` on the first ``n_imdb`` evaluation reviews
-    (:func:`~icp_lens.case_study.measures.imdb_texts`, cut to ``imdb_tokens``);
+    (:func:`~icp_lens.data.imdb_texts`, cut to ``imdb_tokens``);
     ``wino_pro_preference`` / ``crows_gender_score`` on ``n_wino`` / ``n_crows`` pairs
     sampled with ``seed`` (NaN when 0). The frame has ``split, profession, group, margin, n``.
     """

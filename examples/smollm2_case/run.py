@@ -10,12 +10,12 @@ the pronoun. :func:`run_case`
    spurious intervention swaps the profession, the causal one an explicit gendered
    word, so every feature gets a selectivity;
 2. chooses the features on the train split only, with a perplexity guard on IMDB
-   reviews kept apart from the evaluation's (:mod:`icp_lens.case_study.selection`);
+   reviews kept apart from the evaluation's (:mod:`examples.smollm2_case.selection`);
 3. makes a ``PrunePlan`` (``config.mode``; mean mode averages each feature over
    ordinary text, see ``CaseConfig.mean_reference``), exports the edited checkpoint
    and verifies it (reloaded with ``transformers`` alone, against the run-time ablation);
 4. evaluates the original and the exported checkpoint on held-out professions and
-   templates (:mod:`icp_lens.case_study.measures`);
+   templates (:mod:`examples.smollm2_case.measures`);
 5. writes ``scores.csv``, ``selection_grid.csv``, ``checkpoint/`` (with ``plan.json``),
    ``per_profession.csv``, ``per_profession.png``, ``results.json`` and ``results.md``
    into ``out``.
@@ -35,7 +35,7 @@ from typing import Any
 
 import pandas as pd
 
-from icp_lens.case_study.config import FULL, CaseConfig
+from examples.smollm2_case.config import FULL, CaseConfig
 from icp_lens.features import Feature
 from icp_lens.jsonsafe import jsonable
 
@@ -49,7 +49,7 @@ class CaseResult:
     """What the case study measured and where it wrote it.
 
     ``table``: one row per measure (``measure, before, after, change, target, met``);
-    ``before`` / ``after``: every measure of :func:`~icp_lens.case_study.measures.bias_measures`;
+    ``before`` / ``after``: every measure of :func:`~examples.smollm2_case.measures.bias_measures`;
     ``professions``: per-profession margins before and after (eval split);
     ``grid``: the train-split selection grid; ``chosen``: its chosen row;
     ``verification``: the export's ``VerificationReport`` as a dict; ``seconds``: per stage.
@@ -194,9 +194,9 @@ def run_case(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from icp_lens.case_study.measures import bias_measures, imdb_texts
-    from icp_lens.case_study.selection import candidates, choose, selection_grid
-    from icp_lens.data import explicit_gender_probes, pronoun_probes
+    from examples.smollm2_case.measures import bias_measures
+    from examples.smollm2_case.selection import candidates, choose, selection_grid
+    from icp_lens.data import explicit_gender_probes, imdb_texts, pronoun_probes
     from icp_lens.encoding import encode_texts, length_batches
     from icp_lens.interventions import means_over
     from icp_lens.loading import load_bridge, resolve_model_dir

@@ -13,9 +13,10 @@
 - **CrowS-Pairs gender score**: the share of CrowS-Pairs gender pairs where the more
   stereotypical sentence is likelier (0.5 = unbiased).
 
-Prompts are encoded BOS first (``tokenizer.bos_token_id`` then the text without special
-tokens), as the bridge encodes them, so a bridge and the HF model it wraps give the same
-numbers to float round-off.
+The margins come from :func:`icp_lens.evaluation.next_token_margins` (prompts encoded BOS
+first, as the bridge encodes them, so a bridge and the HF model it wraps give the same
+numbers to float round-off) and the IMDB reviews from :func:`icp_lens.data.imdb_texts`;
+both are re-exported here under their former names.
 """
 
 from __future__ import annotations
@@ -24,14 +25,11 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import pandas as pd
-import torch
-from jaxtyping import Float
 
-from icp_lens.data import explicit_gender_probes, pronoun_probes, stereotype_gap
-from icp_lens.encoding import bos_first, length_batches
-from icp_lens.probes import ProbeExample, single_token_id
+from icp_lens.data import explicit_gender_probes, imdb_texts, pronoun_probes, stereotype_gap
+from icp_lens.evaluation.margins import next_token_margins
+from icp_lens.probes import ProbeExample
 
 __all__ = ["imdb_texts", "next_token_margins", "profession_of", "per_profession", "bias_measures", "MEASURES"]
 
@@ -45,33 +43,6 @@ MEASURES: dict[str, tuple[str, str]] = {
     "stereotype_gap_train": ("the same gap on the train split (in-sample)", "toward 0"),
     "explicit_accuracy_train": ("explicit-cue accuracy on the train split", "higher"),
 }
-
-
-@torch.no_grad()
-def next_token_margins(
-    model: Any, tokenizer: Any, examples: Sequence[ProbeExample], *, batch_size: int = 64
-) -> Float[np.ndarray, " n"]:
-    """``logit(answer) - mean logit(alternatives)`` at the last position of each prompt (BOS first)."""
-    if not examples:
-        raise ValueError("next_token_margins needs at least one example")
-    encoded = bos_first(tokenizer, [ex.prompt for ex in examples], purpose="the case study")
-    ids: dict[str, int] = {}
-
-    def tid(text: str) -> int:
-        if text not in ids:
-            ids[text] = single_token_id(tokenizer, text)
-        return ids[text]
-
-    device = next(model.parameters()).device
-    out = np.zeros(len(examples))
-    for idx, tokens in length_batches(encoded, batch_size, device=device):
-        result = model(tokens)
-        last = (result.logits if hasattr(result, "logits") else result)[:, -1].double()
-        for row, i in enumerate(idx):
-            ex = examples[i]
-            alts = [tid(a) for a in ex.alternatives]
-            out[i] = float(last[row, tid(ex.answer)] - last[row, alts].mean())
-    return out
 
 
 def profession_of(example: ProbeExample) -> str:
@@ -96,22 +67,6 @@ def per_profession(margins: Sequence[float], examples: Sequence[ProbeExample]) -
         .reset_index()
         .sort_values("margin", ascending=False, ignore_index=True)
     )
-
-
-def imdb_texts(part: str, n: int | None, *, seed: int = 0) -> list[str]:
-    """IMDB reviews for ``part`` ``"eval"`` (perplexity) or ``"select"`` (the selection's guard).
-
-    The 200 reviews are shuffled with ``seed`` and split in halves, so the two parts never
-    share a review; the first ``n`` of the part are returned (``None``: all 100).
-    """
-    from icp_lens.data import load_imdb_sample
-
-    if part not in ("eval", "select"):
-        raise ValueError(f"part must be 'eval' or 'select', got {part!r}")
-    texts = list(load_imdb_sample().sample(frac=1.0, random_state=seed)["text"])
-    half = len(texts) // 2
-    chosen = texts[:half] if part == "eval" else texts[half:]
-    return chosen if n is None else chosen[:n]
 
 
 def _sample(frame: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:

@@ -25,7 +25,7 @@ neutral swaps: gap 0.84; plus the neutral anchor prompts in the retain pool: gap
 lam 0.3: gap 0.57; **lam 0.15: flip 0.00, gap 0.16 (93% cut), margins -0.28 / -0.44,
 explicit cues 100%, perplexity 53.3 vs the original's 53.8** (other reviews); a
 retain weight of 4 instead of 1: gap 0.90. ``consistency_wide`` in
-:mod:`icp_lens.case_study.finetune` is that last setting. The eval split was not read
+:mod:`examples.smollm2_case.finetune` is that last setting. The eval split was not read
 for any of these runs. On the eval split (seeds 0, 1) it gives held-out flip rate 0.29
 (ERM 0.74) and a held-out gap cut of 83% (CLP 72%), perplexity -0.8%
 (``benchmarks/results/smollm2_finetune.md``).
