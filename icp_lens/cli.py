@@ -27,6 +27,9 @@ Subcommands:
     ``icp_lens.cli_pairs``.
 ``icp-lens audit --model M --spec SPEC.json|--probe FILE [--data CSV]``
     Sensitivity to spurious and causal counterfactuals, and the spuriousness ratio.
+``icp-lens edit --model M --pairs pairs.jsonl --layers L --out DIR2 [--guard task.jsonl] [--retain TEXT]``
+    A keyed, covariance-guarded MLP edit (closed form, no training) from counterfactual
+    pairs, exported as a checkpoint; see ``icp_lens.cli_edit`` and ``icp_lens.keyed_edit``.
 ``icp-lens demo [--out DIR] [--json]``
     The main job on the built-in default organism (lexical shortcut, GPT-2, seed 0):
     score, prune, export and verify the checkpoint, evaluate before/after; see
@@ -146,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", type=Path, required=True, help="the merged table (.csv or .parquet)")
     merge.set_defaults(handler=_cmd_merge_scores)
 
+    from icp_lens.cli_edit import add_edit_parser
     from icp_lens.cli_eval import add_eval_parser
     from icp_lens.cli_fetch import add_fetch_parser
     from icp_lens.cli_pairs import add_audit_parser, add_pairs_parser
@@ -158,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_fetch_parser(sub)
     add_pairs_parser(sub)
     add_audit_parser(sub)
+    add_edit_parser(sub)
 
     demo = sub.add_parser("demo", help="score, prune, export, verify and evaluate the default organism")
     demo.add_argument("--out", type=Path, default=None, help="output directory (default: <icp_lens cache>/demo)")
