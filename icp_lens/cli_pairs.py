@@ -159,14 +159,20 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
         raise ValueError(f"--checks: unknown {unknown}; valid: {list(CHECKS)}")
     thresholds = QualityThresholds(args.min_similarity, args.max_ppl_ratio, args.max_edit_fraction)
     models: dict[str, Any] = {}
+    paths: dict[str, str] = {}
+
+    def path_of(name: str) -> str:  # resolved once per name (a hub name or alias may download or convert)
+        if name not in paths:
+            paths[name] = str(resolve_model_dir(name))
+        return paths[name]
 
     def load_lm(name: str) -> tuple[Any, Any]:
         if name not in models:
-            path = str(resolve_model_dir(name))
+            path = path_of(name)
             models[name] = (AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path))
         return models[name]
 
-    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_dir(args.model)))
+    tokenizer = AutoTokenizer.from_pretrained(path_of(args.model))
     result, lexicon = _generate(args, tokenizer, load_lm)
     if not result.pairs:
         c = result.report["counts"]
