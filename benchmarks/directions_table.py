@@ -612,7 +612,8 @@ def report() -> str:
             "scores and edits use the probe prompts and their counterfactuals, no group labels). Worst gap closed = "
             "(worst after - worst before) / (oracle worst - worst before). The keyed edit "
             "(`icp-lens edit --target mean` on the probe pairs, retain text = 256 training prompts; no scores) "
-            "has no k: its column names the chosen layers (L) and retain weight (w), chosen the same way among each layer alone and all layers x w 0.3, 3.",
+            "has no k: its column names the chosen layers (L) and retain weight (w), chosen the same way among "
+            "each layer alone and all layers x w 0.3, 3.",
             "",
         ]
     text = "\n".join(parts)
