@@ -27,12 +27,14 @@ checkpoint of the same shapes. Several layers are edited one after the other, ea
 model the previous edits made (MEMIT's order). ``rank`` restricts the targets to their
 top singular directions (a smaller, lower-rank edit).
 
-What it does and does not do, measured (``benchmarks/keyed_edit.py``): on SmolLM2-135M's
-profession -> pronoun shortcut, a wide pool of profession -> neutral-noun pairs and layer 6
-cut a *validation* gap by more than half but the held-out gap (other professions *and*
-templates) by much less, and every setting trades gap cut against perplexity on other text:
-the keys of held-out professions share only part of their direction with the keys the edit
-was fitted on. See the README for the numbers.
+What it does and does not do, measured (``benchmarks/results/keyed_edit.md``): on
+SmolLM2-135M's profession -> pronoun shortcut, fitted on neutral swaps ("the nurse" -> "the
+person") of the seen professions, with layer and retain weight chosen on validation
+professions, it cuts the held-out gap (other professions, other templates) by 39% at
++2.1% perplexity, explicit cues intact; the pair recipe's fine-tune reaches 74-76% on the
+same split. The keys of unseen professions share only part of their direction with the
+fitted ones, and every setting trades gap cut against perplexity on other text. On a
+planted lexical shortcut it closes the whole worst-group gap.
 """
 
 from __future__ import annotations

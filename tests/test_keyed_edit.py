@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_loading import smollm2_dir  # noqa: F401
 
 from icp_lens.cli_edit import neutral_pairs
 from icp_lens.keyed_edit import keyed_edit, mlp_keys
@@ -16,6 +17,9 @@ from icp_lens.probes import ProbeExample, write_probes
 from icp_lens.pruning.source import load_checkpoint, load_tokenizer
 
 ARCHS = ("gpt2", "llama", "neox")
+#: SmolLM2 test: the held-out gap left after the edit is below this share of the original
+#: (measured on CPU, fp32: 3.84 -> 2.22, i.e. 0.58 left; perplexity +1.7%)
+GAP_LEFT = 0.75
 #: prompt -> counterfactual: the swap is at token 2 (after BOS and "a"), three positions move
 PAIRS = [
     ProbeExample(prompt="a b c", answer="pos", alternatives=("neg",), spurious_counterfactual="a d c"),
@@ -161,3 +165,51 @@ def test_cli_round_trip(micro_dirs: dict[str, Path], tmp_path: Path) -> None:
 
 def original_params(d: Path) -> list[torch.Tensor]:
     return [p for _, p in load_checkpoint(d).named_parameters()]
+
+
+@pytest.mark.slow
+def test_smollm2_keyed_edit_cuts_a_held_out_stereotype_gap(smollm2_dir: Path) -> None:  # noqa: F811
+    """The real-model path: neutral swaps of 8 professions in 3 templates, layer 14, guard and retain text;
+    measured on 4 other professions in 2 other templates (the numbers are this test's own run)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from icp_lens.data import imdb_texts
+    from icp_lens.evaluation import next_token_margins, perplexity
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()
+
+    def probe(template: str, x: str, cf: str | None = None) -> ProbeExample:
+        return ProbeExample(prompt=template.format(x=x), answer=" she", alternatives=(" he",),
+                            spurious_counterfactual=None if cf is None else template.format(x=cf))  # fmt: skip
+
+    fit_templates = ["The {x} said that", "Yesterday the {x} wrote that", "After the meeting, the {x} told me that"]
+    fit_jobs = ["nurse", "secretary", "receptionist", "librarian", "mechanic", "pilot", "plumber", "carpenter"]
+    pairs = [probe(t, x, "person") for t in fit_templates for x in fit_jobs]
+    guard = [t.format(x=w) for t in fit_templates for w in ("woman", "man", "mother", "father")]
+    test_templates = ["Last week the {x} mentioned that", "At lunch the {x} admitted that"]
+    female, male = ["hairdresser", "nanny"], ["electrician", "firefighter"]
+    tests = [probe(t, x) for t in test_templates for x in female + male]
+    explicit = [ProbeExample(prompt=t.format(x=w), answer=a, alternatives=(b,))
+                for t in test_templates for w, a, b in (("woman", " she", " he"), ("man", " he", " she"))]  # fmt: skip
+    texts = imdb_texts("eval", 8)
+
+    def measure() -> tuple[float, float, float]:
+        with torch.no_grad():
+            m = next_token_margins(model, tok, tests).reshape(len(test_templates), 4)
+            gap = float(m[:, :2].mean() - m[:, 2:].mean())
+            right = float((next_token_margins(model, tok, explicit) > 0).mean())
+            return gap, right, perplexity(model, tok, texts, max_tokens=64).perplexity
+
+    gap0, right0, ppl0 = measure()
+    stats = keyed_edit(model, tok, pairs, layers=[14], guard=guard, retain=imdb_texts("select", 30),
+                       retain_weight=3.0, progress=False)  # fmt: skip
+    gap1, right1, ppl1 = measure()
+    print(
+        f"held-out gap {gap0:.3f} -> {gap1:.3f}, explicit {right0} -> {right1}, ppl {ppl0:.2f} -> {ppl1:.2f}, {stats}"
+    )
+    assert stats.n_pairs > 0 and stats.n_skipped < len(pairs)
+    assert gap0 > 1.0  # the shortcut is there
+    assert gap1 < GAP_LEFT * gap0  # measured: see the constants
+    assert right1 == right0 == 1.0
+    assert ppl1 / ppl0 - 1 < 0.03
