@@ -40,8 +40,7 @@ planted lexical shortcut it closes the whole worst-group gap.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -51,6 +50,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from icp_lens.encoding import bos_first
+from icp_lens.hooks import module_hooks
 from icp_lens.probes import ProbeExample
 from icp_lens.pruning.arch import _get, arch_spec, layer_module
 
@@ -93,21 +93,17 @@ def _mlp_out(model: nn.Module, layer: int) -> tuple[nn.Module, bool]:
     return _get(layer_module(model, layer), spec.mlp_out), spec.conv1d
 
 
-@contextmanager
-def _capturing(model: nn.Module, layer: int, store: dict[str, Tensor]) -> Iterator[None]:
+def _capturing(model: nn.Module, layer: int, store: dict[str, Tensor]) -> Any:
     """``store["k"]``: the MLP output matrix's input; ``store["h"]``: the block's output (residual stream)."""
     out, _ = _mlp_out(model, layer)
-    hooks = [
-        out.register_forward_pre_hook(lambda m, a: store.__setitem__("k", a[0].detach())),
-        layer_module(model, layer).register_forward_hook(
-            lambda m, a, o: store.__setitem__("h", (o[0] if isinstance(o, tuple) else o).detach())
-        ),
-    ]
-    try:
-        yield
-    finally:
-        for h in hooks:
-            h.remove()
+
+    def keep_key(module: nn.Module, args: tuple[Any, ...]) -> None:
+        store["k"] = args[0].detach()
+
+    def keep_resid(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        store["h"] = (output[0] if isinstance(output, tuple) else output).detach()
+
+    return module_hooks(pre=[(out, keep_key)], post=[(layer_module(model, layer), keep_resid)])
 
 
 @torch.no_grad()
