@@ -213,3 +213,18 @@ def test_smollm2_keyed_edit_cuts_a_held_out_stereotype_gap(smollm2_dir: Path) ->
     assert gap1 < GAP_LEFT * gap0  # measured: see the constants
     assert right1 == right0 == 1.0
     assert ppl1 / ppl0 - 1 < 0.03
+
+
+def test_rank_limits_the_update(micro_dirs: dict[str, Path]) -> None:
+    """rank=1: the targets keep one singular direction, so dW = (R V1 V1^T)^T K A^-1 has rank 1."""
+    d = micro_dirs["llama"]
+    model, tok = load_checkpoint(d), load_tokenizer(d)
+    from icp_lens.keyed_edit import _mlp_out
+
+    out, _ = _mlp_out(model, 1)
+    w0 = out.weight.detach().clone()
+    keyed_edit(model, tok, PAIRS, layers=[1], rank=1, retain_weight=0, progress=False)
+    s = torch.linalg.svdvals((out.weight.detach() - w0).double())
+    assert s[0] > 1e-3 and (s[1:] < 1e-6 * s[0]).all()
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        keyed_edit(model, tok, PAIRS, layers=[1], rank=0)
