@@ -98,18 +98,13 @@ def neutral_pairs(pairs: Sequence[Any], neutral: Sequence[str]) -> list[Any]:
 
 def _cmd_edit(args: argparse.Namespace) -> int:
     from icp_lens.cli_train import _retain_texts
-    from icp_lens.devices import load_kwargs, resolve_dtype
     from icp_lens.keyed_edit import keyed_edit
     from icp_lens.probes import read_probes
     from icp_lens.pruning.export import check_target, export_checkpoint
-    from icp_lens.pruning.source import load_checkpoint, load_tokenizer
+    from icp_lens.pruning.source import load_for_command, load_tokenizer
 
     check_target(args.out, overwrite=args.overwrite, source=args.model)
-    placement = load_kwargs(args)
-    device = placement.pop("device")
-    model = load_checkpoint(args.model, dtype=resolve_dtype(args.dtype), **placement)
-    if device is not None:
-        model = model.to(device)
+    model = load_for_command(args.model, args)
     tokenizer = load_tokenizer(args.model)
     pairs = read_probes(args.pairs, tokenizer=tokenizer)
     neutral: list[str] | None = None
@@ -154,7 +149,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     def finish(tmp: Path) -> None:
         (tmp / "edit.json").write_text(json.dumps(record, indent=2) + "\n")
 
-    export_checkpoint(model.cpu() if device is not None else model, args.out, tokenizer=tokenizer,
+    export_checkpoint(model.cpu(), args.out, tokenizer=tokenizer,
                       overwrite=args.overwrite, finish=finish)  # fmt: skip
     if args.json:
         print(json.dumps({"out": str(args.out), **record}))

@@ -37,15 +37,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from icp_lens.distributed import is_main
     from icp_lens.evaluation import evaluate
     from icp_lens.probes import read_probes
-    from icp_lens.pruning.source import load_checkpoint, load_tokenizer
+    from icp_lens.pruning.source import load_for_command, load_tokenizer
 
-    from icp_lens.devices import load_kwargs, resolve_dtype
-
-    placement = load_kwargs(args)
-    device = placement.pop("device")
-    model = load_checkpoint(args.model, dtype=resolve_dtype(args.dtype), **placement)
-    if device is not None:
-        model = model.to(device)
+    model = load_for_command(args.model, args)
     tokenizer = load_tokenizer(args.model)
     examples = read_probes(args.data, tokenizer=tokenizer)
     report = evaluate(

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["clean_hf_model", "load_tokenizer", "load_checkpoint"]
+__all__ = ["clean_hf_model", "load_tokenizer", "load_checkpoint", "load_for_command"]
 
 _WRAPPED = "._original_component"
 
@@ -49,6 +49,16 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, **p
     cls = cls or transformers.AutoModelForCausalLM
     model = cls.from_pretrained(path, dtype=dtype, **placement)
     return model.eval()
+
+
+def load_for_command(path: str | Path, args: Any) -> nn.Module:
+    """``load_checkpoint`` placed and typed as a command's ``--device`` / ``--device-map`` / ``--dtype`` ask."""
+    from icp_lens.devices import load_kwargs, resolve_dtype
+
+    placement = load_kwargs(args)
+    device = placement.pop("device")
+    model = load_checkpoint(path, dtype=resolve_dtype(getattr(args, "dtype", "float32")), **placement)
+    return model.to(device) if device is not None else model
 
 
 def load_tokenizer(source: Any) -> Any:
