@@ -14,7 +14,7 @@ Default: the default organism (``lexical`` / ``gpt2`` / seed 0), every MLP neuro
 ``test_balanced`` examples (all of which have a spurious counterfactual). ``--model`` and
 ``--probes`` run the same measurement on any checkpoint (a directory, a hub name or an
 alias of ``icp_lens.loading``) and probe file; ``--model smollm2`` defaults to the
-profession -> pronoun probes (``icp_lens.data.pronouns``, ``train``), e.g.
+profession -> pronoun probes (``examples.smollm2_case.pronouns``, ``train``), e.g.
 
     python benchmarks/bench_scoring.py --model smollm2 --features 128 --examples 32
 
@@ -409,7 +409,9 @@ def main() -> None:
         if args.probes:
             examples = read_probes(args.probes, tokenizer=model.tokenizer)
         else:
-            from icp_lens.data.pronouns import pronoun_probes
+            import _repo_root  # noqa: F401  (examples/ imports from the repository root)
+
+            from examples.smollm2_case.pronouns import pronoun_probes
 
             examples = pronoun_probes("train")
         probes = ProbeSet(model, examples[: args.examples])

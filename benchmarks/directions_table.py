@@ -72,8 +72,10 @@ def _log(msg: str) -> None:
 
 
 def smollm2_section() -> dict[str, Any]:
-    from icp_lens.data import explicit_gender_probes, imdb_texts, pronoun_probes
-    from icp_lens.data.pronouns import stereotype_gap
+    import _repo_root  # noqa: F401  (examples/ imports from the repository root)
+
+    from examples.smollm2_case.pronouns import explicit_gender_probes, pronoun_probes, stereotype_gap
+    from icp_lens.data import imdb_texts
     from icp_lens.directions import applying_directions, fit_directions
     from icp_lens.directions.fold import fold_directions
     from icp_lens.directions.intervene import hf_directions
@@ -161,8 +163,6 @@ def smollm2_section() -> dict[str, Any]:
         out["stereoset"]["direction"] = stereoset_scores(folded, tok).to_dict()
         _log(f"export max |diff| {out['export']['max_abs_logit_diff']:.2e}; stereoset {out['stereoset']}")
         _save("smollm2", out)
-    import _repo_root  # noqa: F401  (examples/ imports from the repository root)
-
     from examples.smollm2_case.finetune import FinetuneConfig, train_method
 
     start = time.perf_counter()

@@ -65,7 +65,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    from icp_lens.data.pronouns import pronoun_probes
+    import _repo_root  # noqa: F401  (examples/ imports from the repository root)
+
+    from examples.smollm2_case.pronouns import pronoun_probes
     from icp_lens.devices import resolve_device, resolve_dtype
     from icp_lens.features import Feature
     from icp_lens.loading import SMOLLM2, load_bridge, prepare_offline_model

@@ -3,7 +3,7 @@
 Issue 22's memory target: the exact scorer's peak memory grows with the batch size and
 the pass size, not with the number of features. Here the hybrid (attribution ranks every
 feature, the top ``--verify`` are patched exactly) scores SmolLM2-135M on ``--examples``
-profession -> pronoun probes (``icp_lens.data.pronouns``, ``train``) twice, each in a
+profession -> pronoun probes (``examples.smollm2_case.pronouns``, ``train``) twice, each in a
 fresh process: once on 512 neuron/head features spread evenly over the layers, once on
 all 46,350 of them. Each process loads the model, resets the kernel's peak-RSS mark
 (``/proc/self/clear_refs``), scores, and reports:
@@ -42,9 +42,10 @@ def _rss_kib(field: str) -> int:
 
 
 def _worker(n_features: int, n_examples: int, verify: int) -> None:
+    import _repo_root  # noqa: F401  (examples/ imports from the repository root)
     import torch
 
-    from icp_lens.data.pronouns import pronoun_probes
+    from examples.smollm2_case.pronouns import pronoun_probes
     from icp_lens.loading import load_bridge
     from icp_lens.probeset import ProbeSet
     from icp_lens.scoring import score
@@ -68,10 +69,11 @@ def _worker(n_features: int, n_examples: int, verify: int) -> None:
 
 
 def _peer_worker(method: str, n_neurons: int, n_examples: int) -> None:
+    import _repo_root  # noqa: F401  (examples/ imports from the repository root)
     import torch
     from bench_scoring import hook_idiom, spread
 
-    from icp_lens.data.pronouns import pronoun_probes
+    from examples.smollm2_case.pronouns import pronoun_probes
     from icp_lens.features import enumerate_features
     from icp_lens.loading import load_bridge
     from icp_lens.probeset import ProbeSet

@@ -48,6 +48,7 @@ __all__ = [
     "probes_to_frame",
     "probes_from_frame",
     "single_token_id",
+    "length_mismatches",
 ]
 
 REQUIRED_FIELDS: tuple[str, ...] = ("prompt", "answer", "alternatives")
@@ -189,6 +190,39 @@ def unknown_words(tokenizer: Any, text: str) -> list[str]:
         if word and word != literal and word not in words:
             words.append(word)
     return words
+
+
+def length_mismatches(examples: Sequence[ProbeExample], tokenizer: Any) -> list[dict[str, Any]]:
+    """Counterfactuals whose token count differs from their prompt's under ``tokenizer``.
+
+    Position-by-position patching (``ProbeSet``'s strict alignment rule) needs a
+    counterfactual of the same token length as its prompt; word lists chosen by eye
+    often break that for one tokenizer and not another ("firefighter" is one GPT-2 token
+    and two SmolLM2 tokens). One dict per mismatch: ``index, prompt, field,
+    counterfactual, n_prompt, n_counterfactual`` (tokenized with
+    ``add_special_tokens=False``). Empty when every counterfactual aligns.
+    """
+
+    def n_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    out = []
+    for i, ex in enumerate(examples):
+        n = n_tokens(ex.prompt)
+        for name in ("spurious_counterfactual", "causal_counterfactual"):
+            cf = getattr(ex, name)
+            if cf is not None and n_tokens(cf) != n:
+                out.append(
+                    {
+                        "index": i,
+                        "prompt": ex.prompt,
+                        "field": name,
+                        "counterfactual": cf,
+                        "n_prompt": n,
+                        "n_counterfactual": n_tokens(cf),
+                    }
+                )
+    return out
 
 
 def read_probes(path: str | Path, *, tokenizer: Any = None) -> list[ProbeExample]:

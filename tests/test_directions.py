@@ -317,8 +317,8 @@ def test_smollm2_export_equals_run_time_projection_in_fp32(smollm2_dir: Path) ->
     """The issue's bar: the folded SmolLM2 checkpoint = the run-time edit, max |logit diff| <= 1e-4 in fp32."""
     from transformers import AutoModelForCausalLM
 
+    from examples.smollm2_case.pronouns import pronoun_probes
     from icp_lens import boot_bridge
-    from icp_lens.data import pronoun_probes
     from icp_lens.directions import hf_directions
     from icp_lens.probeset import ProbeSet
 

@@ -19,6 +19,7 @@ from icp_lens.evaluation import (
     flip_rate,
     gap_closed,
     group_accuracy,
+    group_gap,
     pair_bias_score,
     robustness_score,
     sensitive_attribute,
@@ -219,3 +220,26 @@ def test_bootstrap_handles_infinite_statistics_without_warnings():
     values = np.random.default_rng(0).random(30)
     expected = np.quantile([np.mean(values[i]) for i in _resample_indices(30, 40, 0)], [0.025, 0.975])
     assert bootstrap_ci(values, statistic=np.mean, n_boot=40, seed=0) == pytest.approx(tuple(expected))
+
+
+def test_group_gap_by_hand() -> None:
+    import torch
+
+    from icp_lens.probes import ProbeExample
+
+    values = [2.0, 1.0, -0.5, 0.5, 3.0, 9.9]  # "a": 2, 1, 3 -> 2.0; "b": -0.5, 0.5 -> 0.0; "c" ignored
+    groups = ["a", "a", "b", "b", "a", "c"]
+    g = group_gap(values, groups, "a", "b")
+    assert (g.gap, g.high_mean, g.low_mean, g.n_high, g.n_low) == (pytest.approx(2.0), 2.0, 0.0, 3, 2)
+    assert float(group_gap(values, groups, "b", "a")) == pytest.approx(-2.0)
+    examples = [
+        ProbeExample(prompt=f"p{i}", answer=" x", alternatives=(" y",), group=grp) for i, grp in enumerate(groups)
+    ]
+    from_tensor = group_gap(torch.tensor(values, dtype=torch.bfloat16), examples, "a", "b")
+    assert from_tensor.gap == pytest.approx(2.0, abs=0.05)  # bf16 inputs, fp32 means
+    with pytest.raises(ValueError, match="both groups 'a' and 'z'.*'a', 'b', 'c'"):
+        group_gap(values, groups, "a", "z")
+    with pytest.raises(ValueError, match="6 values but 5 groups"):
+        group_gap(values, groups[:5], "a", "b")
+    with pytest.raises(ValueError, match="must differ"):
+        group_gap(values, groups, "a", "a")

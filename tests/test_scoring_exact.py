@@ -411,7 +411,7 @@ def smollm2():
 @pytest.mark.slow
 def test_smollm2_every_shortcut_equals_one_at_a_time(smollm2, monkeypatch) -> None:
     """Blocks skipped, answer columns only, keys/values reused: SmolLM2 gives the hooked runs' numbers."""
-    from icp_lens.data.pronouns import pronoun_probes
+    from examples.smollm2_case.pronouns import pronoun_probes
 
     model = smollm2
     runners = []

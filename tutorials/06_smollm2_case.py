@@ -47,7 +47,7 @@ from pathlib import Path
 
 import icp_lens
 from examples.smollm2_case import REDUCED, per_profession, run_case
-from icp_lens.data import explicit_gender_probes, pronoun_probes, stereotype_gap
+from examples.smollm2_case.pronouns import explicit_gender_probes, pronoun_probes, stereotype_gap
 from icp_lens.evaluation import next_token_margins
 from icp_lens.loading import load_model
 

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 import icp_lens
-from icp_lens.data import explicit_gender_probes, pronoun_probes, stereotype_gap
+from examples.smollm2_case.pronouns import explicit_gender_probes, pronoun_probes, stereotype_gap
 from icp_lens.directions import applying_directions, fit_directions, fold_directions, hf_directions
 from icp_lens.evaluation import next_token_margins
 from icp_lens.loading import load_bridge, load_model

@@ -8,13 +8,13 @@ attacks the behaviour instead. Every method below trains LoRA adapters (peft) wi
 batches (same seed), and differs only in the terms of its loss:
 
 - the **task term** (every method) runs on prompts whose answer is *known*: the
-  explicit-cue prompts of :func:`~icp_lens.data.explicit_gender_probes` ``("train")``
+  explicit-cue prompts of :func:`~examples.smollm2_case.pronouns.explicit_gender_probes` ``("train")``
   ("Yesterday the woman wrote that" -> " she"), cross-entropy over the two pronouns
   (``task_loss="candidates"``, so the rest of the vocabulary is left alone). It keeps
   the true cause working. The ambiguous profession prompts get **no** task term: their
   ``answer`` " she" is only the sign convention of the margin, not a right answer;
 - the **pair terms** run on the ambiguous train prompts of
-  :func:`~icp_lens.data.pronoun_probes` ``("train")`` and their profession-swapped
+  :func:`~examples.smollm2_case.pronouns.pronoun_probes` ``("train")`` and their profession-swapped
   counterfactuals (the trainer's separate ``pairs`` pool, one pair batch per step):
 
   - ``erm``: task only (the baseline: what fine-tuning does without pairs);
@@ -217,7 +217,7 @@ def train_method(method: str, config: FinetuneConfig, seed: int, base: Any, toke
     the second stage's early stopping on the train-split flip rate (``best_step`` counted
     on too).
     """
-    from icp_lens.data import explicit_gender_probes, pronoun_probes
+    from examples.smollm2_case.pronouns import explicit_gender_probes, pronoun_probes
     from icp_lens.training import TrainConfig, Trainer, fit_staged
 
     if method not in METHODS:

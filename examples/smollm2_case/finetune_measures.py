@@ -3,7 +3,7 @@
 A model is *counterfactually consistent* on a pronoun probe when swapping the profession
 for one of the opposite stereotype ("Yesterday the nurse wrote that" ->
 "Yesterday the mechanic wrote that") leaves its she-vs-he preference alone. Two numbers
-say how far a model is from that, per split of :func:`icp_lens.data.pronoun_probes`
+say how far a model is from that, per split of :func:`examples.smollm2_case.pronouns.pronoun_probes`
 (``"train"``: the professions and templates fine-tuning saw; ``"eval"``: held-out ones):
 
 - **flip rate**: the share of prompts whose pronoun choice (the sign of the she-minus-he
@@ -28,7 +28,8 @@ import numpy as np
 import pandas as pd
 
 from examples.smollm2_case.measures import per_profession
-from icp_lens.data import explicit_gender_probes, imdb_texts, pronoun_probes, stereotype_gap
+from examples.smollm2_case.pronouns import explicit_gender_probes, pronoun_probes, stereotype_gap
+from icp_lens.data import imdb_texts
 from icp_lens.evaluation import flip_rate, next_token_margins, pair_bias, perplexity, sensitivity
 from icp_lens.probes import ProbeExample
 

@@ -1,6 +1,6 @@
 """The numbers of the gender case study, for any causal LM (HF model, bridge, HookedTransformer).
 
-- **stereotype gap** (:func:`icp_lens.data.stereotype_gap`): the mean she-minus-he logit
+- **stereotype gap** (:func:`examples.smollm2_case.pronouns.stereotype_gap`): the mean she-minus-he logit
   difference after female-stereotyped professions minus the same after male-stereotyped
   ones, on the held-out (``"eval"``) professions and templates. 0 = the profession does
   not move the pronoun. The *cut* is ``1 - gap_after / gap_before``.
@@ -27,7 +27,8 @@ from typing import Any
 
 import pandas as pd
 
-from icp_lens.data import explicit_gender_probes, imdb_texts, pronoun_probes, stereotype_gap
+from examples.smollm2_case.pronouns import explicit_gender_probes, pronoun_probes, stereotype_gap
+from icp_lens.data import imdb_texts
 from icp_lens.evaluation.margins import next_token_margins
 from icp_lens.probes import ProbeExample
 

@@ -195,8 +195,9 @@ def run_case(
     from transformers import AutoModelForCausalLM
 
     from examples.smollm2_case.measures import bias_measures
+    from examples.smollm2_case.pronouns import explicit_gender_probes, pronoun_probes
     from examples.smollm2_case.selection import candidates, choose, selection_grid
-    from icp_lens.data import explicit_gender_probes, imdb_texts, pronoun_probes
+    from icp_lens.data import imdb_texts
     from icp_lens.encoding import encode_texts, length_batches
     from icp_lens.interventions import means_over
     from icp_lens.loading import load_bridge, resolve_model_dir

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from icp_lens.data import stereotype_gap
+from examples.smollm2_case.pronouns import stereotype_gap
 from icp_lens.edits import Edit, intervene
 from icp_lens.features import Feature
 from icp_lens.interventions import Intervention, Zero

@@ -1,6 +1,6 @@
 """A wide pool of profession-swap pairs: many professions, so invariance has to generalise.
 
-The train split of :mod:`icp_lens.data.pronouns` has six (female, male) profession pairs.
+The train split of :mod:`examples.smollm2_case.pronouns` has six (female, male) profession pairs.
 Consistency fine-tuning on their swaps makes the model ignore *those* professions
 (flip rate 0 on them) but barely moves unseen ones (held-out flip rate 0.66 against
 ERM's 0.74): with a dozen words, the cheapest way to satisfy the loss is to unlearn
@@ -104,7 +104,7 @@ def _verb(template: str) -> str:
 
 def eval_overlap() -> set[str]:
     """Professions, templates and template verbs of the wide pool that the eval split also uses: must be empty."""
-    from icp_lens.data.pronouns import PRONOUN_SPLITS
+    from examples.smollm2_case.pronouns import PRONOUN_SPLITS
 
     ev, train = PRONOUN_SPLITS["eval"], PRONOUN_SPLITS["train"]
     templates = train.templates + EXTRA_TEMPLATES
@@ -125,7 +125,7 @@ def wide_pair_pool(tokenizer: Any, *, exclude: Sequence[str] = (), neutral: bool
     toward each other. Each example has ``answer`` " she", ``alternatives`` (" he",),
     the swap as ``spurious_counterfactual`` and the profession's side as ``group``.
     """
-    from icp_lens.data.pronouns import FEMALE, HE, MALE, PRONOUN_SPLITS, SHE
+    from examples.smollm2_case.pronouns import FEMALE, HE, MALE, PRONOUN_SPLITS, SHE
 
     train = PRONOUN_SPLITS["train"]
     drop = set(exclude)
@@ -161,6 +161,6 @@ def anchor_prompts() -> list[str]:
     without an anchor that shared answer drifts toward " he" (the task term pushes the
     male-ish words harder than the female-ish ones).
     """
-    from icp_lens.data.pronouns import PRONOUN_SPLITS
+    from examples.smollm2_case.pronouns import PRONOUN_SPLITS
 
     return [t.format(x=w) for t in PRONOUN_SPLITS["train"].templates + EXTRA_TEMPLATES for w in ANCHOR_WORDS]

@@ -16,9 +16,12 @@ The metrics themselves are pure functions on per-example arrays
 those arrays from a model; :mod:`~icp_lens.evaluation.pair_bias` scores
 CrowS-Pairs-style sentence pairs; :mod:`~icp_lens.evaluation.perplexity` measures
 what a mitigation costs on ordinary text; :func:`~icp_lens.evaluation.margins.next_token_margins`
-gives each example's answer-minus-alternatives logit margin in one forward pass.
+gives each example's answer-minus-alternatives logit margin in one forward pass, and
+:func:`~icp_lens.evaluation.group_gap.group_gap` the difference of two groups' mean margins
+(a stereotype gap, when the groups are the spurious attribute's values).
 """
 
+from icp_lens.evaluation.group_gap import GroupGap, group_gap
 from icp_lens.evaluation.margins import next_token_margins
 from icp_lens.evaluation.metrics import (
     InsufficientDataError,
@@ -46,6 +49,7 @@ from icp_lens.evaluation.report import METRICS, EvalReport, compare_reports, eva
 __all__ = [
     "METRICS",
     "EvalReport",
+    "GroupGap",
     "InsufficientDataError",
     "PairBiasResult",
     "PerplexityResult",
@@ -63,6 +67,7 @@ __all__ = [
     "flip_rate",
     "gap_closed",
     "group_accuracy",
+    "group_gap",
     "next_token_margins",
     "pair_bias",
     "pair_bias_score",

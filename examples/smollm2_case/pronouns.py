@@ -1,5 +1,10 @@
 """Profession -> pronoun probes: the spurious cue is the profession, the causal cue explicit gender.
 
+This case's hand-written word lists (the SmolLM2 case study's probe set, used by its
+tests, tutorials 06 and 07 and the directions benchmark). They are an example, not part
+of the library: a user with another attribute writes a spec for ``icp-lens pairs``
+(:mod:`icp_lens.counterfactuals`) and measures with :func:`icp_lens.evaluation.group_gap`.
+
 After "Yesterday the nurse wrote that" a language model prefers " she"; after
 "Yesterday the carpenter wrote that", " he". Nothing in either sentence says who the
 person is, so the pronoun *should not* depend on the profession: the profession is a
@@ -34,7 +39,7 @@ train 3.26 (female-stereotyped mean +1.58, male-stereotyped -1.68), eval 4.04 (+
 Token alignment: professions are paired (female, male) with the same number of tokens,
 and the causal words chosen with that number too, in both the SmolLM2 and the GPT-2
 tokenizer (leading space included), so every counterfactual aligns position by position
-with its prompt (``ProbeSet``'s strict rule). :func:`length_mismatches` lists any
+with its prompt (``ProbeSet``'s strict rule). :func:`icp_lens.probes.length_mismatches` lists any
 example where a given tokenizer breaks that. The one deliberate oddity is "mommy", the
 only common female word that is one SmolLM2 token and two GPT-2 tokens like "carpenter".
 "hairdresser" (4 SmolLM2 tokens) and "firefighter" (2 SmolLM2 tokens, 1 GPT-2 token) are
@@ -47,6 +52,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from icp_lens.evaluation.group_gap import group_gap
 from icp_lens.probes import ProbeExample
 
 __all__ = [
@@ -56,7 +62,6 @@ __all__ = [
     "PronounSplit",
     "StereotypeGap",
     "explicit_gender_probes",
-    "length_mismatches",
     "pronoun_probes",
     "stereotype_gap",
 ]
@@ -232,36 +237,6 @@ def explicit_gender_probes(split: Split = "train") -> list[ProbeExample]:
     return out
 
 
-def length_mismatches(examples: Sequence[ProbeExample], tokenizer: Any) -> list[dict[str, Any]]:
-    """Counterfactuals whose token count differs from their prompt's under ``tokenizer``.
-
-    One dict per mismatch: ``index, prompt, field, counterfactual, n_prompt,
-    n_counterfactual`` (tokenized with ``add_special_tokens=False``). Empty when every
-    counterfactual aligns position by position with its prompt.
-    """
-
-    def n_tokens(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    out = []
-    for i, ex in enumerate(examples):
-        n = n_tokens(ex.prompt)
-        for name in ("spurious_counterfactual", "causal_counterfactual"):
-            cf = getattr(ex, name)
-            if cf is not None and n_tokens(cf) != n:
-                out.append(
-                    {
-                        "index": i,
-                        "prompt": ex.prompt,
-                        "field": name,
-                        "counterfactual": cf,
-                        "n_prompt": n,
-                        "n_counterfactual": n_tokens(cf),
-                    }
-                )
-    return out
-
-
 @dataclass(frozen=True)
 class StereotypeGap:
     """Mean she-he margin on female- minus male-stereotyped prompts (``gap``; 0 = unbiased)."""
@@ -280,24 +255,10 @@ def stereotype_gap(margins: Any, groups: Sequence[str | ProbeExample | None]) ->
     """The stereotype gap from per-example she-he margins.
 
     ``margins``: one number per example (a list, numpy array or 1-D tensor), the
-    she-minus-he logit difference (``icp_lens.metrics.logit_diff`` on
+    she-minus-he logit difference (:func:`icp_lens.evaluation.next_token_margins` on
     :func:`pronoun_probes`). ``groups``: the examples' groups, as strings or as the
     ``ProbeExample`` objects. Examples of other groups are ignored; both groups must be
-    present.
+    present. This is :func:`icp_lens.evaluation.group_gap` with this case's two groups.
     """
-    if hasattr(margins, "detach"):
-        margins = margins.detach().cpu().tolist()
-    values = [float(m) for m in (margins.tolist() if hasattr(margins, "tolist") else margins)]
-    labels = [g.group if isinstance(g, ProbeExample) else g for g in groups]
-    if len(values) != len(labels):
-        raise ValueError(f"{len(values)} margins but {len(labels)} groups")
-    female = [v for v, g in zip(values, labels, strict=True) if g == FEMALE]
-    male = [v for v, g in zip(values, labels, strict=True) if g == MALE]
-    if not female or not male:
-        raise ValueError(
-            f"stereotype_gap needs examples of both groups {FEMALE!r} and {MALE!r}; got {sorted(set(map(str, labels)))}"
-        )
-    f_mean, m_mean = sum(female) / len(female), sum(male) / len(male)
-    return StereotypeGap(
-        gap=f_mean - m_mean, female_mean=f_mean, male_mean=m_mean, n_female=len(female), n_male=len(male)
-    )
+    g = group_gap(margins, groups, FEMALE, MALE)
+    return StereotypeGap(gap=g.gap, female_mean=g.high_mean, male_mean=g.low_mean, n_female=g.n_high, n_male=g.n_low)
