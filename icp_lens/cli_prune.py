@@ -10,6 +10,8 @@
     Apply an existing plan (refused if it was made for another model).
 
 Both exit with status 1 when verification fails (the checkpoint is still written).
+``--device auto|cpu|cuda|cuda:N|mps`` says where the forward passes (mean mode's reference,
+the verification) run; the weights are edited on the CPU in float64 either way.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import argparse
 import json
 from pathlib import Path
 from typing import Any
+
+from icp_lens.devices import add_device_arguments
 
 __all__ = ["add_prune_parsers"]
 
@@ -34,6 +38,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help="write the weights in this dtype after verifying them in float32 (default: the model's float32)",
     )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    # the edit is folded on the CPU in float64 and verified in float32 (--save-dtype sets what is written):
+    # --device moves the forward passes (mean reference, verification) only, so there is no --dtype
+    add_device_arguments(parser, dtype=False)
 
 
 def add_prune_parsers(sub: Any) -> None:
@@ -134,6 +141,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         direction_mode=args.direction_mode,
         force=args.force,
         save_dtype=args.save_dtype,
+        device=args.device,
     )
     return _print(result, args.json)
 
@@ -161,5 +169,6 @@ def _cmd_apply_plan(args: argparse.Namespace) -> int:
         prompts=_prompts(args.probe),
         tolerance=args.tolerance,
         save_dtype=args.save_dtype,
+        device=args.device,
     )
     return _print(result, args.json)

@@ -213,3 +213,38 @@ def test_save_dtype_writes_verified_weights_in_bfloat16(micro_dirs, tmp_path, ca
     for name, p in bf16.named_parameters():  # the plan's zeros survive the cast exactly
         if name == "model.layers.1.self_attn.o_proj.weight":
             assert p[:, 4:6].abs().max() == 0
+
+
+def test_prune_device_flag_moves_the_forward_passes_only(micro_dirs, scores_csv, probe_file, tmp_path, capsys) -> None:
+    """``--device cpu`` (named) writes the same weights as the default, and a missing GPU is refused up front."""
+    from safetensors.torch import load_file
+
+    outs = {}
+    for name, extra in (("default", []), ("cpu", ["--device", "cpu"])):
+        outs[name] = tmp_path / name
+        argv = ["prune", "--model", str(micro_dirs["gpt2"]), "--scores", str(scores_csv), "--out", str(outs[name]),
+                "--top-k", "2", "--mode", "mean", "--probe", str(probe_file), "--json", *extra]  # fmt: skip
+        assert main(argv) == 0
+        assert json.loads(capsys.readouterr().out)["verification"]["passed"]
+    a, b = (load_file(outs[n] / "model.safetensors") for n in ("default", "cpu"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if not torch.cuda.is_available():
+        for argv in (
+            ["prune", "--model", str(micro_dirs["gpt2"]), "--scores", str(scores_csv), "--top-k", "1"],
+            ["apply-plan", "--model", str(micro_dirs["gpt2"]), "--plan", str(outs["cpu"])],
+        ):
+            with pytest.raises(SystemExit) as exc:
+                main([*argv, "--out", str(tmp_path / "gpu"), "--device", "cuda"])
+            assert exc.value.code == 2 and "no CUDA GPU" in capsys.readouterr().err
+        assert not (tmp_path / "gpu").exists()
+
+
+def test_bias_adding_edit_keeps_the_models_dtype(micro_dirs) -> None:
+    """Mean mode on a bias-free Llama module rebuilds the model with biases: same dtype and device as before."""
+    from icp_lens.pruning.hf_edit import apply_plan_to_model
+
+    plan = make_plan(micro_dirs["llama"], [Feature("head", 1, 2)], mode="mean", reference=REFERENCE)
+    model = load_checkpoint(micro_dirs["llama"]).to(torch.bfloat16)
+    edited, stats = apply_plan_to_model(model, plan, check=False)  # the plan's fingerprint is of the fp32 weights
+    assert stats.biases_added, "the llama micro-model has no o_proj bias: mean mode must add one"
+    assert {(p.dtype, p.device) for p in edited.parameters()} == {(torch.bfloat16, torch.device("cpu"))}

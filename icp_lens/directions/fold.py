@@ -123,6 +123,7 @@ def fold_directions(model: nn.Module, directions: DirectionSet, *, mode: str = "
         hook, _, head = key.partition("#")
         module, on_input = _hf_module(model, hook)
         weight = module.weight
+        M, c = M.to(weight.device), c.to(weight.device)
         before = weight.detach().clone()
         if hook in ("hook_embed", "hook_pos_embed"):
             weight.copy_((weight.double() @ M.T + c).to(weight.dtype))

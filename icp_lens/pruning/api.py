@@ -28,7 +28,7 @@ from typing import Any
 
 from torch import nn
 
-from icp_lens.devices import resolve_dtype
+from icp_lens.devices import resolve_device, resolve_dtype
 from icp_lens.features import Feature
 from icp_lens.pruning.arch import site_of
 from icp_lens.pruning.export import check_target, export_checkpoint
@@ -74,6 +74,7 @@ def make_plan(
     token_mode: PruneMode = "zero",
     directions: Any = None,
     direction_mode: str = "mean",
+    device: Any = None,
     **provenance_fields: Any,
 ) -> PrunePlan:
     """A plan to remove ``features`` (and token-embedding ``tokens``) from ``model``.
@@ -96,6 +97,9 @@ def make_plan(
     ``directions`` (an ``icp_lens.directions.DirectionSet``, e.g. ``table.directions`` or a
     subset of it) are removed in ``direction_mode`` (``mean`` or ``project``); their means
     were fixed when they were fitted, and the export folds them into the weights.
+
+    ``device`` (``"cuda"``, ``"cuda:1"``, a ``torch.device``; default: where the weights
+    are, the CPU for a directory) is where the mean-mode forward passes run.
     """
     feats = tuple(Feature.parse(f) if isinstance(f, str) else f for f in features)
     if any(f.kind in ("direction", "token") for f in feats):
@@ -126,7 +130,8 @@ def make_plan(
         if description is None and isinstance(reference, (str, Path)):
             description = str(reference)
         record = reference_record(texts, description)
-    source = model if _is_hooked(model) else clean
+    fp = fingerprint(clean)
+    source = model if _is_hooked(model) else (clean if device is None else clean.to(resolve_device(device)))
     if mode == "mean":
         table = feature_means(source, feats, texts, tokenizer=tok, batch_size=batch_size) if feats else {}
         means = tuple(table[f] for f in feats)
@@ -137,7 +142,7 @@ def make_plan(
     return PrunePlan(
         features=feats,
         mode=mode,
-        fingerprint=fingerprint(clean),
+        fingerprint=fp,
         means=means,
         reference=record,
         provenance=provenance(**provenance_fields),
@@ -174,7 +179,14 @@ class PruneResult:
         }
 
 
-def _hooked_for(model: Any) -> Any:
+def _device_of(model: Any) -> Any:
+    """Where an in-memory model's weights are (``None`` for a directory)."""
+    if isinstance(model, nn.Module):
+        return next(model.parameters()).device
+    return None
+
+
+def _hooked_for(model: Any, device: Any = None) -> Any:
     """The hooked model to check the export against: ``model`` itself, or a bridge booted on a directory."""
     if _is_hooked(model):
         return model
@@ -184,7 +196,7 @@ def _hooked_for(model: Any) -> Any:
         if AutoConfig.from_pretrained(model).model_type in HOOKED_TYPES:
             from icp_lens.model import boot_bridge
 
-            return boot_bridge(model)
+            return boot_bridge(model, device=device)
     return None
 
 
@@ -200,6 +212,7 @@ def apply_plan(
     tolerance: float = 1e-5,
     reference: Any = None,
     save_dtype: Any = None,
+    device: Any = None,
 ) -> PruneResult:
     """Edit a clean copy of ``model`` per ``plan``, export it to ``out``, and verify it.
 
@@ -209,20 +222,29 @@ def apply_plan(
     hooked model (``model`` itself when it is a bridge or HookedTransformer, a bridge
     booted on a directory, or ``reference``); see ``VerificationReport``. ``save_dtype``
     (``"bfloat16"``, ``"float16"``) writes the verified weights in that dtype.
+
+    ``device`` is where the verification's forward passes run (the exported checkpoint,
+    the unedited original and the hooked model go there; default: the CPU for a
+    directory, else where ``model`` is). The edit itself is folded on the CPU in float64
+    and written from there, whatever the device: it is a few matrix products, exact
+    there, and float64 is missing on some accelerators (MPS).
     """
     out = check_target(out, overwrite=overwrite, source=model)
+    where = resolve_device(device) if device is not None else _device_of(model)
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
-    clean: nn.Module = clean_hf_model(model)
+    clean: nn.Module = clean_hf_model(model).cpu()
     plan.check(clean)
     tok = tokenizer if tokenizer is not None else load_tokenizer(model)
     hooked = batches = latency = None
     original = clean
     if verify:
-        hooked = reference if reference is not None else _hooked_for(model)
+        hooked = reference if reference is not None else _hooked_for(model, where)
         batches = verification_batches(hooked if hooked is not None else clean, prompts=prompts, tokenizer=tok)
         latency = 0.0  # asks verify_export to time both models, interleaved, after the export
         original = copy.deepcopy(clean)  # the edit below works in place
+        if where is not None:
+            original.to(where)
     edited, stats = apply_plan_to_model(clean, plan, check=False)
     reports: list[VerificationReport] = []
     times = {"start": time.perf_counter()}
@@ -232,7 +254,7 @@ def apply_plan(
         if verify:
             reports.append(verify_export(
                 original, plan, tmp, hooked=hooked, batches=batches, tolerance=tolerance,
-                zeroed_fraction=stats.zeroed_fraction, latency_before_ms=latency,
+                zeroed_fraction=stats.zeroed_fraction, latency_before_ms=latency, device=where,
             ))  # fmt: skip
             write_report(tmp, reports[0])
 
@@ -264,6 +286,7 @@ def prune(
     direction_mode: str = "mean",
     force: bool = False,
     save_dtype: Any = None,
+    device: Any = None,
 ) -> PruneResult:
     """Select from ``scores`` (ScoreTable, frame, path or feature list), plan, export, verify.
 
@@ -275,7 +298,8 @@ def prune(
     inputs unless ``prompts`` are given. ``kinds`` says which rows compete (default: every
     prunable kind in the table: units, ``direction`` and ``token`` rows); selected direction
     rows take their vectors from the table (``<stem>.directions.safetensors``), token rows
-    become token-embedding edits.
+    become token-embedding edits. ``device``: where mean mode's and the verification's
+    forward passes run (see :func:`apply_plan`).
     """
     from icp_lens.pruning.select import SELECTABLE_KINDS
     from icp_lens.scoring.table import ScoreTable
@@ -309,9 +333,9 @@ def prune(
         directions=directions, direction_mode=direction_mode,
         scores=scores if isinstance(scores, (str, Path)) else None,
         threshold=threshold, top_k=top_k, per_layer_cap=per_layer_cap, kinds=list(kinds) if kinds else None,
-        min_selectivity=min_selectivity, min_share=min_share,
+        min_selectivity=min_selectivity, min_share=min_share, device=device,
     )  # fmt: skip
     if prompts is None and reference is not None:
         prompts = reference_texts(reference)
     return apply_plan(model, plan, out, overwrite=overwrite, verify=verify, prompts=prompts, tolerance=tolerance,
-                      save_dtype=save_dtype)  # fmt: skip
+                      save_dtype=save_dtype, device=device)  # fmt: skip

@@ -81,8 +81,8 @@ def _with_biases(model: nn.Module, flags: set[str]) -> tuple[nn.Module, tuple[st
     config = copy.deepcopy(model.config)
     for flag in sorted(flags):
         setattr(config, flag, True)
-    dtype = next(model.parameters()).dtype
-    new = type(model)(config).to(dtype)
+    first = next(model.parameters())
+    new = type(model)(config).to(device=first.device, dtype=first.dtype)
     result = new.load_state_dict(model.state_dict(), strict=False)
     if result.unexpected_keys or any(not k.endswith(".bias") for k in result.missing_keys):
         raise RuntimeError(  # pragma: no cover - would mean the flag also changed other weights
@@ -112,7 +112,7 @@ def apply_plan_to_model(model: nn.Module, plan: PrunePlan, *, check: bool = True
     for i, f in enumerate(plan.features):
         site = site_of(model, f.kind, f.layer, f.index)
         weight = site.module.weight
-        mean = None if plan.means is None else torch.tensor(plan.means[i], dtype=torch.float64)
+        mean = None if plan.means is None else torch.tensor(plan.means[i], dtype=torch.float64, device=weight.device)
         zeroed += int((site.weight_slice() != 0).sum())
         if site.axis == "in":
             if mean is not None:

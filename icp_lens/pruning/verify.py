@@ -297,13 +297,16 @@ def verify_export(
     zeroed_fraction: float | None = None,
     latency_before_ms: float | None = None,
     subject: str = "prune",
+    device: torch.device | str | None = None,
 ) -> VerificationReport:
     """Compare the checkpoint at ``out`` with the *unedited* HF model ``original`` ablated per ``plan``.
 
     ``hooked`` (a bridge or HookedTransformer of the same model) adds the comparison with
-    icp_lens's hook ablation. ``batches`` default to ``verification_batches``.
+    icp_lens's hook ablation. ``batches`` default to ``verification_batches``. The exported
+    checkpoint is loaded onto ``device`` (default: ``original``'s device); the float64
+    re-check, when the float32 one misses the tolerance, runs on the CPU.
     """
-    exported = load_checkpoint(out)
+    exported = load_checkpoint(out).to(device if device is not None else _device(original))
     if batches is None:
         batches = verification_batches(hooked if hooked is not None else original)
     worst = 0.0
@@ -326,7 +329,8 @@ def verify_export(
         n_tokens += tokens.numel()
     fp64 = rounding = None
     if worst > tolerance:
-        exported64, original64 = load_checkpoint(out, dtype=torch.float64), copy.deepcopy(original).double()
+        exported64 = load_checkpoint(out, dtype=torch.float64)
+        original64 = copy.deepcopy(original).to("cpu", torch.float64)
         fp64 = rounding = 0.0
         for tokens in batches:
             reference64 = _hf_ablated_logits(original64, plan, tokens, dtype=torch.float64)
