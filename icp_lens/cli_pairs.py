@@ -91,6 +91,7 @@ def add_pairs_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                         help="sentence encoder for the similarity check (default: the offline all-MiniLM-L6-v2)")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    add_device_arguments(parser)  # where the rewriter, the fluency model and the sentence encoder run
     parser.set_defaults(handler=_cmd_pairs)
     return parser
 
@@ -147,6 +148,7 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
         apply_checks,
         default_encoder_path,
     )
+    from icp_lens.devices import resolve_device, resolve_dtype
     from icp_lens.loading import resolve_model_dir
 
     if args.spec is not None:
@@ -166,10 +168,13 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
             paths[name] = str(resolve_model_dir(name))
         return paths[name]
 
-    def load_lm(name: str) -> tuple[Any, Any]:
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+
+    def load_lm(name: str) -> tuple[Any, Any]:  # the rewriter and the fluency model, on --device in --dtype
         if name not in models:
             path = path_of(name)
-            models[name] = (AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path))
+            lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+            models[name] = (lm, AutoTokenizer.from_pretrained(path))
         return models[name]
 
     tokenizer = AutoTokenizer.from_pretrained(path_of(args.model))
@@ -181,7 +186,7 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
     if wanted:
         encoder = None
         if "similarity" in wanted and (args.encoder is not None or default_encoder_path() is not None):
-            encoder = SentenceEncoder(args.encoder)
+            encoder = SentenceEncoder(args.encoder, device=device)
         lm = load_lm(args.model)[0] if "fluency" in wanted else None
         drop = args.drop_failed if args.drop_failed is not None else args.rewrite_model is not None
         result = apply_checks(result, drop=drop, lexicon=lexicon, encoder=encoder, model=lm, tokenizer=tokenizer,

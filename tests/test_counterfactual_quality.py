@@ -259,6 +259,28 @@ def test_cli_pairs_substitution_round_trip(micro_dirs: dict[str, Path], tmp_path
     assert main(bad) == 2 and "--answers is not JSON" in capsys.readouterr().err
 
 
+def test_cli_pairs_device_and_dtype(micro_dirs: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """``--dtype bfloat16`` runs the fluency model in bf16 (ratios within 5%); a missing GPU is refused up front."""
+    import pandas as pd
+
+    (tmp_path / "s.tsv").write_text(SWAPS)
+    (tmp_path / "t.txt").write_text("she said hello\nhe said goodbye\nthe cat said nothing\n")
+    base = ["pairs", "--texts", str(tmp_path / "t.txt"), "--swaps", str(tmp_path / "s.tsv"), "--answers",
+            '[" good", " bad"]', "--model", str(micro_dirs["gpt2"]), "--checks", "fluency"]  # fmt: skip
+    ratios = {}
+    for dtype in ("float32", "bfloat16"):
+        assert main([*base, "--out", str(tmp_path / dtype), "--device", "cpu", "--dtype", dtype, "--json"]) == 0
+        capsys.readouterr()
+        frame = pd.read_csv(tmp_path / dtype / "quality.csv")
+        column = next(c for c in frame.columns if "ppl" in c)
+        ratios[dtype] = frame[column].to_numpy(dtype=float)
+    assert np.allclose(ratios["bfloat16"], ratios["float32"], rtol=0.05), ratios
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as exc:
+            main([*base, "--out", str(tmp_path / "gpu"), "--device", "cuda"])
+        assert exc.value.code == 2 and "no CUDA GPU" in capsys.readouterr().err
+
+
 def test_causal_graph_prints_and_draws(tmp_path: Path) -> None:
     spec = PairSpec.from_dict({"templates": ["The {x} said"], "spurious": {"f": ["nurse"], "m": ["pilot"]},
                                "causal": {"f": ["woman"], "m": ["man"]}, "answers": {"f": " she", "m": " he"}})  # fmt: skip
