@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from icp_lens import loading
+from icp_lens import gguf_fallback, loading
 from icp_lens.loading import SMOLLM2, GgufSource, HubUnreachableError, fetch_model, resolve_model_dir
 
 # ----------------------------------------------------------------------------- fixtures
@@ -76,7 +76,7 @@ def fake_gguf(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, micro_dirs: dict[
         for f in micro_dirs["llama"].iterdir():
             shutil.copy(f, out_dir / f.name)
 
-    monkeypatch.setattr(loading, "_convert_gguf", convert)
+    monkeypatch.setattr(gguf_fallback, "_convert_gguf", convert)
     return state
 
 
@@ -120,7 +120,7 @@ def test_hub_is_first_choice(monkeypatch: pytest.MonkeyPatch, micro_dirs: dict[s
         raise AssertionError("the GGUF fallback was used although the hub answered")
 
     monkeypatch.setattr(loading, "_download_from_hub", hub)
-    monkeypatch.setattr(loading, "_convert_gguf", must_not_run)
+    monkeypatch.setattr(gguf_fallback, "_convert_gguf", must_not_run)
     monkeypatch.setattr(loading, "prepare_offline_model", must_not_run)
     resolved = fetch_model("smollm2")
     assert calls == [SMOLLM2] and resolved.source == "hub" and resolved.path == micro_dirs["llama"]
@@ -142,8 +142,8 @@ def test_hub_unreachable_falls_back_to_gguf(monkeypatch: pytest.MonkeyPatch, fak
     assert resolved.source == "gguf-converted" and fake_gguf["conversions"] == 1
     assert resolved.path == fake_gguf["cache"] / "SmolLM2-135M-Instruct"
     record = json.loads((resolved.path / loading.RECORD_NAME).read_text())
-    assert record["source"]["sha256"] == loading._sha256(fake_gguf["gguf"])
-    assert record["files"]["model.safetensors"]["sha256"] == loading._sha256(resolved.path / "model.safetensors")
+    assert record["source"]["sha256"] == gguf_fallback._sha256(fake_gguf["gguf"])
+    assert record["files"]["model.safetensors"]["sha256"] == gguf_fallback._sha256(resolved.path / "model.safetensors")
     model, _ = loading.load_model("smollm2", cache_dir=fake_gguf["cache"])
     assert model.config.num_hidden_layers == 2
 
@@ -231,7 +231,7 @@ def test_failed_conversion_leaves_nothing(monkeypatch: pytest.MonkeyPatch, hub_c
         (out_dir / "config.json").write_text("{}")
         raise RuntimeError("conversion failed")
 
-    monkeypatch.setattr(loading, "_convert_gguf", broken)
+    monkeypatch.setattr(gguf_fallback, "_convert_gguf", broken)
     with pytest.raises(RuntimeError, match="conversion failed"):
         fetch_model("smollm2", cache_dir=fake_gguf["cache"])
     assert list(fake_gguf["cache"].iterdir()) == []
