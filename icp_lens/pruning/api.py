@@ -28,7 +28,7 @@ from typing import Any
 
 from torch import nn
 
-from icp_lens.devices import resolve_device, resolve_dtype
+from icp_lens.devices import input_device, resolve_device, resolve_dtype
 from icp_lens.features import Feature
 from icp_lens.pruning.arch import site_of
 from icp_lens.pruning.export import check_target, export_checkpoint
@@ -179,13 +179,6 @@ class PruneResult:
         }
 
 
-def _device_of(model: Any) -> Any:
-    """Where an in-memory model's weights are (``None`` for a directory)."""
-    if isinstance(model, nn.Module):
-        return next(model.parameters()).device
-    return None
-
-
 def _hooked_for(model: Any, device: Any = None) -> Any:
     """The hooked model to check the export against: ``model`` itself, or a bridge booted on a directory."""
     if _is_hooked(model):
@@ -230,7 +223,9 @@ def apply_plan(
     there, and float64 is missing on some accelerators (MPS).
     """
     out = check_target(out, overwrite=overwrite, source=model)
-    where = resolve_device(device) if device is not None else _device_of(model)
+    where = resolve_device(device) if device is not None else None
+    if where is None and isinstance(model, nn.Module):  # an in-memory model: verify where it is
+        where = input_device(model)
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
     clean: nn.Module = clean_hf_model(model).cpu()
