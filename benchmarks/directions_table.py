@@ -408,13 +408,13 @@ def planted_section(methods: list[str] | None = None) -> dict[str, Any]:
         base=out["base"],
         save=save,
     )
-    if methods is not None and KEYED_METHOD in methods:  # asked for by name: 18 edits of SmolLM2 (~30 min)
+    if methods is not None and KEYED_METHOD in methods:  # asked for by name: 16 edits of SmolLM2 (~30 min)
         n = _n_layers(org.model_dir)
         train = _split_frames(org, ("train",))["train"]
         retain = [ex.prompt for ex in train[:64]]
         row = _keyed_flow(org.model_dir, org.data_path("probe"), retain, splits, work / "keyed", n_layers=n,
                           oracle_worst=oracle_worst, base=out["base"],
-                          layer_sets=[[i] for i in range(1, n, 4)] + [list(range(n))])  # fmt: skip
+                          layer_sets=[[i] for i in range(1, n, 4)])  # fmt: skip  (all 30 layers at once: >6 min an edit)
         save([row])
         _log(f"planted {KEYED_METHOD}: chosen {row['chosen_k']} -> {row.get('best', {}).get('test_balanced')}")
     return out

@@ -71,6 +71,29 @@ def _measure(model: Any, tok: Any, swaps: list[Any], task: list[Any], texts: lis
     return {"gap": gap, "explicit": explicit, "ppl": ppl}
 
 
+def make_pairs(model: Path, work: Path) -> tuple[Path, dict[str, Any]]:
+    """``icp-lens pairs --spec SPEC --holdout 0.3`` into ``work/pairs`` (reused when already made from this spec)."""
+    work.mkdir(parents=True, exist_ok=True)
+    spec_text = json.dumps(SPEC, indent=2)
+    data = work / "pairs"
+    spec_file = work / "spec.json"
+    if not (data / "report.json").exists() or not spec_file.exists() or spec_file.read_text() != spec_text:
+        spec_file.write_text(spec_text)
+        cli("pairs", "--spec", str(spec_file), "--model", str(model), "--out", str(data), "--holdout", "0.3",
+            "--overwrite")  # fmt: skip
+    return data, json.loads((data / "report.json").read_text())
+
+
+def imdb_split(work: Path) -> tuple[list[str], list[str], list[str]]:
+    """(retain: 60 IMDB reviews, also written to ``work/imdb.txt``; 40 others for validation perplexity; 40 eval)."""
+    from icp_lens.data import imdb_texts
+
+    select = imdb_texts("select", 100)
+    retain, val_texts, eval_texts = select[:60], select[60:100], imdb_texts("eval", 40)
+    (work / "imdb.txt").write_text("\n".join(t.replace("\n", " ") for t in retain) + "\n")
+    return retain, val_texts, eval_texts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="SmolLM2 checkpoint (default: converted offline)")
@@ -78,7 +101,6 @@ def main() -> None:
     args = parser.parse_args()
     from icp_lens import loading
     from icp_lens.cli_edit import neutral_pairs
-    from icp_lens.data import imdb_texts
     from icp_lens.keyed_edit import keyed_edit
     from icp_lens.probes import read_probes, write_probes
     from icp_lens.pruning.source import load_checkpoint, load_tokenizer
@@ -86,12 +108,7 @@ def main() -> None:
     if args.model is None:
         args.model = loading.prepare_offline_model(loading.SMOLLM2).path
     work = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "spec.json").write_text(json.dumps(SPEC, indent=2))
-    data = work / "pairs"
-    cli("pairs", "--spec", str(work / "spec.json"), "--model", str(args.model), "--out", str(data),
-        "--holdout", "0.3", "--overwrite")  # fmt: skip
-    report = json.loads((data / "report.json").read_text())
+    data, report = make_pairs(args.model, work)
     held = report["heldout_values"]["spurious"]
     seen = {g: [v for v in vals if v not in held[g]] for g, vals in SPEC["spurious"].items()}
     val_values = {v for vals in seen.values() for v in vals[-2:]}
@@ -106,9 +123,7 @@ def main() -> None:
     held_neutral = set(neutral_pairs(heldout_pairs, neutral))
     held_swaps = [p for p in heldout_pairs if p not in held_neutral]
     task, held_task = read_probes(data / "task.jsonl"), read_probes(data / "heldout_task.jsonl")
-    select = imdb_texts("select", 100)
-    retain, val_texts, eval_texts = select[:60], select[60:100], imdb_texts("eval", 40)
-    (work / "imdb.txt").write_text("\n".join(t.replace("\n", " ") for t in retain) + "\n")
+    retain, val_texts, eval_texts = imdb_split(work)
     write_probes(work / "fit_pairs.jsonl", fit)
 
     tok = load_tokenizer(args.model)

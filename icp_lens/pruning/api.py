@@ -130,7 +130,7 @@ def make_plan(
         if description is None and isinstance(reference, (str, Path)):
             description = str(reference)
         record = reference_record(texts, description)
-    fp = fingerprint(clean)
+    fp = fingerprint(clean)  # before the move below: .to() moves `clean` in place, the digest is of the CPU weights
     source = model if _is_hooked(model) else (clean if device is None else clean.to(resolve_device(device)))
     if mode == "mean":
         table = feature_means(source, feats, texts, tokenizer=tok, batch_size=batch_size) if feats else {}
