@@ -20,7 +20,7 @@ those of ``keyed_edit.md`` and ``spec_finetune.md``.
 
 Run: ``python benchmarks/keyed_edit_cv.py [--model DIR]``; writes
 ``benchmarks/results/keyed_edit_cv.{md,json}``. An interrupted run resumes from the
-command's own progress file. About 30 minutes on two CPU cores (48 fits).
+command's own progress file. About 30 minutes on two CPU cores (32 fits).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from keyed_edit import BUDGET, imdb_split, make_pairs  # noqa: E402
 from spec_finetune import SPEC, markdown, measure  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-CV_LAYERS, CV_WEIGHTS, N_FOLDS = "10,14,18,22", "0.3,1,3", 4
+CV_LAYERS, CV_WEIGHTS, N_FOLDS = "10,14,18,22", "0.3,3", 4
 
 
 def main() -> None:

@@ -247,6 +247,7 @@ def _cross_validate(args: argparse.Namespace, model: Any, tokenizer: Any, pairs:
         "rank": args.rank, "max_tokens": args.max_tokens,
     }  # fmt: skip
     progress = _progress_path(args.out)
+    progress.parent.mkdir(parents=True, exist_ok=True)
     done: list[dict[str, Any]] = []
     if progress.exists():
         lines = [json.loads(line) for line in progress.read_text().splitlines() if line.strip()]

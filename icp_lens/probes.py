@@ -17,6 +17,14 @@ A probe file is JSON Lines, one example per line::
 - ``causal_counterfactual`` (optional): the prompt with the true cause changed; the
   right answer becomes ``causal_answer`` (which requires a causal counterfactual).
 - ``group`` (optional): a label for group-wise metrics (e.g. worst-group accuracy).
+- ``image`` (optional): an image the model sees with the prompt (vision-language
+  models), a path relative to the JSONL file.
+- ``image_counterfactual`` (optional, needs ``image``): the image with only the spurious
+  attribute changed (same object, other background); the right answer stays ``answer``.
+
+Files without images are read exactly as before. :func:`read_probes` checks every image
+when it reads the file: it must exist, open as an image, and have the size of the file's
+first image (or ``image_size``), and each error names the line.
 
 Every reader error is a :class:`ProbeFormatError` naming the file, the 1-based line
 and what is wrong. With a tokenizer, :func:`read_probes` also checks that every answer
@@ -49,6 +57,8 @@ __all__ = [
     "probes_from_frame",
     "single_token_id",
     "length_mismatches",
+    "IMAGE_FIELDS",
+    "image_file",
 ]
 
 REQUIRED_FIELDS: tuple[str, ...] = ("prompt", "answer", "alternatives")
@@ -57,7 +67,10 @@ _OPTIONAL_FIELDS: tuple[str, ...] = (
     "causal_counterfactual",
     "causal_answer",
     "group",
+    "image",
+    "image_counterfactual",
 )
+IMAGE_FIELDS: tuple[str, ...] = ("image", "image_counterfactual")
 FIELDS: tuple[str, ...] = REQUIRED_FIELDS + _OPTIONAL_FIELDS
 
 
@@ -83,6 +96,8 @@ class ProbeExample:
     causal_counterfactual: str | None = None
     causal_answer: str | None = None
     group: str | None = None
+    image: str | None = None
+    image_counterfactual: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.alternatives, list):
@@ -143,7 +158,41 @@ def _problem(ex: ProbeExample) -> str | None:
         return f"answer {ex.answer!r} is listed among alternatives {list(ex.alternatives)}"
     if ex.causal_answer is not None and ex.causal_counterfactual is None:
         return "'causal_answer' is given without 'causal_counterfactual'"
+    if ex.image_counterfactual is not None and ex.image is None:
+        return "'image_counterfactual' is given without 'image'"
     return None
+
+
+def _check_image(path: Path, field: str, name: str, expected: tuple[int, int] | None, where: str) -> tuple[int, int]:
+    """Open ``name`` (relative to the probe file's folder); its ``(width, height)``, or a ProbeFormatError."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:  # pragma: no cover - Pillow ships with the install
+        raise ProbeFormatError(f"{where}{field} needs Pillow to be checked: pip install pillow") from None
+    file = path.parent / name
+    if not file.is_file():
+        raise ProbeFormatError(f"{where}{field} {name!r} not found (looked for {file})")
+    try:
+        with Image.open(file) as img:
+            img.load()
+            size = (int(img.width), int(img.height))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        why = f"{type(err).__name__}: {err}"
+        raise ProbeFormatError(f"{where}{field} {name!r} is not a readable image ({why})") from None
+    if expected is not None and size != expected:
+        raise ProbeFormatError(
+            f"{where}{field} {name!r} is {size[0]}x{size[1]}, expected {expected[0]}x{expected[1]} "
+            "(every image of a probe file has one size)"
+        )
+    return size
+
+
+def image_file(probe_file: str | Path, ex: ProbeExample, field: str = "image") -> Path | None:
+    """The path of ``ex``'s ``image`` (or ``image_counterfactual``), resolved against its probe file's folder."""
+    if field not in IMAGE_FIELDS:
+        raise ValueError(f"field must be one of {IMAGE_FIELDS}, got {field!r}")
+    name = getattr(ex, field)
+    return None if name is None else Path(probe_file).parent / name
 
 
 def single_token_id(tokenizer: Any, text: str) -> int:
@@ -225,8 +274,14 @@ def length_mismatches(examples: Sequence[ProbeExample], tokenizer: Any) -> list[
     return out
 
 
-def read_probes(path: str | Path, *, tokenizer: Any = None) -> list[ProbeExample]:
+def read_probes(
+    path: str | Path, *, tokenizer: Any = None, image_size: tuple[int, int] | None = None
+) -> list[ProbeExample]:
     """Read and validate a probe JSONL file (blank lines are skipped).
+
+    Images (``image``, ``image_counterfactual``: paths relative to the file) must exist,
+    open, and be ``image_size`` ``(width, height)`` when given, else the size of the
+    file's first image; the paths are kept as written (:func:`image_file` resolves them).
 
     With ``tokenizer``, every ``answer``, alternative and ``causal_answer`` must be
     exactly one token, and no word of a prompt or counterfactual may be out of the
@@ -258,6 +313,10 @@ def read_probes(path: str | Path, *, tokenizer: Any = None) -> list[ProbeExample
             except json.JSONDecodeError as err:
                 raise ProbeFormatError(f"{path}, line {lineno}: invalid JSON: {err}") from None
             ex = ProbeExample.from_dict(record, line=lineno, path=path)
+            for field in IMAGE_FIELDS:
+                name = getattr(ex, field)
+                if name is not None:
+                    image_size = _check_image(path, field, name, image_size, f"{path}, line {lineno}: ")
             if tokenizer is not None:
                 for text in (ex.answer, *ex.alternatives, ex.causal_answer):
                     if text is None:

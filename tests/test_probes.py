@@ -8,8 +8,10 @@ import pytest
 
 from icp_lens.probes import (
     FIELDS,
+    IMAGE_FIELDS,
     ProbeExample,
     ProbeFormatError,
+    image_file,
     probes_from_frame,
     probes_to_frame,
     read_probes,
@@ -54,7 +56,7 @@ def test_round_trip_jsonl(tmp_path):
 
 def test_to_dict_from_dict_round_trip():
     d = FULL.to_dict()
-    assert set(d) == set(FIELDS) and d["alternatives"] == [" neg"]
+    assert set(d) == set(FIELDS) - set(IMAGE_FIELDS) and d["alternatives"] == [" neg"]
     assert "group" not in MINIMAL.to_dict()
     assert ProbeExample.from_dict(d) == FULL
     assert isinstance(ProbeExample.from_dict(MINIMAL.to_dict()).alternatives, tuple)
@@ -167,3 +169,40 @@ def test_single_token_check_with_organism_tokenizer(tmp_path, tokenizer):
         read_probes(path, tokenizer=tokenizer)
     # without a tokenizer the same file is fine
     assert read_probes(path)[0].answer == " marvellous"
+
+
+def _png(path, size=(8, 6), colour=(200, 30, 30)):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+def test_image_probes_load_resolve_and_fail_loudly(tmp_path):
+    """Image fields: paths relative to the file, checked on read; each error names its line; old files unchanged."""
+    _png(tmp_path / "img" / "0.png")
+    _png(tmp_path / "img" / "0_cf.png", colour=(30, 30, 200))
+    _png(tmp_path / "img" / "small.png", size=(4, 4))
+    (tmp_path / "img" / "junk.png").write_bytes(b"not an image at all")
+    shot = {**GOOD_LINE, "image": "img/0.png", "image_counterfactual": "img/0_cf.png"}
+    path = _write_lines(tmp_path / "p.jsonl", [shot, GOOD_LINE])
+    examples = read_probes(path)
+    assert examples[0].image == "img/0.png" and examples[1].image is None  # kept as written
+    assert image_file(path, examples[0], "image_counterfactual") == tmp_path / "img" / "0_cf.png"
+    assert image_file(path, examples[1]) is None
+    assert write_probes(tmp_path / "again.jsonl", examples).read_text() == path.read_text()
+    with pytest.raises(ValueError, match=r"field must be one of \('image', 'image_counterfactual'\)"):
+        image_file(path, examples[0], "picture")
+    cases = [
+        ({**GOOD_LINE, "image": "img/missing.png"}, r"line 2: image 'img/missing.png' not found"),
+        ({**GOOD_LINE, "image": "img/junk.png"}, r"line 2: image 'img/junk.png' is not a readable image"),
+        ({**GOOD_LINE, "image": "img/0.png", "image_counterfactual": "img/small.png"},
+         r"line 2: image_counterfactual 'img/small.png' is 4x4, expected 8x6"),
+        ({**GOOD_LINE, "image_counterfactual": "img/0.png"}, r"line 2: 'image_counterfactual' is given without"),
+        ({**GOOD_LINE, "image": 3}, r"line 2: field 'image' must be a string"),
+    ]  # fmt: skip
+    for bad, message in cases:
+        with pytest.raises(ProbeFormatError, match=message):
+            read_probes(_write_lines(tmp_path / "bad.jsonl", [shot, bad]))
+    with pytest.raises(ProbeFormatError, match=r"line 1: image 'img/0.png' is 8x6, expected 16x16"):
+        read_probes(path, image_size=(16, 16))

@@ -108,7 +108,10 @@ def _finetune(
     device = next(model.parameters()).device
     loss_value = float("nan")
     model.train()
-    with torch.enable_grad():
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, desc="LoRA fine-tune", unit="step", mininterval=5.0)
+    with torch.enable_grad(), bar:
         for _ in range(ft.epochs):
             order = [examples[i] for i in gen.permutation(len(examples))]
             for chunk, ids, mask, last in _batches(tokenizer, order, ft.batch_size, device):
@@ -121,6 +124,8 @@ def _finetune(
                 opt.step()
                 sched.step()
                 loss_value = loss.item()
+                bar.update()
+                bar.set_postfix_str(f"loss {loss_value:.4f}", refresh=False)
     merged = handle.peft_model.merge_and_unload().eval()
     return merged, loss_value, time.perf_counter() - start
 
