@@ -128,9 +128,9 @@ def _cmd_edit(args: argparse.Namespace) -> int:
 
     cross_validate = args.cv_layers is not None or args.cv_retain_weights is not None
     if args.layers is None and args.cv_layers is None:
-        raise SystemExit("icp-lens edit: give --layers L (e.g. 6 or 4,8) or --cv-layers CANDIDATES (e.g. 10,14,18)")
+        raise ValueError("give --layers L (e.g. 6 or 4,8) or --cv-layers CANDIDATES (e.g. 10,14,18)")
     if args.layers is not None and args.cv_layers is not None:
-        raise SystemExit("icp-lens edit: give --layers or --cv-layers, not both")
+        raise ValueError("give --layers or --cv-layers, not both")
     check_target(args.out, overwrite=args.overwrite, source=args.model)
     model = load_for_command(args.model, args)
     tokenizer = load_tokenizer(args.model)
@@ -140,13 +140,13 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     if args.spec is not None:
         neutral = list(json.loads(args.spec.read_text()).get("neutral") or [])
         if not neutral:
-            raise SystemExit(f"--spec {args.spec} has no 'neutral' values; pass --neutral WORDS or --target mean")
+            raise ValueError(f"--spec {args.spec} has no 'neutral' values; pass --neutral WORDS or --target mean")
     elif args.neutral is not None:
         neutral = [v for v in args.neutral.split(",") if v.strip()]
     if neutral is not None:
         kept = neutral_pairs(pairs, neutral)
         if not kept:
-            raise SystemExit(f"no pair of {args.pairs} swaps to a neutral value of {neutral}")
+            raise ValueError(f"no pair of {args.pairs} swaps to a neutral value of {neutral}")
         pairs = kept
     elif args.target == "counterfactual":
         print("note: --target counterfactual without --neutral/--spec moves every prompt to its counterfactual as is")
@@ -157,7 +157,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     if cross_validate:
         choice = _cross_validate(args, model, tokenizer, pairs, all_pairs, guard_examples, retain)
         if choice.chosen is None:
-            raise SystemExit(
+            raise ValueError(
                 f"no candidate kept explicit >= {args.min_explicit} and perplexity rise <= {args.max_ppl_rise} on "
                 "every fold (table above; the finished folds are kept in "
                 f"{_progress_path(args.out)}): add candidates (other layers, larger retain weights) or relax the budget"

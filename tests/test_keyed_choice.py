@@ -119,7 +119,7 @@ def test_cli_cross_validated_edit_on_an_organism(tmp_path: Path) -> None:
               "--cv-layers", "0,1,0+1", "--cv-retain-weights", "0.3,3", "--cv-by", "pair", "--cv-folds", "3",
               "--retain", str(tmp_path / "retain.txt"), "--out", str(out)]  # fmt: skip
     bad = _run(*common, "--max-ppl-rise", "-1")
-    assert bad.returncode != 0 and "no candidate kept" in bad.stderr and not out.exists()
+    assert bad.returncode == 2 and "no candidate kept" in bad.stderr and not out.exists()
     progress = tmp_path / ".edited.cv-progress.jsonl"
     assert len(progress.read_text().splitlines()) == 1 + 6 * 3
     done = _run(*common, "--json")
@@ -139,4 +139,4 @@ def test_cli_cross_validated_edit_on_an_organism(tmp_path: Path) -> None:
     print("balanced worst group: original, edited", worst)
     assert worst[1] > worst[0] + 0.2
     missing = _run("--model", str(org.model_dir), "--pairs", str(org.data_path("probe")), "--out", str(tmp_path / "x"))
-    assert missing.returncode != 0 and "give --layers L" in missing.stderr
+    assert missing.returncode == 2 and "icp-lens edit: error: give --layers L" in missing.stderr
