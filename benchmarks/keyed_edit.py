@@ -49,9 +49,9 @@ BUDGET = {"explicit": 0.95, "ppl_rise": 0.03}
 
 def _words(ex: Any) -> tuple[str, str]:
     """(prompt's value, counterfactual's value): the words where the two differ."""
-    from icp_lens.cli_edit import _slot_words
+    from icp_lens.keyed_choice import swap_values
 
-    return _slot_words(ex.spurious_counterfactual, ex.prompt), _slot_words(ex.prompt, ex.spurious_counterfactual)
+    return swap_values(ex)
 
 
 def _measure(model: Any, tok: Any, swaps: list[Any], task: list[Any], texts: list[str]) -> dict[str, float]:

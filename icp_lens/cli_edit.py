@@ -36,7 +36,6 @@ from typing import Any
 
 from icp_lens.devices import add_device_arguments
 from icp_lens.keyed_choice import neutral_pairs
-from icp_lens.keyed_choice import slot_words as _slot_words  # noqa: F401  (kept for scripts that import it here)
 
 __all__ = ["add_edit_parser", "neutral_pairs"]
 
