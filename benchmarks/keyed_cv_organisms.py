@@ -32,6 +32,9 @@ import pandas as pd
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ORGANISMS = (("tag", "llama", 0), ("lexical", "neox", 3), ("lexical", "gpt2", 0))
+#: the command's perplexity budget; where no candidate meets it, the run is repeated once with the second (the
+#: finished folds are reused) and the row says so: the budget is a user's choice, reported, never hidden
+BUDGETS = (0.03, 0.10)
 
 
 def _accuracies(model_dir: Path, splits: dict[str, list[Any]]) -> dict[str, dict[str, float]]:
@@ -54,6 +57,8 @@ def main() -> None:
     from icp_lens.organisms import build_organism
 
     rows = []
+    saved = RESULTS / "keyed_cv_organisms.json"
+    previous = {r["organism"]: r for r in json.loads(saved.read_text()) if "error" not in r} if saved.exists() else {}
     for variant, arch, seed in ORGANISMS:
         org = build_organism(variant=variant, arch=arch, seed=seed)
         n = int(AutoConfig.from_pretrained(str(org.model_dir)).num_hidden_layers)
@@ -64,10 +69,18 @@ def main() -> None:
         command = ["edit", "--model", str(org.model_dir), "--pairs", str(org.data_path("probe")), "--target", "mean",
                    "--cv-layers", layers, "--cv-retain-weights", "0.3,3", "--cv-by", "pair", "--cv-folds", "4",
                    "--retain", str(work / "retain.txt"), "--out", str(work / "edited"), "--json"]  # fmt: skip
-        start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "icp_lens", *command], capture_output=True, text=True)
-        seconds = round(time.perf_counter() - start, 1)
         key = f"{variant} x {arch} seed {seed}"
+        if key in previous:
+            rows.append(previous[key])
+            continue
+        start = time.perf_counter()
+        budget = BUDGETS[0]
+        done = subprocess.run([sys.executable, "-m", "icp_lens", *command], capture_output=True, text=True)
+        if done.returncode == 2 and "no candidate kept" in done.stderr:  # the folds are kept: the rerun reuses them
+            budget = BUDGETS[1]
+            done = subprocess.run([sys.executable, "-m", "icp_lens", *command, "--max-ppl-rise", str(budget)],
+                                  capture_output=True, text=True)  # fmt: skip
+        seconds = round(time.perf_counter() - start, 1)
         if done.returncode != 0:
             rows.append({"organism": key, "error": done.stderr.strip().splitlines()[-1]})
             continue
@@ -79,8 +92,9 @@ def main() -> None:
         chosen = record["cross_validation"]["chosen"]
         summary = pd.DataFrame(record["cross_validation"]["summary"])
         rows.append({
-            "organism": key, "candidates": len(summary), "chosen": f"L{','.join(map(str, chosen['layers']))} "
-            f"w{chosen['retain_weight']:g}", "cv_mean_cut": float(summary.loc[summary.chosen, "mean_cut"].iloc[0]),
+            "organism": key, "max_ppl_rise": budget, "candidates": len(summary),
+            "chosen": f"L{','.join(map(str, chosen['layers']))} w{chosen['retain_weight']:g}",
+            "cv_mean_cut": float(summary.loc[summary.chosen, "mean_cut"].iloc[0]),
             "worst_before": wb, "worst_after": wa, "worst_oracle": wo,
             "worst_gap_closed": (wa - wb) / (wo - wb) if wo != wb else None,
             "balanced_before": before["test_balanced"]["accuracy"],
@@ -93,12 +107,16 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "keyed_cv_organisms.json").write_text(json.dumps(rows, indent=2) + "\n")
     frame = pd.DataFrame(rows)
+    frame = frame[["organism"] + [c for c in frame.columns if c != "organism"]]
     text = (
         "# `icp-lens edit --cv-layers`: the keyed edit's setting chosen by the command, no group labels\n\n"
         "`python benchmarks/keyed_cv_organisms.py`: `--target mean` on the probe pairs (training prompts and their "
         "spurious swaps), candidates = each layer alone and all layers x retain weight 0.3, 3, 4-fold "
         "cross-validation over prompts (`--cv-by pair`; the spurious value has only two words); retain = 256 "
-        "training prompts. Measured on the test splits. Worst-group gap closed = (after - before) / "
+        "training prompts; perplexity on every third of them. Budget: explicit cues are not checked (the organisms' "
+        "probes have no guard prompts), perplexity rise <= 3%; where no candidate meets it the command is repeated "
+        "with <= 10% (column `max_ppl_rise`): the perplexity texts carry the spurious tag, so removing its effect "
+        "moves their predictions too. Measured on the test splits. Worst-group gap closed = (after - before) / "
         "(oracle - before).\n\n"
         "| " + " | ".join(frame.columns) + " |\n|" + "---|" * len(frame.columns) + "\n"
         + "\n".join("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r) + " |"
