@@ -66,7 +66,7 @@ def main() -> None:
     done = subprocess.run([sys.executable, "-m", "icp_lens", *command], stdout=subprocess.PIPE, text=True)
     seconds = round(time.perf_counter() - start, 1)
     out: dict[str, Any] = {"spec": SPEC, "heldout_values": report["heldout_values"], "budget": BUDGET,
-                           "command": "icp-lens " + " ".join(command[:1] + ["..."] + command[-16:-3]),
+                           "command": "icp-lens " + " ".join(command[:1] + ["..."] + command[-16:-2]),
                            "cli_seconds": seconds, "returncode": done.returncode}  # fmt: skip
     if done.returncode == 0:
         record = json.loads(done.stdout.strip().splitlines()[-1])
@@ -109,6 +109,8 @@ def report_md(out: dict[str, Any]) -> str:
         f"explicit held out {e['explicit_heldout']:.3f}, perplexity {o['ppl']:.2f} -> {e['ppl']:.2f} "
         f"({e['ppl'] / o['ppl'] - 1:+.1%}).\n"
     )
+    for note in out.get("notes", []):
+        text += f"\n{note}\n"
     return text
 
 
