@@ -36,7 +36,7 @@ cross-validation over those professions (:mod:`icp_lens.keyed_choice`, ``icp-len
 same split. The keys of unseen professions share only part of their direction with the
 fitted ones, and every setting trades gap cut against perplexity on other text. On planted
 lexical shortcuts it closes the whole worst-group gap; on a tag read by attention (tag x
-Llama) a fifth of it.
+Llama) 21% (setting chosen without labels) to 35% (chosen on labelled validation prompts).
 """
 
 from __future__ import annotations
