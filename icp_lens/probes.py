@@ -167,8 +167,8 @@ def _check_image(path: Path, field: str, name: str, expected: tuple[int, int] | 
     """Open ``name`` (relative to the probe file's folder); its ``(width, height)``, or a ProbeFormatError."""
     try:
         from PIL import Image, UnidentifiedImageError
-    except ImportError:  # pragma: no cover - Pillow ships with the install
-        raise ProbeFormatError(f"{where}{field} needs Pillow to be checked: pip install pillow") from None
+    except ImportError:  # pragma: no cover - Pillow comes with the vision, plot and test extras
+        raise ProbeFormatError(f"{where}{field} needs Pillow to be checked: pip install 'icp-lens[vision]'") from None
     file = path.parent / name
     if not file.is_file():
         raise ProbeFormatError(f"{where}{field} {name!r} not found (looked for {file})")
