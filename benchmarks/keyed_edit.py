@@ -94,6 +94,16 @@ def imdb_split(work: Path) -> tuple[list[str], list[str], list[str]]:
     return retain, val_texts, eval_texts
 
 
+def heldout_summary(o: dict[str, float], e: dict[str, float]) -> str:
+    """``spec_finetune.measure``'s numbers, original ``o`` -> edited ``e``, as one clause."""
+    return (
+        f"gap {o['gap_heldout']:.3f} -> {e['gap_heldout']:.3f} (cut {1 - e['gap_heldout'] / o['gap_heldout']:.1%}), "
+        f"held-out flips {o['flips_heldout']:.3f} -> {e['flips_heldout']:.3f}, seen gap cut "
+        f"{1 - e['gap_seen'] / o['gap_seen']:.1%}, explicit held out {e['explicit_heldout']:.3f}, perplexity "
+        f"{o['ppl']:.2f} -> {e['ppl']:.2f} ({e['ppl'] / o['ppl'] - 1:+.1%})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="SmolLM2 checkpoint (default: converted offline)")
@@ -212,11 +222,7 @@ def report_md(out: dict[str, Any]) -> str:
         o, e = out["cli_original"], out["cli_edited"]
         text += (
             f"\nThe chosen setting through the CLI (`icp-lens edit`, {out['cli_seconds']} s), measured with "
-            f"`spec_finetune.measure` (transformers alone): held-out gap {o['gap_heldout']:.3f} -> "
-            f"{e['gap_heldout']:.3f} (cut {1 - e['gap_heldout'] / o['gap_heldout']:.1%}), held-out flips "
-            f"{o['flips_heldout']:.3f} -> {e['flips_heldout']:.3f}, seen gap cut "
-            f"{1 - e['gap_seen'] / o['gap_seen']:.1%}, explicit held out {e['explicit_heldout']:.3f}, perplexity "
-            f"{o['ppl']:.2f} -> {e['ppl']:.2f} ({e['ppl'] / o['ppl'] - 1:+.1%}).\n"
+            f"`spec_finetune.measure` (transformers alone): held-out {heldout_summary(o, e)}.\n"
         )
         recipe = RESULTS / "spec_finetune.json"
         if recipe.exists():

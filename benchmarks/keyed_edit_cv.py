@@ -36,7 +36,7 @@ from typing import Any
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from keyed_edit import BUDGET, imdb_split, make_pairs  # noqa: E402
+from keyed_edit import BUDGET, heldout_summary, imdb_split, make_pairs  # noqa: E402
 from spec_finetune import SPEC, markdown, measure  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -103,11 +103,7 @@ def report_md(out: dict[str, Any]) -> str:
     text += (
         f"\nChosen: layers {cv['chosen']['layers']}, retain weight {cv['chosen']['retain_weight']}, fitted on all seen "
         f"professions ({out['cli_seconds']} s for the whole command). Measured with `spec_finetune.measure` "
-        f"(transformers alone) on the held-out professions and templates: gap {o['gap_heldout']:.3f} -> "
-        f"{e['gap_heldout']:.3f} (cut {1 - e['gap_heldout'] / o['gap_heldout']:.1%}), held-out flips "
-        f"{o['flips_heldout']:.3f} -> {e['flips_heldout']:.3f}, seen gap cut {1 - e['gap_seen'] / o['gap_seen']:.1%}, "
-        f"explicit held out {e['explicit_heldout']:.3f}, perplexity {o['ppl']:.2f} -> {e['ppl']:.2f} "
-        f"({e['ppl'] / o['ppl'] - 1:+.1%}).\n"
+        f"(transformers alone) on the held-out professions and templates: {heldout_summary(o, e)}.\n"
     )
     for note in out.get("notes", []):
         text += f"\n{note}\n"
