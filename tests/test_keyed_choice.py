@@ -116,22 +116,22 @@ def test_cli_cross_validated_edit_on_an_organism(tmp_path: Path) -> None:
     (tmp_path / "retain.txt").write_text("\n".join(ex.prompt for ex in org.probes("train")[:96]) + "\n")
     out = tmp_path / "edited"
     common = ["--model", str(org.model_dir), "--pairs", str(org.data_path("probe")), "--target", "mean",
-              "--cv-layers", "0,1,0+1", "--cv-retain-weights", "0.3,3", "--cv-by", "pair", "--cv-folds", "3",
+              "--cv-layers", "0,0+1", "--cv-retain-weights", "0.3,3", "--cv-by", "pair", "--cv-folds", "2",
               "--retain", str(tmp_path / "retain.txt"), "--out", str(out)]  # fmt: skip
     bad = _run(*common, "--max-ppl-rise", "-1")
     assert bad.returncode == 2 and "no candidate kept" in bad.stderr and not out.exists()
     progress = tmp_path / ".edited.cv-progress.jsonl"
-    assert len(progress.read_text().splitlines()) == 1 + 6 * 3
+    assert len(progress.read_text().splitlines()) == 1 + 4 * 2
     done = _run(*common, "--json")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "resuming: 18 finished folds" in done.stderr and not progress.exists()
+    assert "resuming: 8 finished folds" in done.stderr and not progress.exists()
     record = json.loads(done.stdout.strip().splitlines()[-1])
     cv = record["cross_validation"]
     summary = pd.DataFrame(cv["summary"])
     best = summary.loc[summary.mean_cut.idxmax()]
     assert cv["chosen"] == {"layers": [int(x) for x in best.layers.split(",")], "retain_weight": best.retain_weight}
     assert record["settings"]["layers"] == cv["chosen"]["layers"] and best.mean_cut > 0.5
-    assert len(pd.read_csv(out / "cv.csv")) == 18
+    assert len(pd.read_csv(out / "cv.csv")) == 8
     tok = AutoTokenizer.from_pretrained(str(out))
     test = org.probes("test_balanced")
     worst = [planted_accuracy(AutoModelForCausalLM.from_pretrained(str(d)).eval(), tok, test)["worst"]
