@@ -249,12 +249,18 @@ def _cross_validate(args: argparse.Namespace, model: Any, tokenizer: Any, pairs:
     progress.parent.mkdir(parents=True, exist_ok=True)
     done: list[dict[str, Any]] = []
     if progress.exists():
-        lines = [json.loads(line) for line in progress.read_text().splitlines() if line.strip()]
+        lines = []
+        for line in progress.read_text().splitlines():
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a killed run: the folds before it are kept
+                break
         if lines and lines[0] == {"header": header}:
             done = lines[1:]
             print(f"resuming: {len(done)} finished folds read from {progress}", file=sys.stderr)
-    if not done:
-        progress.write_text(json.dumps({"header": header}) + "\n")
+        else:
+            print(f"note: {progress} was made with other inputs or settings: starting over", file=sys.stderr)
+    progress.write_text("".join(json.dumps(r) + "\n" for r in [{"header": header}, *done]))
 
     def save(row: dict[str, Any]) -> None:
         with progress.open("a") as f:

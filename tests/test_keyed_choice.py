@@ -122,6 +122,8 @@ def test_cli_cross_validated_edit_on_an_organism(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "no candidate kept" in bad.stderr and not out.exists()
     progress = tmp_path / ".edited.cv-progress.jsonl"
     assert len(progress.read_text().splitlines()) == 1 + 4 * 2
+    with progress.open("a") as f:
+        f.write('{"label": "L0 w0.3", "fo')  # a kill -9 in the middle of a write: the finished folds still count
     done = _run(*common, "--json")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming: 8 finished folds" in done.stderr and not progress.exists()
