@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,32 +41,32 @@ from icp_lens.keyed_choice import neutral_pairs
 __all__ = ["add_edit_parser", "neutral_pairs"]
 
 
+def _comma_list(text: str, item: Callable[[str], Any], option: str, example: str) -> tuple[Any, ...]:
+    """``text`` split at commas, each item parsed by ``item``; an argparse error naming ``option`` otherwise."""
+    try:
+        return tuple(item(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{option} takes {example}; got {text!r}") from None
+
+
 def _candidate_layers(text: str) -> tuple[tuple[int, ...], ...]:
     """``10,14,18+22``: each comma-separated item one candidate, ``+`` joining the layers of one candidate."""
-    try:
-        out = tuple(tuple(int(x) for x in item.split("+")) for item in text.split(",") if item.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--cv-layers takes candidates like 10,14 or 10,14+18; got {text!r}") from None
+    out = _comma_list(text, lambda item: tuple(int(x) for x in item.split("+")), "--cv-layers",
+                      "candidates like 10,14 or 10,14+18")  # fmt: skip
     if not out:
         raise argparse.ArgumentTypeError("--cv-layers needs at least one candidate")
     return out
 
 
 def _weights(text: str) -> tuple[float, ...]:
-    try:
-        out = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--cv-retain-weights takes weights like 0.3,1,3; got {text!r}") from None
+    out = _comma_list(text, float, "--cv-retain-weights", "weights like 0.3,1,3")
     if not out or any(w < 0 for w in out):
         raise argparse.ArgumentTypeError(f"--cv-retain-weights needs weights >= 0; got {text!r}")
     return out
 
 
 def _layers(text: str) -> tuple[int, ...]:
-    try:
-        layers = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers takes layers like 6 or 4,8; got {text!r}") from None
+    layers = _comma_list(text, int, "--layers", "layers like 6 or 4,8")
     if not layers:
         raise argparse.ArgumentTypeError("--layers needs at least one layer")
     return layers

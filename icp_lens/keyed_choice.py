@@ -42,7 +42,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -183,13 +182,14 @@ class KeyedChoice:
 
 
 def _shift(model: nn.Module, tokenizer: Any, pairs: Sequence[ProbeExample]) -> float:
+    """:func:`icp_lens.evaluation.metrics.sensitivity` of the pairs: ``mean |m(x') - m(x)|``."""
     from icp_lens.evaluation.margins import next_token_margins
+    from icp_lens.evaluation.metrics import sensitivity
 
     cfs = [ProbeExample(prompt=p.spurious_counterfactual or "", answer=p.answer, alternatives=p.alternatives)
            for p in pairs]  # fmt: skip
     with torch.no_grad():
-        moved = next_token_margins(model, tokenizer, cfs) - next_token_margins(model, tokenizer, pairs)
-    return float(np.mean(np.abs(moved)))
+        return sensitivity(next_token_margins(model, tokenizer, pairs), next_token_margins(model, tokenizer, cfs))
 
 
 def _explicit(model: nn.Module, tokenizer: Any, examples: Sequence[ProbeExample]) -> float:
