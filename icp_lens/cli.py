@@ -2,9 +2,10 @@
 
 Subcommands:
 
-``icp-lens organism --out DIR [--seed N] [--arch gpt2|llama|neox] [--variant lexical|tag|imdb-smollm2]``
+``icp-lens organism --out DIR [--seed N] [--arch gpt2|llama|neox] [--variant lexical|tag|imdb-smollm2|waterbirds]``
     Train (or reuse) a planted-shortcut organism, write ``DIR/model/`` (an HF checkpoint)
-    and its JSONL splits, and print the acceptance report.
+    and its JSONL splits, and print the acceptance report. ``waterbirds`` is a tiny
+    LLaVA (vision tower + projector + Llama) whose splits carry images.
 ``icp-lens score --model DIR --probe FILE.jsonl --out scores.csv [--method hybrid|attribution|exact] ...``
     Score features by spuriousness and write the ScoreTable (CSV or parquet); the CSV has
     the columns ``kind, layer, index, hook_name, score`` (score = S, higher = more
@@ -65,12 +66,14 @@ def _add_organism_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", choices=["gpt2", "llama", "neox"], default="gpt2", help="architecture (gpt2)")
     parser.add_argument(
         "--variant",
-        choices=["lexical", "tag", "imdb-smollm2"],
+        choices=["lexical", "tag", "imdb-smollm2", "waterbirds"],
         default="lexical",
         help=(
             "lexical: planted token next to the answer; tag: a name at the start (lexical); "
             "imdb-smollm2: SmolLM2-135M LoRA-fine-tuned on real IMDB reviews with a planted reviewer "
-            "name (a real model; minutes, --arch does not apply)"
+            "name (a real model; minutes, --arch does not apply); waterbirds: a tiny LLaVA vision-language "
+            "model on synthetic images where the background, not the bird, decides (about a minute; "
+            "--arch does not apply)"
         ),
     )
     parser.add_argument("--force", action="store_true", help="retrain even if DIR already holds this organism")
@@ -185,7 +188,8 @@ def _report(organism: Any, seconds: float, *, as_json: bool) -> dict[str, Any]:
         print(json.dumps(payload, indent=2))
         return payload
     spec = organism.spec
-    print(f"organism  {spec.variant} shortcut, {spec.arch} architecture, seed {spec.seed}")
+    arch = getattr(spec, "arch", "llava")
+    print(f"organism  {spec.variant} shortcut, {arch} architecture, seed {spec.seed}")
     print(f"written   {organism.path}  (HF checkpoint in {organism.model_dir})")
     print()
     print(report.to_frame().to_string(index=False))
@@ -199,6 +203,11 @@ def _build(args: argparse.Namespace, out: Path | None) -> tuple[Any, float]:
     from icp_lens.organisms import build_organism
 
     start = time.perf_counter()
+    if args.variant == "waterbirds":
+        from icp_lens.organisms.multimodal import build_waterbirds
+
+        organism = build_waterbirds(out, seed=args.seed, force=args.force, progress=not args.json)
+        return organism, time.perf_counter() - start
     organism = build_organism(out, variant=args.variant, arch=args.arch, seed=args.seed, force=args.force,
                               progress=not args.json)  # fmt: skip
     return organism, time.perf_counter() - start

@@ -118,11 +118,13 @@ class OrganismReport:
     oracle_train_seconds: float = 0.0
     build_seconds: float = 0.0
     reload_max_abs_diff: float = 0.0
+    #: metric -> (op, threshold); ``None`` means :data:`THRESHOLDS` (the text organisms')
+    thresholds: dict[str, tuple[str, float]] | None = None
 
     def acceptance(self) -> dict[str, bool]:
-        """Each threshold of :data:`THRESHOLDS`: metric -> passed."""
+        """Each threshold of :data:`THRESHOLDS` (or ``thresholds``): metric -> passed."""
         out = {}
-        for metric, (op, threshold) in THRESHOLDS.items():
+        for metric, (op, threshold) in (self.thresholds or THRESHOLDS).items():
             value = getattr(self, metric)
             out[metric] = value >= threshold if op == ">=" else value <= threshold
         return out
@@ -139,7 +141,7 @@ class OrganismReport:
         passed = self.acceptance()
         rows = [
             {"metric": m, "value": getattr(self, m), "op": op, "threshold": t, "passed": passed[m]}
-            for m, (op, t) in THRESHOLDS.items()
+            for m, (op, t) in (self.thresholds or THRESHOLDS).items()
         ]
         return pd.DataFrame(rows, columns=["metric", "value", "op", "threshold", "passed"])
 

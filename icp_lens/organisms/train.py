@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -46,6 +46,7 @@ __all__ = [
     "train_model",
     "predict",
     "evaluate_accuracy",
+    "accuracy_of",
 ]
 
 Arch = Literal["gpt2", "llama", "neox"]
@@ -163,11 +164,14 @@ def train_model(
     *,
     seed: int,
     progress: str | None = None,
+    inputs: Mapping[str, Tensor] | None = None,
 ) -> float:
     """Train in place on the answer-token loss; returns wall-clock seconds.
 
     Gradients are enabled inside even if the caller disabled them globally, and the
     model is left in eval mode. ``progress`` (a description) shows a progress bar.
+    ``inputs`` are further model inputs with one row per example (a vision-language
+    model's ``pixel_values``), batched with the token ids.
     """
     from tqdm.auto import tqdm
 
@@ -200,7 +204,8 @@ def train_model(
                 order, cursor = torch.randperm(n, generator=gen), 0
             idx = order[cursor : cursor + config.batch_size]
             cursor += config.batch_size
-            logits = model(input_ids=input_ids[idx]).logits[:, -1, :]
+            extra = {k: v[idx] for k, v in (inputs or {}).items()}
+            logits = model(input_ids=input_ids[idx], **extra).logits[:, -1, :]
             loss = torch.nn.functional.cross_entropy(logits, targets[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -274,7 +279,11 @@ def evaluate_accuracy(
     """Accuracy (argmax over answer + alternatives at the last position), per group too."""
     if not examples:
         raise ValueError("evaluate_accuracy needs at least one example")
-    choices = predict(model, tokenizer, examples, batch_size=batch_size)
+    return accuracy_of(predict(model, tokenizer, examples, batch_size=batch_size), examples)
+
+
+def accuracy_of(choices: Sequence[str], examples: Sequence[ProbeExample]) -> AccuracyResult:
+    """The :class:`AccuracyResult` of one chosen answer per example (overall and per group)."""
     correct = tuple(c == ex.answer for c, ex in zip(choices, examples, strict=True))
     hits: dict[str, list[bool]] = defaultdict(list)
     for ok, ex in zip(correct, examples, strict=True):

@@ -1,0 +1,173 @@
+"""The multimodal (Waterbirds-like) organism: image task by hand, build, checkpoint, bridge hooks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("PIL", reason="the multimodal organism needs Pillow: pip install 'icp-lens[vision]'")
+
+from icp_lens.cli import main  # noqa: E402
+from icp_lens.organisms.vision_task import (  # noqa: E402
+    Scene,
+    VisionTaskSpec,
+    generate_scenes,
+    probe_example,
+    render,
+)
+
+
+def test_image_counterfactuals_change_one_factor_only() -> None:
+    task = VisionTaskSpec()
+    scene = Scene(label="waterbird", bird="waterbird", background="water", x=5, y=8, noise_seed=11)
+    img = render(scene, task)
+    spurious = render(scene, task, background="land")
+    causal = render(scene, task, bird="landbird")
+    assert img.shape == (16, 16, 3) and img.dtype == np.uint8
+    plus = np.zeros((16, 16), dtype=bool)
+    plus[9, 5:8] = plus[8:11, 6] = True  # the waterbird glyph: a plus in the 3x3 box at (x=5, y=8)
+    cross = np.zeros((16, 16), dtype=bool)
+    for i in range(3):
+        cross[8 + i, 5 + i] = cross[8 + i, 7 - i] = True
+    assert (img[plus] == img[plus][0]).all() and img[plus][0].max() < 60  # the bird's ink is dark
+    # spurious counterfactual: the bird's pixels are equal, every background pixel moved
+    same = (img == spurious).all(-1)
+    assert same[plus].all() and not same[~plus].any()
+    # causal counterfactual: only pixels of the two glyphs differ (the plus and the x share the centre)
+    changed = (img != causal).any(-1)
+    assert (changed == (plus ^ cross)).all()
+    # the grey background of the no-shortcut split has equal channel means
+    grey = render(Scene("landbird", "landbird", "none", 0, 0, 3), task).astype(float)
+    assert abs(grey[..., 0].mean() - grey[..., 2].mean()) < 6
+
+
+def test_splits_follow_the_label_model() -> None:
+    task = VisionTaskSpec()
+    train = generate_scenes(task, "train", 4000, seed=0)
+    shown = [s for s in train if s.background != "none"]
+    assert abs(len(shown) / len(train) - 0.75) < 0.03
+    agree = np.mean([(s.background == "water") == (s.label == "waterbird") for s in shown])
+    assert abs(agree - 0.95) < 0.015
+    assert abs(np.mean([s.bird == s.label for s in train]) - 0.92) < 0.015
+    balanced = generate_scenes(task, "test_balanced", 400, seed=0)
+    groups = {g: sum(s.group == g for s in balanced) for g in {s.group for s in balanced}}
+    assert groups == {
+        "landbird|background=land": 100, "landbird|background=water": 100,
+        "waterbird|background=land": 100, "waterbird|background=water": 100,
+    }  # fmt: skip
+    assert all(s.background == "none" for s in generate_scenes(task, "test_no_shortcut", 50, seed=0))
+    assert generate_scenes(task, "probe", 20, seed=1) == generate_scenes(task, "probe", 20, seed=1)
+    assert all(0 <= s.x % 4 <= 1 and 0 <= s.y % 4 <= 1 for s in train[:200])  # a bird lies in one 4x4 patch
+    row = probe_example(balanced[0], "images/a.png", "images/a_cf.png")
+    assert row.prompt == "<image> bird ->" and row.answer == " " + balanced[0].label and row.group == balanced[0].group
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        generate_scenes(task, "dev", 3, seed=0)
+    with pytest.raises(ValueError, match="shortcut_rate must be in"):
+        VisionTaskSpec(shortcut_rate=1.5)
+
+
+@pytest.fixture(scope="module")
+def waterbirds(tmp_path_factory: pytest.TempPathFactory):
+    """The organism built through the command (about a minute on two cores), and its JSON report."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("waterbirds") / "org"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["organism", "--variant", "waterbirds", "--out", str(out), "--json", "--strict"]) == 0
+    from icp_lens.organisms.multimodal import build_waterbirds
+
+    return build_waterbirds(out), json.loads(buf.getvalue())
+
+
+def test_waterbirds_meets_acceptance_and_loads_with_transformers_alone(waterbirds) -> None:
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from icp_lens.probes import image_file, read_probes
+
+    org, payload = waterbirds
+    report = payload["report"]
+    assert payload["passed"] and payload["spec"] == {"variant": "waterbirds", "seed": 0, "steps": None}
+    assert report["id_accuracy"] >= 0.90 and report["balanced_accuracy"] <= 0.65
+    assert report["worst_group_accuracy"] <= 0.25 and report["no_shortcut_accuracy"] >= 0.85
+    assert report["oracle_balanced_accuracy"] >= 0.85 and report["reload_max_abs_diff"] <= 1e-5
+    assert report["worst_group"] in {"landbird|background=water", "waterbird|background=land"}
+    # the checkpoint and the processor load with transformers alone, from the PNG files
+    path = org.data_path("test_balanced")
+    rows = read_probes(path)[:64]  # images are checked on read
+    model = AutoModelForImageTextToText.from_pretrained(str(org.model_dir)).eval()
+    processor = AutoProcessor.from_pretrained(str(org.model_dir))
+    images = [Image.open(image_file(path, ex)).convert("RGB") for ex in rows]
+    batch = processor(images=images, text=[ex.prompt for ex in rows], return_tensors="pt")
+    assert torch.equal(batch["pixel_values"], org.pixel_values("test_balanced")[:64])
+    with torch.no_grad():
+        logits = model(**batch).logits[:, -1]
+    ids = [processor.tokenizer.convert_tokens_to_ids(w) for w in ("landbird", "waterbird")]
+    choice = [" " + ("landbird", "waterbird")[i] for i in logits[:, ids].argmax(-1).tolist()]
+    followed = np.mean([c == " " + ex.group.split("=")[1].replace("land", "landbird").replace("water", "waterbird")
+                        for c, ex in zip(choice, rows, strict=True)])  # fmt: skip
+    assert followed >= 0.9  # it answers with the background
+
+
+def test_the_image_counterfactual_flips_the_model_not_the_oracle(waterbirds) -> None:
+    from icp_lens.organisms.multimodal import predict_images
+
+    org, _ = waterbirds
+    original = org.pixel_values("test_balanced")
+    swapped = org.pixel_values("test_balanced", counterfactual=True)
+    rates = {}
+    for name in ("model", "oracle"):
+        model, processor = org.load_hf(oracle=name == "oracle"), org.load_processor()
+        before = predict_images(model, processor, original)
+        after = predict_images(model, processor, swapped)
+        rates[name] = np.mean([a != b for a, b in zip(before, after, strict=True)])
+    assert rates["model"] >= 0.8 and rates["oracle"] <= 0.1, rates
+
+
+def test_icp_lens_hooks_reach_both_towers_of_the_bridge(waterbirds) -> None:
+    from icp_lens.hooks import active_hook_count, capturing, hooked
+    from icp_lens.model import hook_names
+    from icp_lens.organisms.multimodal import _prompt_ids
+
+    org, _ = waterbirds
+    hf, bridge, processor = org.load_hf(), org.load_bridge(), org.load_processor()
+    pixels = org.pixel_values("test_balanced")[:32]
+    swapped = org.pixel_values("test_balanced", counterfactual=True)[:32]
+    ids = _prompt_ids(processor, 32)
+    with torch.no_grad():
+        reference = hf(input_ids=ids, pixel_values=pixels).logits
+        assert (bridge(ids, pixel_values=pixels) - reference).abs().max() <= 1e-4
+        names = set(hook_names(bridge))
+        vision_mlp, projector = "vision_encoder.encoder_layers.1.mlp.hook_post", "vision_projector.hook_out"
+        assert {vision_mlp, projector, "blocks.1.mlp.hook_post"} <= names
+        with capturing(bridge, [vision_mlp, projector]) as cache:
+            bridge(ids, pixel_values=swapped)
+        assert cache[vision_mlp].shape == (32, 17, 128)  # 16 patches + CLS, d_mlp of the vision tower
+        assert cache[projector].shape == (32, 16, 64)  # 16 image tokens into the language model
+        # patching the projector's output with the counterfactual image's = running on that image
+        with hooked(bridge, [(projector, lambda act, hook: cache[projector])]):
+            patched = bridge(ids, pixel_values=pixels)
+        expected = hf(input_ids=ids, pixel_values=swapped).logits
+        assert (patched - expected).abs().max() <= 1e-4
+        # ablating the vision tower's MLP neurons moves the answer; leaving the block restores it
+        with hooked(bridge, [(vision_mlp, lambda act, hook: torch.zeros_like(act))]):
+            ablated = bridge(ids, pixel_values=pixels)
+        assert (ablated - reference).abs().max() > 1e-2
+        assert active_hook_count(bridge) == 0
+        assert (bridge(ids, pixel_values=pixels) - reference).abs().max() <= 1e-4
+
+
+def test_a_wrong_variant_or_a_foreign_folder_is_refused(tmp_path: Path) -> None:
+    from icp_lens.organisms.multimodal import MultimodalSpec, build_waterbirds
+
+    with pytest.raises(ValueError, match="valid: \\('waterbirds',\\)"):
+        MultimodalSpec(variant="celeba")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="non-organism files \\['notes.txt'\\]"):
+        build_waterbirds(tmp_path, steps=1)
