@@ -17,9 +17,10 @@ the bird) with three terms on top of the task loss, combined as
                + lambda (orth(z_v, z_s) + orth(z_t, z_s))
 
    with ``orth(a, b) = || a_hat^T b_hat ||_F^2 / n`` over the ``n`` rows of the batch,
-   ``a_hat`` the rows scaled to unit length (the squared Frobenius norm of the
-   cross-correlation, as in domain separation networks, Bousmalis et al. 2016; it is 0
-   when every specific vector is orthogonal to every shared one).
+   ``a_hat`` the rows scaled to unit length: the squared Frobenius norm of the
+   cross-correlation of the two representations' features over the batch (the
+   difference loss of domain separation networks, Bousmalis et al. 2016), 0 when no
+   feature of one co-varies with a feature of the other.
 3. **Intervention-based fine-tuning** ``L_int`` (:func:`attribution_counterfactual`,
    :func:`intervention_loss`): input gradients tell which input features the model
    leans on; features whose mean absolute gradient is larger on the examples it gets
@@ -48,10 +49,11 @@ __all__ = [
 
 
 def orthogonality_penalty(a: Float[Tensor, "n d"], b: Float[Tensor, "n d2"], *, eps: float = 1e-8) -> Tensor:
-    """``|| a_hat^T b_hat ||_F^2 / n``: 0 when every row of ``a`` is orthogonal to every row of ``b``.
+    """``|| a_hat^T b_hat ||_F^2 / n``: 0 when ``sum_i a_hat_i b_hat_i^T = 0`` (no feature co-varies).
 
     Rows are scaled to unit length first, so the penalty does not reward shrinking the
-    representations; a column-wise cross-correlation, averaged over the ``n`` rows.
+    representations; ``a_hat^T b_hat`` is the features' cross-correlation over the ``n``
+    rows (the difference loss of domain separation networks).
     """
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
         shapes = f"{tuple(a.shape)}, {tuple(b.shape)}"
