@@ -6,7 +6,9 @@
 group_accuracy, flip_rate, ece, demographic_parity_diff, equal_opportunity_gap``
 (``null`` where the data lacks what a metric needs: groups, spurious counterfactuals,
 two values of the sensitive attribute); see ``icp_lens.evaluation.report``. The model
-is run with ``transformers`` alone, as a user of the checkpoint would run it.
+is run with ``transformers`` alone, as a user of the checkpoint would run it. A file of
+image probes (rows with ``image``) is run through ``AutoModelForImageTextToText`` and the
+checkpoint's ``AutoProcessor``; the spurious flip rate then reads ``image_counterfactual``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,38 @@ def add_eval_parser(sub: Any) -> None:
     ev.set_defaults(handler=_cmd_eval)
 
 
+def _cmd_eval_images(args: argparse.Namespace) -> int:
+    """``eval`` on image probes: the vision-language model with ``transformers`` alone."""
+    import sys
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from icp_lens.evaluation import evaluate_predictions
+    from icp_lens.evaluation.image_predictions import predict_image_examples
+
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(str(args.model)).eval()
+        processor = AutoProcessor.from_pretrained(str(args.model))
+        predictions = predict_image_examples(model, processor, args.data, batch_size=args.batch_size)
+    except (ValueError, OSError) as err:
+        print(f"icp-lens eval: error: {err}", file=sys.stderr)
+        return 2
+    report = evaluate_predictions(predictions, n_boot=args.n_boot, seed=args.seed, sensitive_key=args.sensitive_key)
+    if args.json:
+        print(report.to_json())
+        return 0
+    print(f"{args.model} on {args.data} ({len(predictions.examples)} image examples)")
+    print(report.to_frame().to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    for metric, why in sorted(getattr(report, "notes", {}).items()):
+        print(f"  {metric}: {why}")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from icp_lens.cli_train_images import has_images
+
+    if has_images(args.data):
+        return _cmd_eval_images(args)
     from icp_lens.distributed import is_main
     from icp_lens.evaluation import evaluate
     from icp_lens.probes import read_probes

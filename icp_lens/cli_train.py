@@ -55,7 +55,9 @@ from icp_lens.devices import add_device_arguments
 __all__ = ["add_train_parser"]
 
 STOP_METRICS = ("worst_group_accuracy", "accuracy", "counterfactual_accuracy", "loss", "flip_rate")
-_OBJECTIVES = ["invariance", "consistency", "contrastive", "erm", "jtt", "groupdro", "cda", "clp"]
+_OBJECTIVES = ["invariance", "consistency", "contrastive", "erm", "jtt", "groupdro", "cda", "clp",
+               "cimrl", "disentangle", "intervention"]  # the last three: image probes (cli_train_images)
+_IMAGE_ONLY = ("cimrl", "disentangle", "intervention")
 
 
 def _csv(value: str) -> list[str]:
@@ -76,7 +78,11 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None, help="regularise the K highest-scoring features")
     p.add_argument("--prune-top-k", type=int, default=0, help="hybrid: prune the top P features, regularise the next K")
     p.add_argument("--prune-mode", choices=["zero", "mean"], default="mean", help="hybrid pruning mode (mean)")
-    p.add_argument("--objective", choices=_OBJECTIVES, default="invariance")
+    p.add_argument("--objective", choices=_OBJECTIVES, default=None,
+                   help="training objective (default: invariance; cimrl when --train holds image probes)")
+    p.add_argument("--omega", default=None,
+                   help="image probes: weights of CIMRL's contrastive, disentanglement and intervention terms "
+                        "(W1,W2,W3; default 1,1,1)")  # fmt: skip
     p.add_argument("--lambda", dest="lam", type=float, default=None,
                    help="regulariser weight (invariance: task + L*inv, default 1; consistency: "
                         "L*task + (1-L)*d, default 0.5; the pair recipe: 0.15)")  # fmt: skip
@@ -254,6 +260,22 @@ def _print_counterfactual_check(args: argparse.Namespace, limit: int = 128) -> N
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from icp_lens.cli_train_images import has_images, run_image_training
+
+    images = has_images(args.train)
+    if args.objective is None:
+        args.objective = "cimrl" if images else "invariance"
+    if images:
+        return run_image_training(args)
+    if args.objective in _IMAGE_ONLY or args.omega is not None:
+        what = f"--objective {args.objective}" if args.objective in _IMAGE_ONLY else "--omega"
+        print(f"icp-lens train: error: {what} needs image probes (rows with 'image'); {args.train} has none",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    return _cmd_train_text(args)
+
+
+def _cmd_train_text(args: argparse.Namespace) -> int:
     from icp_lens.devices import resolve_device
     from icp_lens.distributed import is_main
     from icp_lens.progress import heartbeat

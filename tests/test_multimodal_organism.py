@@ -171,3 +171,42 @@ def test_a_wrong_variant_or_a_foreign_folder_is_refused(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="non-organism files \\['notes.txt'\\]"):
         build_waterbirds(tmp_path, steps=1)
+
+
+def _run(args: list[str], capsys) -> tuple[int, dict]:
+    code = main(args)
+    out = capsys.readouterr().out
+    return code, (json.loads(out) if code == 0 and out.strip().startswith("{") else {})
+
+
+def test_cimrl_and_erm_through_train_and_eval(waterbirds, tmp_path: Path, capsys) -> None:
+    org, _ = waterbirds
+    train, test = str(org.data_path("train")), str(org.data_path("test_balanced"))
+    base = ["train", "--model", str(org.model_dir), "--train", train, "--val", test, "--json", "--max-steps", "150"]
+    code, cimrl = _run([*base, "--out", str(tmp_path / "cimrl")], capsys)  # no --objective: cimrl for images
+    assert code == 0 and cimrl["objective"] == "cimrl" and cimrl["verification"]["passed"]
+    assert set(cimrl["final_terms"]) == {"task", "contrastive", "disentangle", "intervention"}
+    assert cimrl["before"]["worst_group_accuracy"] <= 0.1 and cimrl["after"]["worst_group_accuracy"] >= 0.7
+    code, erm = _run([*base, "--objective", "erm", "--out", str(tmp_path / "erm")], capsys)
+    assert code == 0 and erm["after"]["worst_group_accuracy"] < cimrl["after"]["worst_group_accuracy"] - 0.2
+    # eval reads the images and their counterfactuals through the checkpoint's own processor
+    code, after = _run(["eval", "--model", str(tmp_path / "cimrl"), "--data", test, "--json", "--n-boot", "0"], capsys)
+    assert code == 0
+    assert after["worst_group_accuracy"] == pytest.approx(cimrl["after"]["worst_group_accuracy"])
+    assert after["flip_rate"] == pytest.approx(cimrl["after"]["flip_rate"])
+    code, before = _run(["eval", "--model", str(org.model_dir), "--data", test, "--json", "--n-boot", "0"], capsys)
+    assert code == 0 and before["flip_rate"] >= 0.8 and after["flip_rate"] <= 0.3
+
+
+def test_train_refuses_what_does_not_apply_to_images(waterbirds, tmp_path: Path, capsys) -> None:
+    org, _ = waterbirds
+    images = ["train", "--model", str(org.model_dir), "--train", str(org.data_path("probe")), "--out", str(tmp_path)]
+    assert main([*images, "--objective", "consistency"]) == 2
+    assert "valid: ['cimrl', 'contrastive', 'disentangle'" in capsys.readouterr().err
+    assert main([*images, "--lora"]) == 2
+    assert "--lora do(es) not apply to image probes" in capsys.readouterr().err
+    text = tmp_path / "text.jsonl"
+    text.write_text('{"prompt": "a b", "answer": " c", "alternatives": [" d"]}\n')
+    assert main(["train", "--model", str(org.model_dir), "--train", str(text), "--out", str(tmp_path / "o"),
+                 "--objective", "cimrl"]) == 2  # fmt: skip
+    assert "--objective cimrl needs image probes" in capsys.readouterr().err

@@ -1,0 +1,132 @@
+"""``icp-lens train`` on image probes: a vision-language model against a cross-modal shortcut.
+
+When ``--train`` holds image probes (rows with ``image``, e.g. the splits of ``icp-lens
+organism --variant waterbirds``), ``icp-lens train`` loads ``--model`` with
+``AutoModelForImageTextToText`` and ``AutoProcessor`` and runs
+:func:`icp_lens.training.multimodal.train_multimodal`:
+
+    icp-lens train --model runs/wb/model --train runs/wb/train.jsonl --objective cimrl --out runs/wb-cimrl
+
+``--objective`` is one of :data:`IMAGE_OBJECTIVES` (``cimrl``, the default choice for
+images, needs no group labels: its contrastive term reads the ``image_counterfactual``
+of the rows that have one). ``--omega W1,W2,W3`` weights CIMRL's contrastive,
+disentanglement and intervention terms; ``--max-steps``, ``--batch-size``, ``--lr`` and
+``--seed`` apply; ``--val FILE`` (image probes) adds worst-group accuracy before and
+after. The checkpoint (model + processor) is written all at once, then reloaded with
+``transformers`` alone and its logits compared with the trained model's
+(``verification``). Options of the text trainer that have no meaning here (features,
+LoRA, retain text, stage 2, ...) are refused by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["IMAGE_OBJECTIVES", "has_images", "run_image_training"]
+
+IMAGE_OBJECTIVES = ("cimrl", "contrastive", "disentangle", "intervention", "erm", "jtt", "groupdro")
+#: text-trainer options this path refuses when set (name -> value that means "unset")
+_TEXT_ONLY = {
+    "scores": None, "top_k": None, "prune_top_k": 0, "lora": None, "lora_r": None, "pairs": None, "retain": None,
+    "retain_weight": None, "stage2_steps": None, "rescore_every": None, "task_loss": None, "representation": None,
+    "epochs": None, "lam": None, "resume": False, "early_stopping": None, "dropout": None, "save_dtype": None,
+}  # fmt: skip
+
+
+def has_images(path: Path) -> bool:
+    """Whether the first row of a probe file carries an ``image`` (without reading the rest)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    return "image" in json.loads(line)
+    except (OSError, ValueError):
+        return False  # the text path reports the problem with its usual message
+    return False
+
+
+def _flags(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.objective not in IMAGE_OBJECTIVES:
+        valid = list(IMAGE_OBJECTIVES)
+        raise ValueError(f"--objective {args.objective} does not apply to image probes; valid: {valid}")
+    given = [_flags(k) for k, unset in _TEXT_ONLY.items() if getattr(args, k, unset) != unset]
+    if given:
+        raise ValueError(f"{', '.join(given)} do(es) not apply to image probes (the multimodal trainer)")
+    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
+        raise ValueError(f"--out {args.out} is not empty; pass --overwrite to replace it")
+
+
+def _worst_group(model: Any, data: Any) -> dict[str, float]:
+    from icp_lens.training.multimodal import predict_classes
+
+    ok = predict_classes(model, data) == data.labels
+    out = {"accuracy": ok.float().mean().item()}
+    if data.groups is not None:
+        out["worst_group_accuracy"] = min(ok[data.groups == g].float().mean().item() for g in data.groups.unique())
+    if data.counterfactual is not None:
+        rows = data.has_counterfactual
+        flips = predict_classes(model, data, counterfactual=True)[rows] != predict_classes(model, data)[rows]
+        out["flip_rate"] = flips.float().mean().item()
+    return out
+
+
+def run_image_training(args: argparse.Namespace) -> int:
+    """The ``train`` command's image path; returns the exit status."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from icp_lens.atomic import atomic_directory
+    from icp_lens.training.multimodal import MultimodalTrainConfig, data_from_probes, train_multimodal
+
+    try:
+        _check(args)
+        omega = tuple(float(w) for w in (args.omega or "1,1,1").split(","))
+        config = MultimodalTrainConfig(
+            objective=args.objective, steps=args.max_steps or 150, batch_size=args.batch_size or 64,
+            lr=args.lr or 1e-3, omega=omega, seed=args.seed,
+        )  # fmt: skip
+        model = AutoModelForImageTextToText.from_pretrained(str(args.model)).eval()
+        processor = AutoProcessor.from_pretrained(str(args.model))
+        data = data_from_probes(args.train, processor)
+        val = data_from_probes(args.val, processor) if args.val is not None else None
+    except (ValueError, OSError) as err:
+        print(f"icp-lens train: error: {err}", file=sys.stderr)
+        return 2
+    before = _worst_group(model, val if val is not None else data)
+    result = train_multimodal(model, data, config, progress=None if args.quiet or args.json else config.objective)
+    after = _worst_group(model, val if val is not None else data)
+    with atomic_directory(args.out) as tmp:
+        model.save_pretrained(str(tmp))
+        processor.save_pretrained(str(tmp))
+    reloaded = AutoModelForImageTextToText.from_pretrained(str(args.out)).eval()
+    pixels = data.pixel_values[:64]
+    ids = data.input_ids.expand(pixels.shape[0], -1)
+    with torch.no_grad():
+        diff = (reloaded(input_ids=ids, pixel_values=pixels).logits - model(input_ids=ids, pixel_values=pixels).logits)
+    error = float(diff.abs().max())
+    passed = error <= 1e-4
+    payload = {
+        "out": str(args.out), "objective": config.objective, "omega": list(config.omega), "steps": result.steps,
+        "seconds": round(result.seconds, 2), "final_terms": result.final_terms,
+        "evaluated_on": "val" if val is not None else "train", "before": before, "after": after,
+        "verification": {"max_abs_logit_diff": error, "passed": passed},
+    }  # fmt: skip
+    if args.json:
+        print(json.dumps(payload, indent=2))
+    else:
+        print(f"{config.objective} (images): {result.steps} steps in {result.seconds:.1f} s")
+        where = "val" if val is not None else "train"
+        for name in after:
+            print(f"{where} {name:22s} {before[name]:.3f} -> {after[name]:.3f}")
+        print(f"written {args.out}; reloaded with transformers: max |logit diff| {error:.1e} "
+              f"({'PASS' if passed else 'FAIL'})")  # fmt: skip
+    return 0 if passed else 1

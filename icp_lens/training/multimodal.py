@@ -1,0 +1,334 @@
+"""Fine-tuning a vision-language model against a cross-modal shortcut (CIMRL and baselines).
+
+``train_multimodal(model, processor, data, config)`` fine-tunes a LLaVA-style HF model
+(``model(input_ids=..., pixel_values=...)``) in place to answer a fixed prompt about an
+image with one of a few label words, under one of :data:`MM_OBJECTIVES`:
+
+===============  ==========================================================  ===============
+objective        loss                                                        needs
+===============  ==========================================================  ===============
+``erm``          ``CE(y | x)``                                               labels
+``groupdro``     ``sum_g q_g CE_g``, ``q`` by exponentiated gradient          group labels
+``jtt``          CE with the initial model's training errors upweighted     labels
+``contrastive``  ``CE + omega_1 InfoNCE(z_s(x), z_s(x~))``, ``x~`` the        spurious
+                 targeted perturbation (the spurious counterfactual image)   counterfactuals
+``disentangle``  ``CE + omega_2 L_dis`` (per-modality and shared heads,      labels
+                 orthogonality; :func:`~icp_lens.training.cimrl.disentanglement_loss`)
+``intervention`` ``CE + omega_3 KL(p(x) || p(x + delta))``, ``delta`` on the  labels
+                 input features picked by gradient attribution
+``cimrl``        ``CE + omega_1 L_inv + omega_2 L_dis + omega_3 L_int``       spurious
+                                                                             counterfactuals
+===============  ==========================================================  ===============
+
+None of the CIMRL objectives reads group labels. Representations are read from the
+language model's last layer (``output_hidden_states``): ``z_s`` at the answer position
+(where image and text meet), ``z_v`` averaged over the image-token positions, ``z_t``
+over the other text positions; the three heads of the disentanglement term are linear
+maps trained with the model and discarded afterwards. ``omega`` weights of 0 drop a
+term, so each CIMRL term can be trained alone or left out (the ablations).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from icp_lens.training import losses as L
+from icp_lens.training.cimrl import (
+    attribution_counterfactual,
+    attribution_mask,
+    disentanglement_loss,
+    intervention_loss,
+)
+
+__all__ = [
+    "MMObjective",
+    "MM_OBJECTIVES",
+    "MultimodalData",
+    "MultimodalTrainConfig",
+    "MultimodalTrainResult",
+    "train_multimodal",
+    "data_from_probes",
+    "predict_classes",
+]
+
+MMObjective = Literal["erm", "groupdro", "jtt", "contrastive", "disentangle", "intervention", "cimrl"]
+MM_OBJECTIVES: tuple[str, ...] = get_args(MMObjective)
+
+
+@dataclass(frozen=True)
+class MultimodalData:
+    """Training rows: one prompt (token ids shared by every row), images, labels.
+
+    ``label_ids`` are the vocabulary ids of the answer words (class ``k`` is
+    ``label_ids[k]``); ``counterfactual`` holds each row's spurious counterfactual image
+    where ``has_counterfactual`` is true; ``groups`` (``-1``: none) is read by GroupDRO only.
+    """
+
+    input_ids: Int[Tensor, " pos"]
+    pixel_values: Float[Tensor, "n 3 h w"]
+    labels: Int[Tensor, " n"]
+    label_ids: tuple[int, ...]
+    counterfactual: Float[Tensor, "n 3 h w"] | None = None
+    has_counterfactual: torch.Tensor | None = None
+    groups: Int[Tensor, " n"] | None = None
+
+    def __post_init__(self) -> None:
+        n = self.pixel_values.shape[0]
+        if self.labels.shape != (n,):
+            raise ValueError(f"{n} images but labels of shape {tuple(self.labels.shape)}")
+        if self.counterfactual is not None and self.counterfactual.shape != self.pixel_values.shape:
+            raise ValueError("counterfactual images must have the images' shape")
+        if self.groups is not None and self.groups.shape != (n,):
+            raise ValueError(f"{n} images but groups of shape {tuple(self.groups.shape)}")
+
+
+@dataclass(frozen=True)
+class MultimodalTrainConfig:
+    """Settings of :func:`train_multimodal`; the defaults need no group labels."""
+
+    objective: MMObjective = "cimrl"
+    steps: int = 150
+    batch_size: int = 64
+    lr: float = 1e-3
+    omega: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    alpha: float = 1.0
+    beta: float = 1.0
+    gamma: float = 1.0
+    orthogonality: float = 0.1
+    temperature: float = 0.1
+    attribution_fraction: float = 0.25
+    attribution_every: int = 10
+    jtt_upweight: float = 5.0
+    groupdro_eta: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.objective not in MM_OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; valid: {MM_OBJECTIVES}")
+        if self.steps < 1 or self.batch_size < 2 or self.lr <= 0:
+            raise ValueError(f"steps >= 1, batch_size >= 2 and lr > 0 needed: {self}")
+        if self.attribution_every < 1:
+            raise ValueError(f"attribution_every must be >= 1, got {self.attribution_every}")
+        if len(self.omega) != 3 or min(self.omega) < 0:
+            raise ValueError(f"omega must be three weights >= 0, got {self.omega}")
+
+    def weights(self) -> dict[str, float]:
+        """The weight of each auxiliary term under this objective (``omega`` for ``cimrl``)."""
+        w1, w2, w3 = self.omega
+        return {
+            "contrastive": w1 if self.objective in ("contrastive", "cimrl") else 0.0,
+            "disentangle": w2 if self.objective in ("disentangle", "cimrl") else 0.0,
+            "intervention": w3 if self.objective in ("intervention", "cimrl") else 0.0,
+        }
+
+
+@dataclass(frozen=True)
+class MultimodalTrainResult:
+    """What a run did: steps, seconds, and the mean of each loss term over the last 20 steps."""
+
+    objective: str
+    steps: int
+    seconds: float
+    final_terms: dict[str, float]
+
+
+def _forward(model: Any, ids: Tensor, pixels: Tensor, label_ids: list[int]) -> tuple[Tensor, Tensor]:
+    out = model(input_ids=ids, pixel_values=pixels, output_hidden_states=True)
+    return out.logits[:, -1, label_ids].float(), out.hidden_states[-1]
+
+
+@torch.no_grad()
+def _errors(model: Any, data: MultimodalData, label_ids: list[int], batch: int = 500) -> Tensor:
+    wrong = []
+    for start in range(0, data.labels.shape[0], batch):
+        pixels = data.pixel_values[start : start + batch]
+        ids = data.input_ids.expand(pixels.shape[0], -1)
+        logits, _ = _forward(model, ids, pixels, label_ids)
+        wrong.append(logits.argmax(-1) != data.labels[start : start + batch])
+    return torch.cat(wrong)
+
+
+def _attribution(
+    model: Any, input_ids: Tensor, pixels: Tensor, labels: Tensor, label_ids: list[int], fraction: float
+) -> Tensor:
+    """The attribution mask of one batch: input gradients of each example's loss, right vs wrong."""
+    pixels = pixels.detach().clone().requires_grad_(True)
+    logits, _ = _forward(model, input_ids.expand(pixels.shape[0], -1), pixels, label_ids)
+    per_example = F.cross_entropy(logits, labels, reduction="none")
+    (grads,) = torch.autograd.grad(per_example.sum(), pixels)
+    correct = (logits.detach().argmax(-1) == labels).cpu()
+    return attribution_mask(grads.detach().cpu(), correct, fraction=fraction).to(pixels.device)
+
+
+def train_multimodal(
+    model: Any, data: MultimodalData, config: MultimodalTrainConfig, *, progress: str | None = None
+) -> MultimodalTrainResult:
+    """Fine-tune ``model`` in place under ``config.objective``; the model is left in eval mode.
+
+    Runs ``config.steps`` AdamW steps on batches drawn (seeded) from ``data``. Rows
+    without a spurious counterfactual image take no part in the contrastive term.
+    """
+    from tqdm.auto import tqdm
+
+    weights = config.weights()
+    if weights["contrastive"] > 0 and (data.counterfactual is None or data.has_counterfactual is None):
+        raise ValueError(f"objective {config.objective!r} needs spurious counterfactual images (image_counterfactual)")
+    if config.objective == "groupdro" and (data.groups is None or bool((data.groups < 0).all())):
+        raise ValueError("objective 'groupdro' needs group labels; the CIMRL objectives do not")
+    device = next(model.parameters()).device
+    label_ids = list(data.label_ids)
+    n_cls = len(label_ids)
+    gen = torch.Generator().manual_seed(config.seed)
+    d = model.config.text_config.hidden_size
+    with torch.random.fork_rng(devices=[]):  # the heads' initialisation is seeded too
+        torch.manual_seed(config.seed)
+        heads = torch.nn.ModuleList([torch.nn.Linear(d, n_cls) for _ in range(3)]).to(device)
+    params = list(model.parameters()) + (list(heads.parameters()) if weights["disentangle"] > 0 else [])
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    n = data.labels.shape[0]
+    sample_weight = None
+    if config.objective == "jtt":
+        model.eval()
+        sample_weight = L.jtt_weights(_errors(model, data, label_ids), config.jtt_upweight)
+    n_groups = int(data.groups.max().item()) + 1 if data.groups is not None else 0
+    q = torch.full((max(n_groups, 1),), 1.0 / max(n_groups, 1), device=device)
+    image_token = model.config.image_token_index
+    is_image = (data.input_ids == image_token).to(device)
+    text_pos = (~is_image).nonzero().flatten()[:-1]  # text positions but the answer position
+    start, history = time.perf_counter(), []
+    mask: Tensor | None = None
+    model.train()
+    bar = tqdm(total=config.steps, desc=progress, disable=progress is None, unit="step", leave=False)
+    with torch.enable_grad(), bar:
+        for step in range(config.steps):
+            bar.update(1)
+            idx = torch.randint(0, n, (config.batch_size,), generator=gen)
+            pixels = data.pixel_values[idx].to(device)
+            labels = data.labels[idx].to(device)
+            b = idx.shape[0]
+            if weights["intervention"] > 0 and (mask is None or step % config.attribution_every == 0):
+                fraction = config.attribution_fraction
+                mask = _attribution(model, data.input_ids.to(device), pixels, labels, label_ids, fraction)
+            # one stacked pass: x, then the spurious counterfactuals, then x + delta
+            stack = [pixels]
+            rows = torch.zeros(b, dtype=torch.bool)
+            if weights["contrastive"] > 0:
+                rows = data.has_counterfactual[idx]
+                if int(rows.sum()) >= 2:
+                    stack.append(data.counterfactual[idx][rows].to(device))
+                else:
+                    rows = torch.zeros(b, dtype=torch.bool)
+            if weights["intervention"] > 0:
+                stack.append(attribution_counterfactual(pixels, mask, generator=gen))
+            every = torch.cat(stack)
+            stacked_ids = data.input_ids.to(device).expand(every.shape[0], -1)
+            all_logits, all_hidden = _forward(model, stacked_ids, every, label_ids)
+            logits, hidden = all_logits[:b], all_hidden[:b]
+            per_example = F.cross_entropy(logits, labels, reduction="none")
+            terms: dict[str, Tensor] = {}
+            if config.objective == "groupdro":
+                group_loss, present = L.group_losses(per_example, data.groups[idx].to(device), n_groups)
+                q = L.group_dro_update(q, group_loss, present, eta=config.groupdro_eta)
+                terms["task"] = (q * group_loss).sum()
+            else:
+                w = None if sample_weight is None else sample_weight[idx].to(device)
+                terms["task"] = L.weighted_mean(per_example, w)
+            z_s = hidden[:, -1]
+            n_cf = int(rows.sum())
+            if n_cf:
+                cf_z = all_hidden[b : b + n_cf, -1]
+                terms["contrastive"] = L.info_nce(z_s[rows.to(device)], cf_z, temperature=config.temperature)
+            if weights["disentangle"] > 0:
+                z_v = hidden[:, is_image].mean(1)
+                z_t = hidden[:, text_pos].mean(1)
+                dis = disentanglement_loss(
+                    heads[0](z_v), heads[1](z_t), heads[2](z_s), z_v, z_t, z_s, labels,
+                    alpha=config.alpha, beta=config.beta, gamma=config.gamma, lam=config.orthogonality,
+                )  # fmt: skip
+                terms["disentangle"] = dis["total"]
+            if weights["intervention"] > 0:
+                terms["intervention"] = intervention_loss(logits, all_logits[b + n_cf :])
+            loss = terms["task"] + sum(weights[k] * v for k, v in terms.items() if k != "task")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            history.append({k: float(v.detach()) for k, v in terms.items()})
+    model.eval()
+    tail = history[-20:]
+    final = {k: sum(h.get(k, 0.0) for h in tail) / len(tail) for k in tail[-1]}
+    return MultimodalTrainResult(config.objective, config.steps, time.perf_counter() - start, final)
+
+
+def data_from_probes(path: str | Path, processor: Any, *, chunk: int = 512) -> MultimodalData:
+    """Read an image probe file into :class:`MultimodalData` through the model's own processor.
+
+    Every row must carry an ``image`` and the same prompt text; the classes are the
+    answer words (answers and alternatives, sorted), each a single token; rows with an
+    ``image_counterfactual`` get it as their spurious counterfactual; ``group`` strings
+    become group ids (``-1`` where a row has none).
+    """
+    from PIL import Image
+
+    from icp_lens.probes import image_file, read_probes, single_token_id
+
+    rows = read_probes(path)
+    prompts = {ex.prompt for ex in rows}
+    if len(prompts) != 1:
+        raise ValueError(f"{path}: the multimodal trainer takes one prompt shared by every row, found {len(prompts)}")
+    if any(ex.image is None for ex in rows):
+        raise ValueError(f"{path}: every row needs an 'image' for the multimodal trainer")
+    words = sorted({w for ex in rows for w in (ex.answer, *ex.alternatives)})
+    label_ids = tuple(single_token_id(processor.tokenizer, w) for w in words)
+    prompt = rows[0].prompt
+
+    def pixels(field: str, subset: list[int]) -> Tensor:
+        out = []
+        for start in range(0, len(subset), chunk):
+            part = subset[start : start + chunk]
+            images = []
+            for i in part:
+                with Image.open(image_file(path, rows[i], field)) as img:
+                    images.append(img.convert("RGB"))
+            out.append(processor(images=images, text=[prompt] * len(part), return_tensors="pt")["pixel_values"])
+        return torch.cat(out)
+
+    every = list(range(len(rows)))
+    with Image.open(image_file(path, rows[0])) as img:  # the image's size sets the number of image tokens
+        first = processor(images=[img.convert("RGB")], text=[prompt], return_tensors="pt")
+    images = pixels("image", every)
+    has_cf = torch.tensor([ex.image_counterfactual is not None for ex in rows])
+    counterfactual = None
+    if bool(has_cf.any()):
+        counterfactual = torch.zeros_like(images)
+        counterfactual[has_cf] = pixels("image_counterfactual", has_cf.nonzero().flatten().tolist())
+    names = sorted({ex.group for ex in rows if ex.group is not None})
+    groups = torch.tensor([names.index(ex.group) if ex.group is not None else -1 for ex in rows])
+    return MultimodalData(
+        input_ids=first["input_ids"][0], pixel_values=images,
+        labels=torch.tensor([words.index(ex.answer) for ex in rows]), label_ids=label_ids,
+        counterfactual=counterfactual, has_counterfactual=has_cf if counterfactual is not None else None,
+        groups=groups if names else None,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def predict_classes(model: Any, data: MultimodalData, *, counterfactual: bool = False, batch: int = 500) -> Tensor:
+    """The class index the model picks for each row (on the counterfactual images if asked)."""
+    images = data.counterfactual if counterfactual else data.pixel_values
+    if images is None:
+        raise ValueError("these data have no counterfactual images")
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, images.shape[0], batch):
+        pixels = images[start : start + batch].to(device)
+        logits, _ = _forward(model, data.input_ids.to(device).expand(pixels.shape[0], -1), pixels, list(data.label_ids))
+        out.append(logits.argmax(-1).cpu())
+    return torch.cat(out)
