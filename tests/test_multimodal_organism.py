@@ -71,17 +71,21 @@ def test_splits_follow_the_label_model() -> None:
 
 
 @pytest.fixture(scope="module")
-def waterbirds(tmp_path_factory: pytest.TempPathFactory):
-    """The organism built through the command (about a minute on two cores), and its JSON report."""
+def waterbirds():
+    """The organism built through the command (about a minute and a half on two cores), and its JSON report.
+
+    It is built into the session's cache, where tutorial 09 finds it.
+    """
     import contextlib
     import io
 
-    out = tmp_path_factory.mktemp("waterbirds") / "org"
+    from icp_lens.organisms import default_cache_dir
+    from icp_lens.organisms.multimodal import MultimodalSpec, build_waterbirds
+
+    out = default_cache_dir() / MultimodalSpec().name
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         assert main(["organism", "--variant", "waterbirds", "--out", str(out), "--json", "--strict"]) == 0
-    from icp_lens.organisms.multimodal import build_waterbirds
-
     return build_waterbirds(out), json.loads(buf.getvalue())
 
 
@@ -210,3 +214,28 @@ def test_train_refuses_what_does_not_apply_to_images(waterbirds, tmp_path: Path,
     assert main(["train", "--model", str(org.model_dir), "--train", str(text), "--out", str(tmp_path / "o"),
                  "--objective", "cimrl"]) == 2  # fmt: skip
     assert "--objective cimrl needs image probes" in capsys.readouterr().err
+
+
+def test_image_patching_effects_across_towers(waterbirds) -> None:
+    from icp_lens.organisms.multimodal import _label_ids, _prompt_ids
+    from icp_lens.scoring.image_patching import image_patch_effects
+
+    org, _ = waterbirds
+    bridge, processor = org.load_bridge(), org.load_processor()
+    pixels = org.pixel_values("test_balanced")[:32]
+    swapped = org.pixel_values("test_balanced", counterfactual=True)[:32]
+    ids, labels = _prompt_ids(processor, 1)[0], _label_ids(processor)
+    hooks = ["vision_encoder.encoder_layers.0.hook_out", "vision_projector.hook_in", "blocks.1.hook_out"]
+    frame = image_patch_effects(bridge, ids, pixels, swapped, labels, hooks)
+    assert frame.attrs["total"] < -2.0  # the background swap pulls the model's choice down hard
+    assert frame["share"].tolist() == pytest.approx([1.0, 1.0, 1.0], abs=1e-4)  # each carries all of the image
+    # units of the vision tower: several per pass equals one per pass
+    tower = "vision_encoder.encoder_layers.1.mlp.hook_post"
+    args = (bridge, ids, pixels[:16], swapped[:16], labels, [tower])
+    one = image_patch_effects(*args, per_unit=True, units_per_pass=1)
+    many = image_patch_effects(*args, per_unit=True, units_per_pass=32)
+    assert len(one) == 128 and one["index"].tolist() == list(range(128))
+    assert (one["effect"] - many["effect"]).abs().max() <= 1e-5
+    assert one["effect"].abs().max() > 0
+    with pytest.raises(ValueError, match="at least one alternative"):
+        image_patch_effects(bridge, ids, pixels, swapped, labels[:1], hooks)

@@ -1,0 +1,141 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.7
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 09 · A vision-language model that looks at the background
+#
+# Waterbirds is the classic cross-modal shortcut: a classifier of bird species that
+# answers with the background (water or land) instead of the bird. Here is a model with
+# that shortcut planted, small enough to train from scratch on a laptop: a tiny
+# LLaVA (a CLIP-style vision tower, the projector, a 2-layer Llama) that reads a 16x16
+# image and the prompt `<image> bird ->`, and answers ` landbird` or ` waterbird`.
+#
+# The bird (an `x` or a `+`) agrees with the label 92% of the time; the background agrees
+# 95% of the time in the 3/4 of the training images that have one. Where they disagree
+# the background is the better bet, so the model learns to follow it, yet it must read the
+# bird on the grey images. Every image comes with its *image counterfactual*: the same
+# bird, same place, same pixel noise, on the other background: exact ground truth.
+#
+# We (1) build the organism, (2) find where the background's effect passes through both
+# towers with hooks on the `TransformerBridge`, and (3) fine-tune it away with CIMRL,
+# which needs no group labels, against ERM.
+
+# %%
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from icp_lens.organisms.multimodal import build_waterbirds
+from icp_lens.plotting import label_bars, legend_outside, reference_line, style
+from icp_lens.scoring.image_patching import image_patch_effects
+from icp_lens.training.multimodal import MultimodalTrainConfig, data_from_probes, predict_classes, train_multimodal
+
+org = build_waterbirds(seed=0, progress=True)  # about a minute and a half the first time, then cached
+org.report.to_frame()
+
+# %% [markdown]
+# The checks say it: right in distribution, at chance on the balanced test set (the
+# background is independent of the label there), wrong on the groups where bird and
+# background disagree, but right on grey backgrounds, and an oracle trained where the
+# background says nothing gets the balanced set right. Four test images and their
+# counterfactuals:
+
+# %%
+processor = org.load_processor()
+test = data_from_probes(org.data_path("test_balanced"), processor)
+fig, axes = plt.subplots(2, 4, figsize=(7, 3.6))
+for j in range(4):
+    for row, (images, title) in enumerate(((test.pixel_values, "image"), (test.counterfactual, "counterfactual"))):
+        axes[row, j].imshow((images[j].permute(1, 2, 0) * 0.5 + 0.5).clamp(0, 1))
+        axes[row, j].set_title(f"{title} {j}", fontsize=8)
+        axes[row, j].axis("off")
+fig.tight_layout()
+
+# %% [markdown]
+# ## Where does the background pass?
+#
+# `image_patch_effects` runs the bridge on the images and patches one hook point (or one
+# unit) at a time with its value on the counterfactual image; the effect is the mean change
+# of the margin of the model's own answer. `total` is what swapping the whole image does.
+
+# %%
+bridge = org.load_bridge()
+n = 32
+pixels, swapped = test.pixel_values[:n], test.counterfactual[:n]
+hooks = [
+    "vision_encoder.encoder_layers.0.hook_out",
+    "vision_encoder.encoder_layers.1.attn.hook_out",
+    "vision_projector.hook_in",
+    "blocks.0.hook_out",
+]
+points = image_patch_effects(bridge, test.input_ids, pixels, swapped, test.label_ids, hooks)
+print(f"total effect of the background swap on the answer's margin: {points.attrs['total']:.2f}")
+points[["hook_name", "effect", "share"]]
+
+# %% [markdown]
+# Every path from the image runs through the vision tower's residual stream and the
+# projector, so those carry all of it. Unit by unit, the neurons of the vision tower's
+# last MLP and of the language model's last MLP:
+
+# %%
+units = image_patch_effects(
+    bridge, test.input_ids, pixels, swapped, test.label_ids,
+    ["vision_encoder.encoder_layers.1.mlp.hook_post", "blocks.1.mlp.hook_post"], per_unit=True,
+)  # fmt: skip
+print(units.groupby("hook_name")["share"].agg(["max", "min", "sum"]))
+units.sort_values("abs_effect", ascending=False).head(5)
+
+# %% [markdown]
+# No single neuron carries much of the background here: the colour enters every patch
+# embedding and spreads over the residual stream. Removing units would not remove it; this
+# is the case for training (or for removing a *direction*).
+#
+# ## CIMRL against ERM
+#
+# Both fine-tune the organism on its training split for the same steps. CIMRL's three
+# terms: InfoNCE between an image and its background swap (a targeted perturbation), the
+# modality-disentanglement heads with their orthogonality penalty, and KL consistency under
+# counterfactuals built from input-gradient attributions. No group labels.
+
+# %%
+train = data_from_probes(org.data_path("train"), processor)
+
+
+def worst_group(model) -> dict[str, float]:
+    ok = predict_classes(model, test) == test.labels
+    groups = [ok[test.groups == g].float().mean().item() for g in test.groups.unique()]
+    return {"worst_group": min(groups), "average": ok.float().mean().item()}
+
+
+rows = {"original": worst_group(org.load_hf()), "oracle": worst_group(org.load_hf(oracle=True))}
+for objective in ("erm", "cimrl"):
+    model = org.load_hf()
+    result = train_multimodal(model, train, MultimodalTrainConfig(objective=objective, steps=100))
+    rows[objective] = {**worst_group(model), "seconds": result.seconds}
+table = pd.DataFrame(rows).T
+table
+
+# %%
+ax = table[["worst_group", "average"]].plot.bar(figsize=(6.5, 3), rot=0)
+style(ax, title="balanced test set (background independent of the label)", ylabel="accuracy")
+label_bars(ax)
+reference_line(ax, 0.5, "chance", color="grey")
+legend_outside(ax)
+
+# %% [markdown]
+# ERM keeps following the background; CIMRL moves the worst group most of the way to the
+# oracle's without a single group label. `benchmarks/multimodal_table.py` runs every
+# method (ERM, JTT, GroupDRO, each CIMRL term alone, the combination and its ablations) on
+# three seeds; the same fine-tune is `icp-lens train --model DIR/model --train
+# DIR/train.jsonl --out OUT` (the default objective for image probes is `cimrl`).
