@@ -13,10 +13,22 @@ Methods (``uses``: what each needs beyond labelled images):
 - ``original``, ``oracle`` (trained where the background is uninformative);
 - ``erm``; ``jtt`` (the starting model's training errors upweighted x5); ``groupdro``
   (group labels);
+- ``icp ablate top-K``: the K units (neurons of both towers' MLPs) with the largest
+  image-counterfactual effect on 64 probe images (``image_patch_effects``, no group
+  labels) set to their mean over those images at run time on the bridge (no training,
+  no export: pruning and export for this architecture are not built yet);
 - the CIMRL terms alone (``contrastive``: InfoNCE between an image and its background
   swap; ``disentangle``: per-modality and shared heads with the orthogonality penalty;
   ``intervention``: KL consistency under gradient-attribution counterfactuals) and
-  ``cimrl`` (all three, omega = 1, 1, 1), and the ablations ``cimrl - X``.
+  ``cimrl`` (all three, omega = 1, 0.3, 1: the library's default), and the ablations
+  ``cimrl - X`` (that weight set to 0).
+
+``--select`` is how the default omega_2 was chosen, on validation data without group
+labels: for omega_2 in 1, 0.3, 0.1, 0 (omega_1 = omega_3 = 1), CIMRL fine-tunes each
+organism and is scored by *counterfactual accuracy* on the probe split (the share of
+probe images answered right both as they are and with the background swapped; the
+probe split is drawn like the training data); the best mean over the seeds is the
+default. It writes ``multimodal_omega_selection.json``, shown in the report.
 
 Columns: worst-group and average accuracy on ``test_balanced``, the accuracy drop when
 the background is randomised (``test_id`` accuracy minus ``test_balanced`` accuracy),
@@ -37,9 +49,14 @@ from pathlib import Path
 import pandas as pd
 
 RESULTS = Path(__file__).parent / "results"
-ABLATIONS = {"cimrl - contrastive": (0.0, 1.0, 1.0), "cimrl - disentangle": (1.0, 0.0, 1.0),
-             "cimrl - intervention": (1.0, 1.0, 0.0)}  # fmt: skip
-METHODS = ("erm", "jtt", "groupdro", "contrastive", "disentangle", "intervention", "cimrl", *ABLATIONS)
+DEFAULT_OMEGA = (1.0, 0.3, 1.0)  # MultimodalTrainConfig's default, chosen by --select
+ABLATIONS = {"cimrl - contrastive": (0.0, 0.3, 1.0), "cimrl - disentangle": (1.0, 0.0, 1.0),
+             "cimrl - intervention": (1.0, 0.3, 0.0)}  # fmt: skip
+SELECT_OMEGA2 = (1.0, 0.3, 0.1, 0.0)
+METHODS = ("erm", "jtt", "groupdro", "icp ablate top-8", "icp ablate top-32", "contrastive", "disentangle",
+           "intervention", "cimrl", *ABLATIONS)
+UNIT_HOOKS = ("vision_encoder.encoder_layers.0.mlp.hook_post", "vision_encoder.encoder_layers.1.mlp.hook_post",
+              "blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post")
 USES = {"erm": "labels", "jtt": "labels", "groupdro": "group labels", "contrastive": "image counterfactuals",
         "disentangle": "labels", "intervention": "labels", "cimrl": "image counterfactuals"}  # fmt: skip
 
@@ -53,6 +70,37 @@ def _scores(model, test, test_id) -> dict[str, float]:
     id_acc = (predict_classes(model, test_id) == test_id.labels).float().mean().item()
     return {"worst_group_accuracy": min(groups.values()), "average_accuracy": avg,
             "id_accuracy": id_acc, "background_drop": id_acc - avg}  # fmt: skip
+
+
+def _ablated_scores(org, processor, test, test_id, k: int) -> dict[str, float]:
+    """Mean-ablate the top-k units by image-counterfactual effect (probe split) and score on the bridge."""
+    import torch
+
+    from icp_lens.hooks import capturing, hooked
+    from icp_lens.scoring.image_patching import image_patch_effects
+    from icp_lens.training.multimodal import data_from_probes
+
+    bridge = org.load_bridge()
+    probe = data_from_probes(org.data_path("probe"), processor)
+    rows = probe.has_counterfactual.nonzero().flatten()[:64]
+    effects = image_patch_effects(bridge, probe.input_ids, probe.pixel_values[rows], probe.counterfactual[rows],
+                                  probe.label_ids, list(UNIT_HOOKS), per_unit=True)  # fmt: skip
+    top = effects.nlargest(k, "abs_effect")
+    with torch.no_grad(), capturing(bridge, list(UNIT_HOOKS)) as cache:
+        bridge(probe.input_ids.expand(len(rows), -1), pixel_values=probe.pixel_values[rows])
+    means = {h: cache[h].mean(0) for h in UNIT_HOOKS}  # [pos, d]: per position, over the probe images
+    units = top.groupby("hook_name")["index"].apply(list).to_dict()
+
+    def ablate(name: str):
+        def fn(act, hook):
+            act = act.clone()
+            act[..., units[name]] = means[name][..., units[name]]
+            return act
+
+        return fn
+
+    with hooked(bridge, [(name, ablate(name)) for name in units]):
+        return _scores(bridge, test, test_id)
 
 
 def run_seed(seed: int, methods: list[str], steps: int, log=print) -> list[dict]:
@@ -70,13 +118,23 @@ def run_seed(seed: int, methods: list[str], steps: int, log=print) -> list[dict]
         rows.append({"seed": seed, "method": name, "uses": "", **_scores(org.load_hf(oracle=oracle), test, test_id)})
     base, top = rows[0]["worst_group_accuracy"], rows[1]["worst_group_accuracy"]
     for method in methods:
-        objective, omega = ("cimrl", ABLATIONS[method]) if method in ABLATIONS else (method, (1.0, 1.0, 1.0))
+        if method.startswith("icp ablate top-"):
+            start = time.perf_counter()
+            row = {"seed": seed, "method": method, "uses": "image counterfactuals (64 probe images)",
+                   **_ablated_scores(org, processor, test, test_id, int(method.rsplit("-", 1)[1]))}  # fmt: skip
+            row["gap_closed"] = gap_closed(row["worst_group_accuracy"], base, top)
+            rows.append(row)
+            log(f"seed {seed} {method:>22}: worst group {row['worst_group_accuracy']:.3f}, "
+                f"{time.perf_counter() - start:.1f} s")  # fmt: skip
+            continue
+        objective, omega = ("cimrl", ABLATIONS[method]) if method in ABLATIONS else (method, DEFAULT_OMEGA)
         model = org.load_hf()
         config = MultimodalTrainConfig(objective=objective, omega=omega, steps=steps, seed=seed)
         start = time.perf_counter()
         result = train_multimodal(model, train, config, progress=f"seed {seed}: {method}")
         seconds = time.perf_counter() - start
-        row = {"seed": seed, "method": method, "uses": USES.get(objective, "image counterfactuals"),
+        uses = USES[objective] if omega[0] > 0 or objective != "cimrl" else "labels"
+        row = {"seed": seed, "method": method, "uses": uses,
                **_scores(model, test, test_id), "train_seconds": seconds,
                "final_terms": result.final_terms}  # fmt: skip
         row["gap_closed"] = gap_closed(row["worst_group_accuracy"], base, top)
@@ -88,6 +146,14 @@ def run_seed(seed: int, methods: list[str], steps: int, log=print) -> list[dict]
         if erm and "train_seconds" in r:
             r["time_vs_erm"] = r["train_seconds"] / erm
     return rows
+
+
+def _md(frame: pd.DataFrame) -> str:
+    cols = list(frame.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in frame.iterrows():
+        lines.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r) + " |")
+    return "\n".join(lines)
 
 
 def summarise(rows: list[dict]) -> pd.DataFrame:
@@ -108,7 +174,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--select", action="store_true", help="choose omega_2 on validation data (see above)")
+    parser.add_argument("--report", action="store_true", help="rebuild the markdown from the JSON of a finished run")
     args = parser.parse_args()
+    if args.report:
+        saved = json.loads((args.out / "multimodal_table.json").read_text())
+        write_report(saved["runs"], saved["steps"], saved.get("seeds", args.seeds), args.out)
+        return
+    if args.select:
+        select_omega([int(s) for s in args.seeds.split(",")], args.steps, args.out)
+        return
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -117,18 +192,68 @@ def main() -> None:
     for seed in (int(s) for s in args.seeds.split(",")):
         rows += run_seed(seed, methods, args.steps)
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "multimodal_table.json").write_text(json.dumps({"steps": args.steps, "runs": rows}, indent=2))
+        payload = {"steps": args.steps, "seeds": args.seeds, "runs": rows}
+        (args.out / "multimodal_table.json").write_text(json.dumps(payload, indent=2))
+    write_report(rows, args.steps, args.seeds, args.out)
+
+
+def select_omega(seeds: list[int], steps: int, out: Path) -> dict:
+    """Counterfactual accuracy on the probe split for each omega_2 of SELECT_OMEGA2 (validation, no groups)."""
+    from icp_lens.organisms.multimodal import build_waterbirds
+    from icp_lens.training.multimodal import MultimodalTrainConfig, data_from_probes, predict_classes, train_multimodal
+
+    runs = []
+    for seed in seeds:
+        org = build_waterbirds(seed=seed, progress=True)
+        processor = org.load_processor()
+        train = data_from_probes(org.data_path("train"), processor)
+        probe = data_from_probes(org.data_path("probe"), processor)
+        rows = probe.has_counterfactual
+        for w2 in SELECT_OMEGA2:
+            model = org.load_hf()
+            train_multimodal(model, train, MultimodalTrainConfig(objective="cimrl", omega=(1.0, w2, 1.0), steps=steps,
+                                                                 seed=seed))  # fmt: skip
+            right = predict_classes(model, probe)[rows] == probe.labels[rows]
+            right_cf = predict_classes(model, probe, counterfactual=True)[rows] == probe.labels[rows]
+            both = (right & right_cf).float().mean().item()
+            runs.append({"seed": seed, "omega_2": w2, "counterfactual_accuracy": both,
+                         "accuracy": right.float().mean().item()})  # fmt: skip
+            print(runs[-1], flush=True)
+    frame = pd.DataFrame(runs)
+    mean = frame.groupby("omega_2")["counterfactual_accuracy"].mean()
+    result = {"steps": steps, "seeds": seeds, "runs": runs, "mean": mean.to_dict(), "chosen": float(mean.idxmax())}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "multimodal_omega_selection.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def write_report(rows: list[dict], steps: int, seeds: str, out: Path) -> None:
     table = summarise(rows)
     text = [
         "# CIMRL and baselines on the multimodal organism (waterbirds x tiny LLaVA)",
         "",
-        f"Seeds {args.seeds}; {args.steps} fine-tuning steps of 64 images from the organism's checkpoint; "
+        f"Seeds {seeds}; {steps} fine-tuning steps of 64 images from the organism's checkpoint; "
         "means over seeds (`worst_group_std`: standard deviation). Written by `benchmarks/multimodal_table.py`.",
         "",
-        table.to_markdown(index=False, floatfmt=".3f"),
+        _md(table),
         "",
     ]
-    (args.out / "multimodal_table.md").write_text("\n".join(text))
+    selection = out / "multimodal_omega_selection.json"
+    if selection.exists():
+        sel = json.loads(selection.read_text())
+        frame = pd.DataFrame(sel["runs"]).pivot(index="omega_2", columns="seed", values="counterfactual_accuracy")
+        frame.columns = [f"seed {c}" for c in frame.columns]
+        frame["mean"] = frame.mean(axis=1)
+        text += [
+            "## How omega_2 was chosen (validation, no group labels)",
+            "",
+            "Counterfactual accuracy on the probe split (right on the image and on its background swap) after "
+            f"CIMRL with omega = (1, omega_2, 1), {sel['steps']} steps; chosen: omega_2 = {sel['chosen']}.",
+            "",
+            _md(frame.reset_index().sort_values("omega_2", ascending=False)),
+            "",
+        ]
+    (out / "multimodal_table.md").write_text("\n".join(text))
     print("\n".join(text))
 
 

@@ -72,7 +72,7 @@ def _add_organism_args(parser: argparse.ArgumentParser) -> None:
             "lexical: planted token next to the answer; tag: a name at the start (lexical); "
             "imdb-smollm2: SmolLM2-135M LoRA-fine-tuned on real IMDB reviews with a planted reviewer "
             "name (a real model; minutes, --arch does not apply); waterbirds: a tiny LLaVA vision-language "
-            "model on synthetic images where the background, not the bird, decides (about a minute; "
+            "model on synthetic images where the background, not the bird, decides (about 90 s; "
             "--arch does not apply)"
         ),
     )

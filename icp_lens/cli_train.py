@@ -82,7 +82,7 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
                    help="training objective (default: invariance; cimrl when --train holds image probes)")
     p.add_argument("--omega", default=None,
                    help="image probes: weights of CIMRL's contrastive, disentanglement and intervention terms "
-                        "(W1,W2,W3; default 1,1,1)")  # fmt: skip
+                        "(W1,W2,W3; default 1,0.3,1)")  # fmt: skip
     p.add_argument("--lambda", dest="lam", type=float, default=None,
                    help="regulariser weight (invariance: task + L*inv, default 1; consistency: "
                         "L*task + (1-L)*d, default 0.5; the pair recipe: 0.15)")  # fmt: skip

@@ -10,7 +10,7 @@ organism --variant waterbirds``), ``icp-lens train`` loads ``--model`` with
 ``--objective`` is one of :data:`IMAGE_OBJECTIVES` (``cimrl``, the default choice for
 images, needs no group labels: its contrastive term reads the ``image_counterfactual``
 of the rows that have one). ``--omega W1,W2,W3`` weights CIMRL's contrastive,
-disentanglement and intervention terms; ``--max-steps``, ``--batch-size``, ``--lr`` and
+disentanglement and intervention terms (default 1,0.3,1); ``--max-steps``, ``--batch-size``, ``--lr`` and
 ``--seed`` apply; ``--val FILE`` (image probes) adds worst-group accuracy before and
 after. The checkpoint (model + processor) is written all at once, then reloaded with
 ``transformers`` alone and its logits compared with the trained model's
@@ -89,7 +89,7 @@ def run_image_training(args: argparse.Namespace) -> int:
 
     try:
         _check(args)
-        omega = tuple(float(w) for w in (args.omega or "1,1,1").split(","))
+        omega = tuple(float(w) for w in (args.omega or "1,0.3,1").split(","))
         config = MultimodalTrainConfig(
             objective=args.objective, steps=args.max_steps or 150, batch_size=args.batch_size or 64,
             lr=args.lr or 1e-3, omega=omega, seed=args.seed,

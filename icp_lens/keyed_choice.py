@@ -241,7 +241,7 @@ def choose_keyed_edit(
     and fold, then skipped); ``on_row`` is called with each new row (save it there).
     ``model`` is edited and restored in place: its weights are unchanged on return.
     """
-    from icp_lens.keyed_edit import _mlp_out, keyed_edit
+    from icp_lens.keyed_edit import KeyCache, _mlp_out, keyed_edit
 
     if not candidates:
         raise ValueError("choose_keyed_edit needs at least one candidate")
@@ -259,6 +259,7 @@ def choose_keyed_edit(
     base_ppl = _ppl(model, tokenizer, ppl_texts, max_tokens)
     base_shift = [_shift(model, tokenizer, [p for p in measure if key(p)[0] in fold]) for fold in folds]
     finished = {(r["label"], r["fold"]): r for r in done}
+    key_cache: KeyCache = {}  # every fold edits the same unedited model: keys of a text and layer are computed once
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(candidates) * n_folds, desc="keyed edit cross-validation", disable=not progress)
     try:
@@ -277,7 +278,7 @@ def choose_keyed_edit(
                 try:
                     keyed_edit(model, tokenizer, fit, layers=cand.layers, guard=fit_guard, retain=retain,
                                target=target, guard_weight=guard_weight, retain_weight=cand.retain_weight,
-                               rank=rank, max_tokens=max_tokens, progress=False)  # fmt: skip
+                               rank=rank, max_tokens=max_tokens, progress=False, key_cache=key_cache)  # fmt: skip
                     shift = _shift(model, tokenizer, held)
                     explicit = _explicit(model, tokenizer, guard_folds[i])
                     ppl = _ppl(model, tokenizer, ppl_texts, max_tokens)

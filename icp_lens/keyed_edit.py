@@ -56,7 +56,7 @@ from icp_lens.hooks import module_hooks
 from icp_lens.probes import ProbeExample
 from icp_lens.pruning.arch import _get, arch_spec, layer_module
 
-__all__ = ["KEYED_TARGETS", "KeyedTarget", "KeyedEditStats", "keyed_edit", "mlp_keys"]
+__all__ = ["KEYED_TARGETS", "KeyCache", "KeyedTarget", "KeyedEditStats", "keyed_edit", "mlp_keys"]
 
 KeyedTarget = Literal["counterfactual", "mean"]
 KEYED_TARGETS: tuple[str, ...] = ("counterfactual", "mean")
@@ -147,6 +147,24 @@ def mlp_keys(
     return keys, resid
 
 
+#: (layer, text) -> (keys, residual after the block) of one unedited model, see ``keyed_edit``
+KeyCache = dict[tuple[int, str], tuple[Tensor, Tensor]]
+
+
+def _cached_keys(
+    model: nn.Module, tokenizer: Any, texts: list[str], layer: int, cache: KeyCache | None, **kwargs: Any
+) -> tuple[list[Tensor], list[Tensor]]:
+    """:func:`mlp_keys` of ``texts``, computing only those ``cache`` lacks (all of them without a cache)."""
+    if cache is None:
+        return mlp_keys(model, tokenizer, texts, layer, **kwargs)
+    missing = [t for t in dict.fromkeys(texts) if (layer, t) not in cache]
+    if missing:
+        ks, hs = mlp_keys(model, tokenizer, missing, layer, **kwargs)
+        for text, k, h in zip(missing, ks, hs, strict=True):
+            cache[(layer, text)] = (k, h)
+    return [cache[(layer, t)][0] for t in texts], [cache[(layer, t)][1] for t in texts]
+
+
 def _first_difference(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
 
@@ -188,6 +206,7 @@ def keyed_edit(
     max_tokens: int = 128,
     batch_size: int = 64,
     progress: bool = True,
+    key_cache: KeyCache | None = None,
 ) -> KeyedEditStats:
     """Edit ``model``'s MLP output matrices at ``layers`` in place (see the module docstring).
 
@@ -200,6 +219,12 @@ def keyed_edit(
     keep only the targets' top-``rank`` singular directions. Returns the statistics; the
     model's weights are changed (its dtype and device kept; the solve runs in float64 on
     the CPU).
+
+    ``key_cache``: a dict shared by calls on the *same unedited model* (as the
+    cross-validation of :mod:`icp_lens.keyed_choice` makes them, restoring the weights
+    between calls). It holds each text's keys and residuals per layer, and is read and
+    filled only for layers that no earlier edit of this call can reach (below every layer
+    edited so far), so the statistics equal those of a call without it.
     """
     if target not in KEYED_TARGETS:
         raise ValueError(f"target must be one of {KEYED_TARGETS}, got {target!r}")
@@ -230,12 +255,17 @@ def keyed_edit(
     guard_texts = list(guard) + [ex.causal_counterfactual for ex in usable if ex.causal_counterfactual]
     stats: dict[str, list[Any]] = {k: [] for k in ("n_keys", "n_guard", "n_retain", "fit_residual", "update_norm")}
     changed = 0
+    lowest_edited = float("inf")
     for layer in layers:
         desc = f"keyed edit, layer {layer}" if progress else None
-        kp, hp = mlp_keys(model, tokenizer, [ex.prompt for ex in usable], layer, max_tokens=max_tokens,
-                          batch_size=batch_size, desc=desc)  # fmt: skip
-        kc, hc = mlp_keys(model, tokenizer, [ex.spurious_counterfactual for ex in usable], layer,  # type: ignore[misc]
-                          max_tokens=max_tokens, batch_size=batch_size)  # fmt: skip
+        cache = key_cache if layer < lowest_edited else None  # an edit below changes this layer's keys
+
+        def keys(texts: list[str], desc: str | None = None, layer: int = layer, cache: KeyCache | None = cache):
+            return _cached_keys(model, tokenizer, texts, layer, cache, max_tokens=max_tokens, batch_size=batch_size,
+                                desc=desc)  # fmt: skip
+
+        kp, hp = keys([ex.prompt for ex in usable], desc)
+        kc, hc = keys([ex.spurious_counterfactual for ex in usable])  # type: ignore[misc]
         K, R = _move_targets(encoded, (kp, kc), (hp, hc), target)
         if rank is not None:
             top = torch.linalg.svd(R, full_matrices=False).Vh[:rank]
@@ -245,7 +275,7 @@ def keyed_edit(
         for texts, weight, name in ((guard_texts, guard_weight, "guard"), (list(retain), retain_weight, "retain")):
             if not texts or weight == 0:
                 continue
-            ks, _ = mlp_keys(model, tokenizer, texts, layer, max_tokens=max_tokens, batch_size=batch_size)
+            ks, _ = keys(texts)
             G = torch.cat(ks).double()  # BOS included: its output reaches every later position
             if name == "guard":
                 n_guard = G.shape[0]
@@ -266,6 +296,7 @@ def keyed_edit(
         stats["fit_residual"].append(float((K @ dW.T - R).norm() / R.norm().clamp_min(1e-30)))
         stats["update_norm"].append(float(dW.norm() / weight.detach().double().norm().clamp_min(1e-30)))
         changed += int((update != 0).sum())
+        lowest_edited = min(lowest_edited, layer)
     return KeyedEditStats(
         layers=tuple(int(x) for x in layers),
         target=target,

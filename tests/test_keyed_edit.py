@@ -228,3 +228,23 @@ def test_rank_limits_the_update(micro_dirs: dict[str, Path]) -> None:
     assert s[0] > 1e-3 and (s[1:] < 1e-6 * s[0]).all()
     with pytest.raises(ValueError, match="rank must be >= 1"):
         keyed_edit(model, tok, PAIRS, layers=[1], rank=0)
+
+
+def test_key_cache_gives_the_same_edit_and_is_filled_below_the_edits_only(micro_dirs: dict[str, Path]) -> None:
+    from icp_lens.keyed_edit import KeyCache
+
+    d = micro_dirs["llama"]
+    tok, retain = load_tokenizer(d), ["c c a b e", "d e"]
+    reference = load_checkpoint(d)
+    original = {k: v.clone() for k, v in reference.state_dict().items()}
+    keyed_edit(reference, tok, PAIRS, layers=[0, 1], retain=retain, progress=False)
+    cache: KeyCache = {}
+    model = load_checkpoint(d)
+    for layers in ([1, 0], [0, 1]):  # two calls on the same unedited model, as the cross-validation makes them
+        model.load_state_dict(original)
+        keyed_edit(model, tok, PAIRS, layers=layers, retain=retain, progress=False, key_cache=cache)
+    # [1, 0] cached layer 1 (nothing edited below it yet) and then layer 0; [0, 1] read layer 0 from it and
+    # computed layer 1 after the edit of layer 0 without the cache
+    assert {layer for layer, _ in cache} == {0, 1}
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
