@@ -11,8 +11,8 @@ organism --variant waterbirds``), ``icp-lens train`` loads ``--model`` with
 images, needs no group labels: its contrastive term reads the ``image_counterfactual``
 of the rows that have one). ``--omega W1,W2,W3`` weights CIMRL's contrastive,
 disentanglement and intervention terms (default 1,0.3,1); ``--max-steps``, ``--batch-size``, ``--lr`` and
-``--seed`` apply; ``--val FILE`` (image probes) adds worst-group accuracy before and
-after. The checkpoint (model + processor) is written all at once, then reloaded with
+``--seed`` and ``--device`` apply; ``--val FILE`` (image probes) adds worst-group
+accuracy before and after. The checkpoint (model + processor) is written all at once, then reloaded with
 ``transformers`` alone and its logits compared with the trained model's
 (``verification``). Options of the text trainer that have no meaning here (features,
 LoRA, retain text, stage 2, ...) are refused by name.
@@ -36,6 +36,8 @@ _TEXT_ONLY = {
     "scores": None, "top_k": None, "prune_top_k": 0, "lora": None, "lora_r": None, "pairs": None, "retain": None,
     "retain_weight": None, "stage2_steps": None, "rescore_every": None, "task_loss": None, "representation": None,
     "epochs": None, "lam": None, "resume": False, "early_stopping": None, "dropout": None, "save_dtype": None,
+    "weight_decay": 0.0, "grad_clip": 1.0, "warmup_ratio": 0.1, "eval_every": None, "checkpoint_dir": None,
+    "checkpoint_every": None, "keep_checkpoints": False, "divergence": "kl", "intervention": ["resample"],
 }  # fmt: skip
 
 
@@ -85,6 +87,7 @@ def run_image_training(args: argparse.Namespace) -> int:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from icp_lens.atomic import atomic_directory
+    from icp_lens.devices import resolve_device
     from icp_lens.training.multimodal import MultimodalTrainConfig, data_from_probes, train_multimodal
 
     try:
@@ -94,7 +97,8 @@ def run_image_training(args: argparse.Namespace) -> int:
             objective=args.objective, steps=args.max_steps or 150, batch_size=args.batch_size or 64,
             lr=args.lr or 1e-3, omega=omega, seed=args.seed,
         )  # fmt: skip
-        model = AutoModelForImageTextToText.from_pretrained(str(args.model)).eval()
+        device = resolve_device(args.device)
+        model = AutoModelForImageTextToText.from_pretrained(str(args.model)).eval().to(device)
         processor = AutoProcessor.from_pretrained(str(args.model))
         data = data_from_probes(args.train, processor)
         val = data_from_probes(args.val, processor) if args.val is not None else None
@@ -104,6 +108,7 @@ def run_image_training(args: argparse.Namespace) -> int:
     before = _worst_group(model, val if val is not None else data)
     result = train_multimodal(model, data, config, progress=None if args.quiet or args.json else config.objective)
     after = _worst_group(model, val if val is not None else data)
+    model.to("cpu")  # written and verified on the CPU, in float32
     with atomic_directory(args.out) as tmp:
         model.save_pretrained(str(tmp))
         processor.save_pretrained(str(tmp))

@@ -207,8 +207,8 @@ def test_train_refuses_what_does_not_apply_to_images(waterbirds, tmp_path: Path,
     images = ["train", "--model", str(org.model_dir), "--train", str(org.data_path("probe")), "--out", str(tmp_path)]
     assert main([*images, "--objective", "consistency"]) == 2
     assert "valid: ['cimrl', 'contrastive', 'disentangle'" in capsys.readouterr().err
-    assert main([*images, "--lora"]) == 2
-    assert "--lora do(es) not apply to image probes" in capsys.readouterr().err
+    assert main([*images, "--lora", "--weight-decay", "0.1"]) == 2
+    assert "--lora, --weight-decay do(es) not apply to image probes" in capsys.readouterr().err
     text = tmp_path / "text.jsonl"
     text.write_text('{"prompt": "a b", "answer": " c", "alternatives": [" d"]}\n')
     assert main(["train", "--model", str(org.model_dir), "--train", str(text), "--out", str(tmp_path / "o"),
@@ -239,3 +239,32 @@ def test_image_patching_effects_across_towers(waterbirds) -> None:
     assert one["effect"].abs().max() > 0
     with pytest.raises(ValueError, match="at least one alternative"):
         image_patch_effects(bridge, ids, pixels, swapped, labels[:1], hooks)
+
+
+def test_pruned_neurons_of_both_towers_export_to_a_verified_checkpoint(waterbirds, tmp_path: Path) -> None:
+    from icp_lens.hooks import capturing
+    from icp_lens.organisms.multimodal import _prompt_ids
+    from icp_lens.pruning.multimodal import export_pruned_llava, llava_mlp_out, prune_llava_neurons
+
+    org, _ = waterbirds
+    vision, text = "vision_encoder.encoder_layers.1.mlp.hook_post", "blocks.0.mlp.hook_post"
+    pixels = org.pixel_values("test_balanced")[:16]
+    ids = _prompt_ids(org.load_processor(), 1)[0]
+    bridge = org.load_bridge()
+    with torch.no_grad(), capturing(bridge, [vision]) as cache:
+        bridge(ids.expand(16, -1), pixel_values=pixels)
+    means = {vision: cache[vision].mean((0, 1))}  # one constant per neuron: what a bias can hold
+    units = {vision: [3, 17, 40], text: [5, 100]}
+    report = export_pruned_llava(org.model_dir, units, tmp_path / "pruned", means=means,
+                                 verify_ids=ids, verify_pixels=pixels)  # fmt: skip
+    assert report.passed and report.max_abs_logit_diff <= 1e-4 and report.mean_ablated == [vision]
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    pruned = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "pruned"))
+    assert AutoProcessor.from_pretrained(str(tmp_path / "pruned")) is not None
+    assert (llava_mlp_out(pruned, text).weight[:, [5, 100]] == 0).all()
+    assert (llava_mlp_out(pruned, vision).weight[:, [3, 17, 40]] == 0).all()
+    with pytest.raises(ValueError, match="has none \\(Llama's down_proj\\)"):
+        prune_llava_neurons(org.load_hf(), {text: [1]}, means={text: torch.zeros(256)})
+    with pytest.raises(ValueError, match="prunable hook points"):
+        prune_llava_neurons(org.load_hf(), {"blocks.0.attn.hook_z": [1]})

@@ -1,0 +1,160 @@
+"""Pruning MLP neurons of both towers of a LLaVA-style model, exported as an ordinary checkpoint.
+
+A neuron ``j`` of an MLP is input ``j`` of its output projection (the hook point
+``...mlp.hook_post[..., j]`` on the bridge), so
+
+- *zero* ablation is zeroing column ``j`` of that projection;
+- *mean* ablation (the neuron fixed at a constant ``m_j``, e.g. its mean over probe
+  images) is that plus ``bias += W[:, j] * m_j``, which needs a bias: the CLIP vision
+  tower's ``fc2`` has one, the Llama language model's ``down_proj`` does not (mean mode
+  is refused there with the reason; zero mode works).
+
+Units are named by the bridge's hook points, as
+:func:`icp_lens.scoring.image_patching.image_patch_effects` reports them:
+``vision_encoder.encoder_layers.L.mlp.hook_post`` (vision tower) and
+``blocks.L.mlp.hook_post`` (language model). :func:`export_pruned_llava` edits a copy,
+writes it with its processor all at once, reloads it with ``transformers`` alone and
+checks its logits against the same ablation done at run time with hooks on the bridge.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+__all__ = ["LlavaPruneReport", "llava_mlp_out", "prune_llava_neurons", "export_pruned_llava"]
+
+_VISION = re.compile(r"vision_encoder\.encoder_layers\.(\d+)\.mlp\.hook_post")
+_TEXT = re.compile(r"blocks\.(\d+)\.mlp\.hook_post")
+_PATHS = {
+    "vision": ("model.vision_tower.encoder.layers.{}.mlp.fc2",
+               "model.vision_tower.vision_model.encoder.layers.{}.mlp.fc2"),
+    "text": ("model.language_model.layers.{}.mlp.down_proj", "model.language_model.model.layers.{}.mlp.down_proj"),
+}
+
+
+def llava_mlp_out(model: nn.Module, hook_name: str) -> nn.Linear:
+    """The output projection whose inputs are the neurons at ``hook_name`` (HF module of a LLaVA model)."""
+    for tower, pattern in (("vision", _VISION), ("text", _TEXT)):
+        match = pattern.fullmatch(hook_name)
+        if match is None:
+            continue
+        for template in _PATHS[tower]:
+            try:
+                return model.get_submodule(template.format(match.group(1)))
+            except AttributeError:
+                continue
+        raise ValueError(f"{hook_name}: no layer {match.group(1)} in this model's {tower} tower")
+    raise ValueError(
+        f"cannot prune units of {hook_name!r}; prunable hook points: "
+        "vision_encoder.encoder_layers.L.mlp.hook_post, blocks.L.mlp.hook_post"
+    )
+
+
+def prune_llava_neurons(
+    model: nn.Module,
+    units: Mapping[str, Sequence[int]],
+    *,
+    means: Mapping[str, Float[Tensor, " d_mlp"]] | None = None,
+) -> int:
+    """Zero- (or, with ``means``, mean-) ablate the neurons ``units`` in ``model``'s weights, in place.
+
+    Returns the number of weights changed. ``means[hook]`` is the constant each neuron of
+    that hook point is fixed at (position-independent); hooks missing from ``means`` are
+    zero-ablated.
+    """
+    changed = 0
+    with torch.no_grad():
+        for hook_name, indices in units.items():
+            out = llava_mlp_out(model, hook_name)
+            idx = torch.as_tensor(list(indices), dtype=torch.long, device=out.weight.device)
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= out.weight.shape[1]):
+                raise ValueError(f"{hook_name}: units must be in [0, {out.weight.shape[1]}), got {list(indices)}")
+            if means is not None and hook_name in means:
+                if out.bias is None:
+                    raise ValueError(
+                        f"{hook_name}: mean ablation folds W[:, j] * m_j into the output bias, and this projection "
+                        "has none (Llama's down_proj); use zero ablation for it (leave it out of means)"
+                    )
+                m = means[hook_name].to(out.weight.device, torch.float32)[idx]
+                out.bias.add_((out.weight[:, idx].float() @ m).to(out.bias.dtype))
+                changed += out.bias.numel()
+            changed += int((out.weight[:, idx] != 0).sum())
+            out.weight[:, idx] = 0
+    return changed
+
+
+@dataclass(frozen=True)
+class LlavaPruneReport:
+    """What :func:`export_pruned_llava` wrote and how well it matches the run-time ablation."""
+
+    out: str
+    units: dict[str, list[int]]
+    mean_ablated: list[str]
+    changed_weights: int
+    max_abs_logit_diff: float
+    passed: bool
+
+
+def export_pruned_llava(
+    source: str | Path,
+    units: Mapping[str, Sequence[int]],
+    out: str | Path,
+    *,
+    means: Mapping[str, Float[Tensor, " d_mlp"]] | None = None,
+    verify_ids: Int[Tensor, " pos"] | None = None,
+    verify_pixels: Float[Tensor, "n 3 h w"] | None = None,
+    tolerance: float = 1e-4,
+) -> LlavaPruneReport:
+    """Prune ``units`` of the checkpoint at ``source`` into ``out`` (model and processor) and verify it.
+
+    With ``verify_ids`` and ``verify_pixels``, the reloaded checkpoint's logits are compared
+    with the source model run through a ``TransformerBridge`` whose hooks set the same
+    neurons to zero (or their mean): ``passed`` when the largest difference is at most
+    ``tolerance``.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from icp_lens.atomic import atomic_directory
+    from icp_lens.hooks import hooked
+
+    model = AutoModelForImageTextToText.from_pretrained(str(source)).eval()
+    edited = copy.deepcopy(model)
+    changed = prune_llava_neurons(edited, units, means=means)
+    with atomic_directory(out) as tmp:
+        edited.save_pretrained(str(tmp))
+        AutoProcessor.from_pretrained(str(source)).save_pretrained(str(tmp))
+    error = 0.0
+    if verify_ids is not None and verify_pixels is not None:
+        reloaded = AutoModelForImageTextToText.from_pretrained(str(out)).eval()
+        bridge = TransformerBridge.boot_transformers(str(source), device="cpu")
+        bridge.eval()
+
+        def ablate(name: str, idx: list[int]):
+            def fn(act: Tensor, hook: Any) -> Tensor:
+                act = act.clone()
+                act[..., idx] = 0.0 if means is None or name not in means else means[name][idx].to(act.dtype)
+                return act
+
+            return fn
+
+        ids = verify_ids.expand(verify_pixels.shape[0], -1)
+        with torch.no_grad():
+            with hooked(bridge, [(name, ablate(name, list(idx))) for name, idx in units.items()]):
+                expected = bridge(ids, pixel_values=verify_pixels)
+            got = reloaded(input_ids=ids, pixel_values=verify_pixels).logits
+        error = float((got - expected).abs().max())
+    return LlavaPruneReport(
+        out=str(out), units={k: [int(i) for i in v] for k, v in units.items()},
+        mean_ablated=sorted(set(means or {}) & set(units)), changed_weights=changed,
+        max_abs_logit_diff=error, passed=error <= tolerance,
+    )  # fmt: skip
