@@ -228,8 +228,14 @@ def choose_keyed_edit(
     done: Sequence[dict[str, Any]] = (),
     on_row: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = True,
+    cache_keys: bool = True,
 ) -> KeyedChoice:
     """Score every candidate by ``n_folds``-fold cross-validation and choose one (module docstring).
+
+    ``cache_keys``: compute each text's MLP keys once per layer for the whole run (every
+    fold edits the same unedited model, restored in between) instead of in every fold;
+    ``False`` recomputes them (the same numbers, slower: the baseline of
+    ``benchmarks/bench_keyed_cv.py``).
 
     ``pairs``: the pairs the edit is fitted on (e.g. the neutral swaps); ``measure_pairs``:
     the pairs whose spurious shift is measured (default: ``pairs``; e.g. the swaps between
@@ -259,7 +265,7 @@ def choose_keyed_edit(
     base_ppl = _ppl(model, tokenizer, ppl_texts, max_tokens)
     base_shift = [_shift(model, tokenizer, [p for p in measure if key(p)[0] in fold]) for fold in folds]
     finished = {(r["label"], r["fold"]): r for r in done}
-    key_cache: KeyCache = {}  # every fold edits the same unedited model: keys of a text and layer are computed once
+    key_cache: KeyCache | None = {} if cache_keys else None  # keys of a text and layer computed once
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(candidates) * n_folds, desc="keyed edit cross-validation", disable=not progress)
     try:
