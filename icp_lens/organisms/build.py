@@ -48,6 +48,7 @@ __all__ = [
     "OrganismSpec",
     "OrganismReport",
     "Organism",
+    "OrganismDirs",
     "build_organism",
     "default_cache_dir",
 ]
@@ -160,13 +161,10 @@ class OrganismReport:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-@dataclass(frozen=True)
-class Organism:
-    """A built organism on disk: data splits, checkpoint, oracle and report."""
+class OrganismDirs:
+    """The two checkpoints every built organism holds (``path/model``, ``path/oracle``) and a bridge on either."""
 
-    spec: OrganismSpec
     path: Path
-    report: OrganismReport
 
     @property
     def model_dir(self) -> Path:
@@ -177,6 +175,24 @@ class Organism:
     def oracle_dir(self) -> Path:
         """The oracle's HF checkpoint directory."""
         return self.path / "oracle"
+
+    def load_bridge(self, *, oracle: bool = False, device: str = "cpu", **kwargs: Any):
+        """``TransformerBridge.boot_transformers`` on the checkpoint (eval mode)."""
+        from transformer_lens.model_bridge import TransformerBridge
+
+        path = self.oracle_dir if oracle else self.model_dir
+        bridge = TransformerBridge.boot_transformers(str(path), device=device, **kwargs)
+        bridge.eval()
+        return bridge
+
+
+@dataclass(frozen=True)
+class Organism(OrganismDirs):
+    """A built organism on disk: data splits, checkpoint, oracle and report."""
+
+    spec: OrganismSpec
+    path: Path
+    report: OrganismReport
 
     @property
     def task(self) -> TaskSpec:
@@ -205,15 +221,6 @@ class Organism:
 
         path = self.oracle_dir if oracle else self.model_dir
         return AutoModelForCausalLM.from_pretrained(str(path)).eval()
-
-    def load_bridge(self, *, oracle: bool = False, device: str = "cpu", **kwargs: Any):
-        """``TransformerBridge.boot_transformers`` on the checkpoint (eval mode)."""
-        from transformer_lens.model_bridge import TransformerBridge
-
-        path = self.oracle_dir if oracle else self.model_dir
-        bridge = TransformerBridge.boot_transformers(str(path), device=device, **kwargs)
-        bridge.eval()
-        return bridge
 
 
 def _load(path: Path, spec: OrganismSpec) -> Organism:

@@ -44,7 +44,7 @@ import torch
 from jaxtyping import Float, Int, UInt8
 from torch import Tensor
 
-from icp_lens.organisms.build import THRESHOLDS, OrganismReport, default_cache_dir
+from icp_lens.organisms.build import THRESHOLDS, OrganismDirs, OrganismReport, default_cache_dir
 from icp_lens.organisms.train import TrainConfig, accuracy_of, train_model
 from icp_lens.organisms.vision_task import (
     BIRD_LABELS,
@@ -218,22 +218,15 @@ def predict_images(
 
 
 @dataclass(frozen=True)
-class MultimodalOrganism:
-    """A built multimodal organism on disk: splits with images, checkpoint, oracle and report."""
+class MultimodalOrganism(OrganismDirs):
+    """A built multimodal organism on disk: splits with images, checkpoints (with processors), oracle, report.
+
+    ``model_dir``, ``oracle_dir`` and ``load_bridge`` (the LLaVA adapter) are those of every organism.
+    """
 
     spec: MultimodalSpec
     path: Path
     report: OrganismReport
-
-    @property
-    def model_dir(self) -> Path:
-        """The organism's HF checkpoint directory (with its processor)."""
-        return self.path / "model"
-
-    @property
-    def oracle_dir(self) -> Path:
-        """The oracle's HF checkpoint directory."""
-        return self.path / "oracle"
 
     def data_path(self, split: str) -> Path:
         """Path of a split's JSONL file (one of :data:`~icp_lens.organisms.vision_task.VISION_SPLITS`)."""
@@ -262,15 +255,6 @@ class MultimodalOrganism:
 
         path = self.oracle_dir if oracle else self.model_dir
         return AutoModelForImageTextToText.from_pretrained(str(path)).eval()
-
-    def load_bridge(self, *, oracle: bool = False, device: str = "cpu", **kwargs: Any):
-        """``TransformerBridge.boot_transformers`` on the checkpoint (eval mode)."""
-        from transformer_lens.model_bridge import TransformerBridge
-
-        path = self.oracle_dir if oracle else self.model_dir
-        bridge = TransformerBridge.boot_transformers(str(path), device=device, **kwargs)
-        bridge.eval()
-        return bridge
 
 
 def _write_split(root: Path, split: str, scenes: list[Scene], task: VisionTaskSpec) -> np.ndarray:
