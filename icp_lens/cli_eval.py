@@ -52,14 +52,7 @@ def _cmd_eval_images(args: argparse.Namespace) -> int:
         print(f"icp-lens eval: error: {err}", file=sys.stderr)
         return 2
     report = evaluate_predictions(predictions, n_boot=args.n_boot, seed=args.seed, sensitive_key=args.sensitive_key)
-    if args.json:
-        print(report.to_json())
-        return 0
-    print(f"{args.model} on {args.data} ({len(predictions.examples)} image examples)")
-    print(report.to_frame().to_string(index=False, float_format=lambda x: f"{x:.4f}"))
-    for metric, why in sorted(getattr(report, "notes", {}).items()):
-        print(f"  {metric}: {why}")
-    return 0
+    return _print_report(args, report, f"{len(predictions.examples)} image examples")
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -81,10 +74,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if not is_main():  # under torchrun: rank 0 prints
         return 0
+    return _print_report(args, report, f"{len(examples)} examples")
+
+
+def _print_report(args: argparse.Namespace, report: Any, what: str) -> int:
+    """The report as JSON (``--json``) or as a table with the notes of the metrics left empty."""
     if args.json:
         print(report.to_json())
         return 0
-    print(f"{args.model} on {args.data} ({len(examples)} examples)")
+    print(f"{args.model} on {args.data} ({what})")
     print(report.to_frame().to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     for metric, why in sorted(getattr(report, "notes", {}).items()):
         print(f"  {metric}: {why}")

@@ -58,26 +58,28 @@ def _flags(name: str) -> str:
 
 
 def _check(args: argparse.Namespace) -> None:
+    from icp_lens.pruning.export import check_target
+
     if args.objective not in IMAGE_OBJECTIVES:
         valid = list(IMAGE_OBJECTIVES)
         raise ValueError(f"--objective {args.objective} does not apply to image probes; valid: {valid}")
     given = [_flags(k) for k, unset in _TEXT_ONLY.items() if getattr(args, k, unset) != unset]
     if given:
         raise ValueError(f"{', '.join(given)} do(es) not apply to image probes (the multimodal trainer)")
-    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
-        raise ValueError(f"--out {args.out} is not empty; pass --overwrite to replace it")
+    check_target(args.out, overwrite=args.overwrite, source=args.model)
 
 
 def _worst_group(model: Any, data: Any) -> dict[str, float]:
     from icp_lens.training.multimodal import predict_classes
 
-    ok = predict_classes(model, data) == data.labels
+    chosen = predict_classes(model, data)
+    ok = chosen == data.labels
     out = {"accuracy": ok.float().mean().item()}
     if data.groups is not None:
         out["worst_group_accuracy"] = min(ok[data.groups == g].float().mean().item() for g in data.groups.unique())
     if data.counterfactual is not None:
         rows = data.has_counterfactual
-        flips = predict_classes(model, data, counterfactual=True)[rows] != predict_classes(model, data)[rows]
+        flips = predict_classes(model, data, counterfactual=True)[rows] != chosen[rows]
         out["flip_rate"] = flips.float().mean().item()
     return out
 
@@ -102,7 +104,7 @@ def run_image_training(args: argparse.Namespace) -> int:
         processor = AutoProcessor.from_pretrained(str(args.model))
         data = data_from_probes(args.train, processor)
         val = data_from_probes(args.val, processor) if args.val is not None else None
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError) as err:  # OSError covers check_target's FileExistsError
         print(f"icp-lens train: error: {err}", file=sys.stderr)
         return 2
     before = _worst_group(model, val if val is not None else data)
