@@ -106,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument("--grad-drop", action="store_true", help="AtP* GradDrop (attribution ranks; L backward passes)")
     score.add_argument(
-        "--kinds", type=_csv_list, default=["neuron", "head"],
-        help="e.g. neuron,head,resid,value,query,key; direction (fitted directions) and token (embedding rows)",
+        "--kinds", type=_csv_list, default=None,
+        help="e.g. neuron,head,resid,value,query,key; direction (fitted directions) and token (embedding rows); "
+        "default neuron,head (image probes: vision_neuron,neuron, the MLP neurons of both towers)",
     )  # fmt: skip
     score.add_argument(
         "--directions", choices=["diff-means", "leace", "probe"], default="leace",
@@ -309,6 +310,13 @@ def _cmd_score(args: argparse.Namespace) -> int:
     check_writable(args.out, option="--out")  # before any model is loaded
     if not args.probe.is_file():
         raise FileNotFoundError(f"--probe {args.probe}: no such file")
+    from icp_lens.cli_train_images import has_images
+
+    if has_images(args.probe):  # a vision-language model on image probes: icp_lens.cli_images
+        from icp_lens.cli_images import run_image_scoring
+
+        return run_image_scoring(args)
+    args.kinds = args.kinds or ["neuron", "head"]
     verify = int(args.verify_top) if args.verify_top >= 1 or args.verify_top == 0 else float(args.verify_top)
     start = time.perf_counter()
     dtype = resolve_dtype(args.dtype)

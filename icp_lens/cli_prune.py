@@ -56,7 +56,8 @@ def add_prune_parsers(sub: Any) -> None:
     )
     prune.add_argument(
         "--kinds", type=_kinds, default=None,
-        help="which rows compete (default: every prunable kind in the table): neuron,head,value,direction,token",
+        help="which rows compete (default: every prunable kind in the table): neuron,head,value,direction,token; "
+        "vision_neuron,neuron for a vision-language model",
     )  # fmt: skip
     prune.add_argument("--min-selectivity", type=float, default=None, help="only rows with selectivity >= F")
     prune.add_argument("--token-mode", choices=["zero", "mean"], default="zero", help="token rows: zero or mean row")
@@ -114,8 +115,13 @@ def _print(result: Any, as_json: bool) -> int:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
+    from icp_lens.cli_images import is_vision_language
     from icp_lens.pruning import prune
 
+    if is_vision_language(args.model):  # both towers of a LLaVA-style model: icp_lens.cli_images
+        from icp_lens.cli_images import run_image_prune
+
+        return run_image_prune(args)
     if args.top_k is None and args.threshold is None and args.min_share is None:
         raise ValueError("choose features with --top-k K and/or --threshold T (or --min-share F)")
     if args.token_mode == "mean" and args.probe is None:

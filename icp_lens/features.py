@@ -13,6 +13,11 @@ kind        hook point                        activation shape         the featu
 ``key``     ``blocks.L.attn.hook_k``          ``[batch, pos, h_kv, d]``one head's key k
 ==========  ================================  =======================  ====================
 
+One more unit kind exists for vision-language models (image probes): ``vision_neuron``, a
+neuron of the vision tower's MLP at ``vision_encoder.encoder_layers.L.mlp.hook_post`` of a
+LLaVA-style ``TransformerBridge`` (``[batch, patches, d_mlp]``), scored by
+:mod:`icp_lens.scoring.image_scores` and pruned by :mod:`icp_lens.pruning.multimodal`.
+
 In every case the feature is a slice along dimension 2 of the activation: a scalar per
 position for neurons and residual dimensions, a ``d_head`` vector per position for heads,
 value, query and key vectors. ``Feature.select`` takes that slice, so interventions are
@@ -61,11 +66,12 @@ __all__ = [
     "validate_features",
 ]
 
-FeatureKind = Literal["neuron", "head", "resid", "value", "query", "key", "direction", "token"]
+FeatureKind = Literal["neuron", "head", "resid", "value", "query", "key", "direction", "token", "vision_neuron"]
 #: the kinds that are a slice of a hook's activation (enumerable per layer)
 FEATURE_KINDS: tuple[str, ...] = ("neuron", "head", "resid", "value", "query", "key")
 #: every kind a score table or plan may hold: the unit kinds, fitted directions
-#: (``icp_lens.directions``) and token-embedding rows (``icp_lens.scoring.tokens``)
+#: (``icp_lens.directions``), token-embedding rows (``icp_lens.scoring.tokens``) and the
+#: MLP neurons of a vision-language model's vision tower (``icp_lens.scoring.image_scores``)
 ALL_KINDS: tuple[str, ...] = get_args(FeatureKind)
 #: where a direction feature lives: the residual stream (edited at every writer), one
 #: module's output, or one attention head's output ``z.H``
@@ -78,8 +84,10 @@ _HOOK_TEMPLATES: dict[str, str] = {
     "value": "blocks.{layer}.attn.hook_v",
     "query": "blocks.{layer}.attn.hook_q",
     "key": "blocks.{layer}.attn.hook_k",
+    # a LLaVA-style model's vision tower on TransformerBridge (image probes only)
+    "vision_neuron": "vision_encoder.encoder_layers.{layer}.mlp.hook_post",
 }
-_LABEL = re.compile(r"^\s*(?P<kind>[a-z]+)\s+L(?P<layer>\d+)\.(?P<index>\d+)(@(?P<site>[a-z_]+(\.\d+)?))?\s*$")
+_LABEL = re.compile(r"^\s*(?P<kind>[a-z_]+)\s+L(?P<layer>\d+)\.(?P<index>\d+)(@(?P<site>[a-z_]+(\.\d+)?))?\s*$")
 _TOKEN_LABEL = re.compile(r"^\s*token\s+(?P<index>\d+)\s*$")
 _SITE_HOOKS: dict[str, str] = {
     "resid_pre": "blocks.{layer}.hook_resid_pre",
@@ -153,7 +161,7 @@ class Feature:
 
     def select(self, activation: Float[Tensor, "batch pos n ..."]) -> Float[Tensor, "batch pos ..."]:
         """This feature's slice of its hook's activation (a view, dimension 2 removed)."""
-        if self.kind not in FEATURE_KINDS:
+        if self.kind not in (*FEATURE_KINDS, "vision_neuron"):
             raise TypeError(f"{self} is not a slice of an activation; see icp_lens.directions / scoring.tokens")
         return activation.select(2, self.index)
 

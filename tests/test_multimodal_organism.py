@@ -268,3 +268,148 @@ def test_pruned_neurons_of_both_towers_export_to_a_verified_checkpoint(waterbird
         prune_llava_neurons(org.load_hf(), {text: [1]}, means={text: torch.zeros(256)})
     with pytest.raises(ValueError, match="prunable hook points"):
         prune_llava_neurons(org.load_hf(), {"blocks.0.attn.hook_z": [1]})
+
+
+def _subset(data, rows: slice):
+    import dataclasses
+
+    return dataclasses.replace(
+        data, pixel_values=data.pixel_values[rows], labels=data.labels[rows],
+        counterfactual=data.counterfactual[rows], has_counterfactual=data.has_counterfactual[rows],
+        groups=None if data.groups is None else data.groups[rows],
+    )  # fmt: skip
+
+
+def test_image_scores_batched_exact_attribution_and_hybrid(waterbirds) -> None:
+    from icp_lens.scoring.image_scores import image_units, score_image_units
+    from icp_lens.training.multimodal import data_from_probes
+
+    org, _ = waterbirds
+    bridge = org.load_bridge()
+    data = _subset(data_from_probes(org.data_path("probe"), org.load_processor()), slice(0, 80))
+    n_cf = int(data.has_counterfactual.sum())
+    assert 40 <= n_cf < 80  # a quarter of the probe images are grey: no background to swap
+    assert [len(image_units(bridge, [k])) for k in ("vision_neuron", "neuron")] == [2 * 128, 2 * 256]
+    # exact patching of the vision tower: batched and many units per pass = one row and one unit at a time
+    kw = {"kinds": ["vision_neuron"], "layers": [1], "method": "exact"}
+    one = score_image_units(bridge, data, batch_size=7, units_per_pass=1, **kw).frame.set_index("feature")
+    many = score_image_units(bridge, data, batch_size=80, units_per_pass=64, **kw).frame.set_index("feature")
+    assert len(one) == 128 and one["exact"].all() and (one["n_examples"] == n_cf).all()
+    assert (one["score"] - many.loc[one.index, "score"]).abs().max() <= 1e-6
+    assert one["score"].max() > 1e-3
+    # attribution patching ranks the units of both towers as exact patching does (this model is near-linear)
+    exact = score_image_units(bridge, data, method="exact", layers=[0]).frame.set_index("feature")["score"]
+    atp = score_image_units(bridge, data, method="attribution", layers=[0]).frame.set_index("feature")["score"]
+    assert len(exact) == 128 + 256
+    assert atp[exact.index].rank().corr(exact.rank()) > 0.9
+    assert len(set(atp.nlargest(10).index) & set(exact.nlargest(10).index)) >= 7
+    # hybrid: attribution for all, exact for the top 8 of the attribution ranking
+    hybrid = score_image_units(bridge, data, method="hybrid", verify_top=8, layers=[0]).frame
+    verified = hybrid[hybrid["exact"]].set_index("feature")["score"]
+    assert len(hybrid) == 128 + 256 and len(verified) == 8
+    assert set(verified.index) == set(atp.nlargest(8).index)
+    assert (verified - exact[verified.index]).abs().max() <= 1e-6
+    with pytest.raises(ValueError, match="image probes score the kinds"):
+        score_image_units(bridge, data, kinds=["head"])
+    import dataclasses
+
+    with pytest.raises(ValueError, match="image_counterfactual"):
+        score_image_units(bridge, dataclasses.replace(data, counterfactual=None, has_counterfactual=None))
+
+
+def test_score_and_prune_image_probes_through_the_cli(waterbirds, tmp_path: Path, capsys) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    from icp_lens.pruning.multimodal import llava_mlp_out
+
+    org, _ = waterbirds
+    scores, probe = tmp_path / "scores.csv", str(org.data_path("probe"))
+    assert main(["score", "--model", str(org.model_dir), "--probe", probe, "--out", str(scores),
+                 "--verify-top", "16", "--quiet"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "scored 768 units of both towers (16 exact)" in out
+    meta = json.loads(scores.with_name("scores.meta.json").read_text())
+    assert meta["settings"]["modality"] == "image" and meta["settings"]["kinds"] == ["vision_neuron", "neuron"]
+    table = __import__("pandas").read_csv(scores)
+    assert set(table["kind"]) == {"vision_neuron", "neuron"} and int(table["exact"].sum()) == 16
+    top4 = table.head(4)
+    code, report = _run(["prune", "--model", str(org.model_dir), "--scores", str(scores), "--out",
+                         str(tmp_path / "pruned"), "--top-k", "4", "--probe", probe, "--json"], capsys)  # fmt: skip
+    assert code == 0 and report["verification"]["passed"] and report["verification"]["max_abs_logit_diff"] <= 1e-5
+    assert report["features"] == top4["feature"].tolist()
+    plan = json.loads((tmp_path / "pruned" / "plan.json").read_text())
+    assert plan["features"] == report["features"] and plan["mode"] == "zero"
+    pruned = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "pruned"))
+    for hook, index in zip(top4["hook_name"], top4["index"], strict=True):
+        assert (llava_mlp_out(pruned, hook).weight[:, int(index)] == 0).all()
+    # mean ablation: vision neurons only (their fc2 has a bias); the language model's are refused
+    code, report = _run(["prune", "--model", str(org.model_dir), "--scores", str(scores), "--out",
+                         str(tmp_path / "mean"), "--top-k", "3", "--kinds", "vision_neuron", "--mode", "mean",
+                         "--probe", probe, "--json"], capsys)  # fmt: skip
+    assert code == 0 and report["verification"]["passed"] and len(report["means"]) == 1
+    assert main(["prune", "--model", str(org.model_dir), "--scores", str(scores), "--out", str(tmp_path / "x"),
+                 "--top-k", "3", "--mode", "mean", "--probe", probe]) == 2  # fmt: skip
+    assert "down_proj has none" in capsys.readouterr().err
+    # the table records its model: pruning the oracle with it is refused
+    assert main(["prune", "--model", str(org.oracle_dir), "--scores", str(scores), "--out", str(tmp_path / "y"),
+                 "--top-k", "3"]) == 2  # fmt: skip
+    assert "weights_sha256" in capsys.readouterr().err
+    for extra, message in ((["--kinds", "head"], "--kinds head cannot be scored on image probes"),
+                           (["--qk-fix"], "--qk-fix do(es) not apply to image probes")):  # fmt: skip
+        assert main(["score", "--model", str(org.model_dir), "--probe", probe, "--out", str(tmp_path / "s.csv"),
+                     *extra]) == 2  # fmt: skip
+        assert message in capsys.readouterr().err
+
+
+def test_hook_contexts_on_a_multimodal_bridge(tmp_path: Path) -> None:
+    """The lifecycle checks of tests/test_hooks.py, on a (randomly initialised) LLaVA bridge."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from icp_lens import UnknownHookError, active_hook_count, capturing, hooked, resolve_hook_point
+    from icp_lens.organisms.multimodal import _prompt_ids, make_llava, make_processor
+
+    processor = make_processor()
+    make_llava(processor, seed=0).save_pretrained(str(tmp_path))
+    processor.save_pretrained(str(tmp_path))
+    bridge = TransformerBridge.boot_transformers(str(tmp_path), device="cpu")
+    bridge.eval()
+    ids = _prompt_ids(processor, 3)
+    pixels = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    vision, text = "vision_encoder.encoder_layers.0.mlp.hook_post", "blocks.1.attn.hook_z"
+    with torch.no_grad():
+        clean = bridge(ids, pixel_values=pixels)
+        with pytest.raises(RuntimeError, match="boom"):
+            with hooked(bridge, [(vision, lambda a, hook: a * 0), (text, lambda a, hook: a)]):
+                assert active_hook_count(bridge) == 2
+                raise RuntimeError("boom")
+        assert active_hook_count(bridge) == 0
+
+        def bad(act, hook):
+            raise ValueError("bad hook")
+
+        with pytest.raises(ValueError, match="bad hook"), hooked(bridge, [(vision, bad)]):
+            bridge(ids, pixel_values=pixels)
+        assert active_hook_count(bridge) == 0
+        torch.testing.assert_close(bridge(ids, pixel_values=pixels), clean, rtol=0, atol=0)
+        with hooked(bridge, [(vision, lambda a, hook: a * 0)]):
+            ablated = bridge(ids, pixel_values=pixels)
+            with hooked(bridge, [(vision, lambda a, hook: a + 1), (text, lambda a, hook: a)]):
+                assert active_hook_count(bridge) == 3
+            assert active_hook_count(bridge) == 1
+            torch.testing.assert_close(bridge(ids, pixel_values=pixels), ablated, rtol=0, atol=0)
+        assert active_hook_count(bridge) == 0 and not torch.allclose(ablated, clean)
+        point = resolve_hook_point(bridge, vision)
+        point.add_hook(lambda a, hook: None)  # a user's own TransformerLens hook
+        with hooked(bridge, [(vision, lambda a, hook: a)]):
+            assert active_hook_count(bridge) == 2
+        assert active_hook_count(bridge) == 1
+        bridge.reset_hooks()
+        assert active_hook_count(bridge) == 0
+        with pytest.raises(UnknownHookError, match="vision_encoder.encoder_layers.0.mlp.hook_post"):
+            resolve_hook_point(bridge, "vision_encoder.encoder_layers.0.mlp.hook_pots")
+        with capturing(bridge, [vision, text, "vision_projector.hook_out"]) as store:
+            bridge(ids, pixel_values=pixels)
+        n_pos = ids.shape[1]
+        assert {k: tuple(v.shape) for k, v in store.items()} == {
+            vision: (3, 17, 128), text: (3, n_pos, 4, 16), "vision_projector.hook_out": (3, 16, 64)}  # fmt: skip
+        assert active_hook_count(bridge) == 0

@@ -20,6 +20,7 @@ checks its logits against the same ablation done at run time with hooks on the b
 from __future__ import annotations
 
 import copy
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -113,13 +114,16 @@ def export_pruned_llava(
     verify_ids: Int[Tensor, " pos"] | None = None,
     verify_pixels: Float[Tensor, "n 3 h w"] | None = None,
     tolerance: float = 1e-4,
+    plan: Mapping[str, Any] | None = None,
 ) -> LlavaPruneReport:
     """Prune ``units`` of the checkpoint at ``source`` into ``out`` (model and processor) and verify it.
 
     With ``verify_ids`` and ``verify_pixels``, the reloaded checkpoint's logits are compared
     with the source model run through a ``TransformerBridge`` whose hooks set the same
     neurons to zero (or their mean): ``passed`` when the largest difference is at most
-    ``tolerance``.
+    ``tolerance``. ``plan`` (a JSON-able record of the choice) is written into ``out`` as
+    ``plan.json`` with the same all-or-nothing write, completed with ``units``,
+    ``mean_ablated`` and ``changed_weights``.
     """
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -133,6 +137,10 @@ def export_pruned_llava(
     with atomic_directory(out) as tmp:
         edited.save_pretrained(str(tmp))
         AutoProcessor.from_pretrained(str(source)).save_pretrained(str(tmp))
+        if plan is not None:
+            record = {**plan, "units": {k: [int(i) for i in v] for k, v in units.items()},
+                      "mean_ablated": sorted(set(means or {}) & set(units)), "changed_weights": changed}  # fmt: skip
+            (Path(tmp) / "plan.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
     error = 0.0
     if verify_ids is not None and verify_pixels is not None:
         reloaded = AutoModelForImageTextToText.from_pretrained(str(out)).eval()

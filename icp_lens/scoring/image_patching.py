@@ -38,7 +38,7 @@ from torch import Tensor
 
 from icp_lens.hooks import capturing, hooked
 
-__all__ = ["image_patch_effects", "candidate_margin"]
+__all__ = ["image_patch_effects", "candidate_margin", "patched_unit_margins"]
 
 
 def candidate_margin(logits: Float[Tensor, "n vocab"], label_ids: Sequence[int], answers: Int[Tensor, " n"]) -> Tensor:
@@ -51,6 +51,42 @@ def candidate_margin(logits: Float[Tensor, "n vocab"], label_ids: Sequence[int],
 def _last_logits(model: Any, ids: Tensor, pixels: Tensor) -> Tensor:
     out = model(ids, pixel_values=pixels)
     return (out.logits if hasattr(out, "logits") else out)[:, -1]
+
+
+@torch.no_grad()
+def patched_unit_margins(
+    model: Any,
+    ids: Int[Tensor, "n pos"],
+    pixels: Float[Tensor, "n 3 h w"],
+    source: Float[Tensor, "n ..."],
+    label_ids: Sequence[int],
+    answers: Int[Tensor, " n"],
+    hook_name: str,
+    units: Sequence[int],
+    units_per_pass: int = 16,
+) -> Float[Tensor, "k n"]:
+    """The answer margin of each row with one unit of ``hook_name`` set to its value in ``source``.
+
+    Row ``j`` of the result patches ``units[j]`` alone (last axis of the activation);
+    ``units_per_pass`` units share one forward pass, the batch repeated once per unit (rows
+    never interact, so the result equals one pass per unit). Margins in fp32, on the CPU.
+    """
+    n = pixels.shape[0]
+    out = []
+    for start in range(0, len(units), units_per_pass):
+        chunk = list(units[start : start + units_per_pass])
+        k = len(chunk)
+
+        def patch(act: Tensor, hook: Any, chunk: list[int] = chunk) -> Tensor:
+            act = act.clone()
+            for j, unit in enumerate(chunk):
+                act[j * n : (j + 1) * n, ..., unit] = source[..., unit].to(act.dtype)
+            return act
+
+        with hooked(model, [(hook_name, patch)]):
+            logits = _last_logits(model, ids.repeat(k, 1), pixels.repeat(k, 1, 1, 1))
+        out.append(candidate_margin(logits, label_ids, answers.repeat(k)).view(k, n).cpu())
+    return torch.cat(out) if out else torch.zeros(0, n)
 
 
 @torch.no_grad()
@@ -101,22 +137,10 @@ def image_patch_effects(
                 patched = candidate_margin(_last_logits(model, ids, pixels), label_ids, answers)
             rows.append({"hook_name": name, "index": -1, "effect": float((patched - clean).mean())})
             continue
-        width = source.shape[-1]
-        for start in range(0, width, units_per_pass):
-            units = list(range(start, min(width, start + units_per_pass)))
-            k = len(units)
-
-            def patch(act: Tensor, hook: Any, src: Tensor = source, units: list[int] = units) -> Tensor:
-                act = act.clone()
-                for j, unit in enumerate(units):
-                    act[j * n : (j + 1) * n, ..., unit] = src[..., unit]
-                return act
-
-            with hooked(model, [(name, patch)]):
-                logits = _last_logits(model, ids.repeat(k, 1), pixels.repeat(k, 1, 1, 1))
-            margins = candidate_margin(logits, label_ids, answers.repeat(k)).view(k, n)
-            for j, unit in enumerate(units):
-                rows.append({"hook_name": name, "index": unit, "effect": float((margins[j] - clean).mean())})
+        units = list(range(source.shape[-1]))
+        margins = patched_unit_margins(model, ids, pixels, source, label_ids, answers, name, units, units_per_pass)
+        for unit, effect in zip(units, (margins - clean.cpu()).mean(1).tolist(), strict=True):
+            rows.append({"hook_name": name, "index": unit, "effect": effect})
     frame = pd.DataFrame(rows, columns=["hook_name", "index", "effect"])
     frame["abs_effect"] = frame["effect"].abs()
     frame["share"] = frame["effect"] / total if total != 0 else float("nan")

@@ -1,0 +1,215 @@
+"""``icp-lens score`` and ``icp-lens prune`` on a vision-language model and image probes.
+
+``icp-lens score --model DIR --probe probe.jsonl --out scores.csv``
+    When ``--probe`` holds image probes (rows with ``image``; those with an
+    ``image_counterfactual`` are scored), the MLP neurons of both towers of a LLaVA-style
+    checkpoint are scored on a ``TransformerBridge`` by
+    :func:`icp_lens.scoring.image_scores.score_image_units`: ``--kinds
+    vision_neuron,neuron`` (the default for images), ``--method hybrid|attribution|exact``,
+    ``--verify-top``, ``--layers`` (of each tower), ``--batch-size``, ``--device``,
+    ``--dtype``. The table and its provenance (``.meta.json``: model fingerprint, probe
+    digest, settings) are written as for text probes.
+``icp-lens prune --model DIR --scores scores.csv --out DIR2 --top-k K``
+    When ``--model`` is a vision-language checkpoint (its config has ``vision_config``),
+    the selected neurons are pruned with :func:`icp_lens.pruning.multimodal.export_pruned_llava`
+    (zero ablation; ``--mode mean`` fixes vision neurons at their mean over the ``--probe``
+    images, folded into ``fc2``'s bias; the language model's ``down_proj`` has no bias, so
+    mean mode refuses its neurons). The checkpoint (model + processor + ``plan.json``) is
+    reloaded with ``transformers`` alone and compared with the same ablation done by hooks
+    on the bridge, on the ``--probe`` images (or seeded random pixels).
+
+Options of the text paths that have no meaning here are refused by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["is_vision_language", "run_image_scoring", "run_image_prune"]
+
+#: score options this path refuses when set (name -> value that means "unset")
+_SCORE_TEXT_ONLY = {
+    "qk_fix": False, "grad_drop": False, "intervention": ["resample"], "metric": "logit_diff", "weight": "uniform",
+    "checkpoint": None, "shard": None, "device_map": None, "offload_folder": None,
+}  # fmt: skip
+_PRUNE_TEXT_ONLY = {"token_mode": "zero", "direction_mode": "mean", "save_dtype": None, "min_selectivity": None}
+
+
+def _refuse(args: argparse.Namespace, options: dict[str, Any], what: str) -> None:
+    given = ["--" + k.replace("_", "-") for k, unset in options.items() if getattr(args, k, unset) != unset]
+    if given:
+        raise ValueError(f"{', '.join(given)} do(es) not apply to {what}")
+
+
+def is_vision_language(model_dir: str | Path) -> bool:
+    """Whether ``model_dir`` holds a vision-language checkpoint (``vision_config`` in its config.json)."""
+    config = Path(model_dir) / "config.json"
+    try:
+        return "vision_config" in json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def run_image_scoring(args: argparse.Namespace) -> int:
+    """The ``score`` command's image path; returns the exit status."""
+    import dataclasses
+
+    from transformers import AutoProcessor
+
+    from icp_lens.devices import resolve_dtype
+    from icp_lens.model import boot_bridge
+    from icp_lens.scoring.image_scores import IMAGE_KINDS, score_image_units
+    from icp_lens.scoring.provenance import meta_path, table_provenance
+    from icp_lens.training.multimodal import data_from_probes
+
+    _refuse(args, _SCORE_TEXT_ONLY, "image probes (the image scorer)")
+    kinds = list(args.kinds or IMAGE_KINDS)
+    bad = [k for k in kinds if k not in IMAGE_KINDS]
+    if bad:
+        raise ValueError(f"--kinds {','.join(bad)} cannot be scored on image probes; valid: {','.join(IMAGE_KINDS)}")
+    verify = int(args.verify_top) if args.verify_top >= 1 or args.verify_top == 0 else float(args.verify_top)
+    start = time.perf_counter()
+    processor = AutoProcessor.from_pretrained(str(args.model))
+    data = data_from_probes(args.probe, processor)
+    bridge = boot_bridge(args.model, dtype=resolve_dtype(args.dtype), device=_device(args))
+    table = score_image_units(
+        bridge, data, kinds=kinds, layers=args.layers, method=args.method or "hybrid", verify_top=verify,
+        batch_size=args.batch_size, progress=not args.quiet,
+    )  # fmt: skip
+    settings = {"method": args.method or "hybrid", "kinds": kinds, "layers": args.layers,
+                "verify_top": args.verify_top, "intervention": ["resample"], "metric": "candidate_margin",
+                "dtype": args.dtype, "modality": "image"}  # fmt: skip
+    n = int(data.has_counterfactual.sum())
+    meta = table_provenance(args.model, args.probe, n_examples=n, settings=settings)
+    table = dataclasses.replace(table, meta=meta)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    table.save(args.out)
+    n_exact = int(table.frame["exact"].sum())
+    seconds = time.perf_counter() - start
+    print(f"scored {len(table)} units of both towers ({n_exact} exact) on {n} image counterfactuals in "
+          f"{seconds:.1f} s -> {args.out}")  # fmt: skip
+    print(f"provenance (model fingerprint, probe digest, settings) -> {meta_path(args.out)}")
+    print(table.top(10)[["feature", "hook_name", "score", "ci_low", "ci_high", "exact"]].to_string(index=False))
+    return 0
+
+
+def _device(args: argparse.Namespace) -> str:
+    from icp_lens.devices import resolve_device
+
+    return str(resolve_device(getattr(args, "device", "auto")))
+
+
+def run_image_prune(args: argparse.Namespace) -> int:
+    """The ``prune`` command's path for a vision-language ``--model``; returns the exit status."""
+    from transformers import AutoProcessor
+
+    from icp_lens.pruning.export import check_target
+    from icp_lens.pruning.multimodal import export_pruned_llava
+    from icp_lens.pruning.select import select_features
+    from icp_lens.scoring.image_scores import IMAGE_KINDS
+    from icp_lens.scoring.table import ScoreTable
+    from icp_lens.training.multimodal import data_from_probes
+
+    _refuse(args, _PRUNE_TEXT_ONLY, "a vision-language model (the image pruner)")
+    if args.top_k is None and args.threshold is None and args.min_share is None:
+        raise ValueError("choose features with --top-k K and/or --threshold T (or --min-share F)")
+    if args.mode == "mean" and args.probe is None:
+        raise ValueError("--mode mean needs --probe FILE.jsonl (the images each neuron's mean is taken over)")
+    kinds = list(args.kinds or IMAGE_KINDS)
+    bad = [k for k in kinds if k not in IMAGE_KINDS]
+    if bad:
+        raise ValueError(f"--kinds {','.join(bad)} cannot be pruned in a vision-language model; valid: "
+                         f"{','.join(IMAGE_KINDS)}")  # fmt: skip
+    check_target(args.out, overwrite=args.overwrite, source=args.model)
+    table = ScoreTable.load(args.scores)
+    _check_table_model(table, args)
+    features = select_features(table, top_k=args.top_k, threshold=args.threshold, min_share=args.min_share,
+                               per_layer_cap=args.per_layer_cap, kinds=kinds)  # fmt: skip
+    units: dict[str, list[int]] = {}
+    for f in features:
+        units.setdefault(f.hook_name, []).append(f.index)
+    if args.mode == "mean" and any(not name.startswith("vision_encoder.") for name in units):
+        raise ValueError("--mode mean folds each neuron's mean into its projection's bias, and the language "
+                         "model's down_proj has none: prune its neurons with --mode zero, or keep to "
+                         "--kinds vision_neuron")  # fmt: skip
+    processor = AutoProcessor.from_pretrained(str(args.model))
+    data = data_from_probes(args.probe, processor) if args.probe is not None else None
+    ids, pixels = _verification_inputs(data, processor)
+    means = _vision_means(args.model, units, data) if args.mode == "mean" and data is not None else None
+    plan = {"format": "icp_lens.image_prune/1", "scores": str(args.scores), "mode": args.mode,
+            "features": [str(f) for f in features]}  # fmt: skip
+    if means is not None:
+        plan["means"] = {k: [float(v) for v in means[k][units[k]]] for k in means}
+    start = time.perf_counter()
+    report = export_pruned_llava(args.model, units, args.out, means=means, verify_ids=None if args.no_verify else ids,
+                                 verify_pixels=None if args.no_verify else pixels, tolerance=args.tolerance,
+                                 plan=plan)  # fmt: skip
+    seconds = time.perf_counter() - start
+    verified = {"max_abs_logit_diff": report.max_abs_logit_diff, "passed": report.passed, "tolerance": args.tolerance}
+    if args.json:
+        print(json.dumps({**plan, "units": report.units, "changed_weights": report.changed_weights,
+                          "out": str(args.out), "export_seconds": round(seconds, 2),
+                          "verification": None if args.no_verify else verified}, indent=2))  # fmt: skip
+    else:
+        print(f"pruned {len(features)} neurons ({args.mode}; {report.changed_weights} weights changed) -> {args.out}")
+        print("features: " + (", ".join(plan["features"]) or "(none)"))
+        print(f"export took {seconds:.2f} s; plan written to {args.out / 'plan.json'}")
+        if not args.no_verify:
+            source = f"{pixels.shape[0]} {'--probe' if data is not None else 'random'} images"
+            verdict = "PASS" if report.passed else "FAIL"
+            print(f"verification against hook ablation on the bridge ({source}): max |logit diff| "
+                  f"{report.max_abs_logit_diff:.1e} <= {args.tolerance:g}: {verdict}")  # fmt: skip
+    return 0 if args.no_verify or report.passed else 1
+
+
+def _check_table_model(table: Any, args: argparse.Namespace) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    from icp_lens.pruning.plan import fingerprint
+    from icp_lens.scoring.provenance import check_model
+
+    if not table.meta or "model" not in table.meta:
+        return
+    model = AutoModelForImageTextToText.from_pretrained(str(args.model))
+    check_model(table.meta, fingerprint(model), table=str(args.scores), force=args.force)
+
+
+def _verification_inputs(data: Any, processor: Any) -> tuple[Any, Any]:
+    """The prompt ids and up to 16 images: from the ``--probe`` data, or seeded random pixels."""
+    import torch
+    from PIL import Image
+
+    if data is not None:
+        return data.input_ids, data.pixel_values[:16]
+    size = getattr(processor.image_processor, "crop_size", None) or {}
+    height, width = int(size.get("height", 16)), int(size.get("width", 16))
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.rand(16, 3, height, width, generator=gen) * 2 - 1
+    ids = processor(images=[Image.new("RGB", (width, height))], text=["<image>"], return_tensors="pt")["input_ids"][0]
+    return ids, pixels
+
+
+def _vision_means(model_dir: Path, units: dict[str, list[int]], data: Any) -> dict[str, Any]:
+    """Each pruned vision hook's mean activation over the ``--probe`` images and their patches (fp32)."""
+    import torch
+
+    from icp_lens.hooks import capturing
+    from icp_lens.model import boot_bridge
+
+    bridge = boot_bridge(model_dir, device="cpu")
+    vision = [name for name in units if name.startswith("vision_encoder.")]
+    sums = {name: torch.zeros(()) for name in vision}
+    count = 0
+    with torch.no_grad():
+        for start in range(0, data.pixel_values.shape[0], 128):
+            batch = data.pixel_values[start : start + 128]
+            with capturing(bridge, vision) as cache:
+                bridge(data.input_ids.expand(batch.shape[0], -1), pixel_values=batch)
+            for name in vision:
+                sums[name] = sums[name] + cache[name].float().sum(dim=(0, 1))
+            count += batch.shape[0] * cache[vision[0]].shape[1]
+    return {name: sums[name] / count for name in vision}
