@@ -17,6 +17,11 @@ Methods (``uses``: what each needs beyond labelled images):
   image-counterfactual effect on 64 probe images (``image_patch_effects``, no group
   labels) set to their mean over those images at run time on the bridge (no training,
   no export: pruning and export for this architecture are not built yet);
+- ``invariance top-K``: ICP's invariance objective (``MultimodalTrainConfig(objective=
+  "invariance")``, what ``icp-lens train --objective invariance --scores`` runs): CE plus
+  the KL between the answer on x and on x with the K top-scored units resampled from its
+  background swap; units scored once, before training, by ``score_image_units`` (hybrid,
+  both towers' MLP neurons, the probe split's image counterfactuals, no group labels);
 - the CIMRL terms alone (``contrastive``: InfoNCE between an image and its background
   swap; ``disentangle``: per-modality and shared heads with the orthogonality penalty;
   ``intervention``: KL consistency under gradient-attribution counterfactuals) and
@@ -53,12 +58,13 @@ DEFAULT_OMEGA = (1.0, 0.3, 1.0)  # MultimodalTrainConfig's default, chosen by --
 ABLATIONS = {"cimrl - contrastive": (0.0, 0.3, 1.0), "cimrl - disentangle": (1.0, 0.0, 1.0),
              "cimrl - intervention": (1.0, 0.3, 0.0)}  # fmt: skip
 SELECT_OMEGA2 = (1.0, 0.3, 0.1, 0.0)
-METHODS = ("erm", "jtt", "groupdro", "icp ablate top-8", "icp ablate top-32", "contrastive", "disentangle",
-           "intervention", "cimrl", *ABLATIONS)
+METHODS = ("erm", "jtt", "groupdro", "icp ablate top-8", "icp ablate top-32", "invariance top-16",
+           "invariance top-64", "contrastive", "disentangle", "intervention", "cimrl", *ABLATIONS)
 UNIT_HOOKS = ("vision_encoder.encoder_layers.0.mlp.hook_post", "vision_encoder.encoder_layers.1.mlp.hook_post",
               "blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post")
 USES = {"erm": "labels", "jtt": "labels", "groupdro": "group labels", "contrastive": "image counterfactuals",
-        "disentangle": "labels", "intervention": "labels", "cimrl": "image counterfactuals"}  # fmt: skip
+        "disentangle": "labels", "intervention": "labels", "cimrl": "image counterfactuals",
+        "invariance": "image counterfactuals (scored units)"}  # fmt: skip
 
 
 def _scores(model, test, test_id) -> dict[str, float]:
@@ -103,6 +109,18 @@ def _ablated_scores(org, processor, test, test_id, k: int) -> dict[str, float]:
         return _scores(bridge, test, test_id)
 
 
+def _scored_units(org, processor, k: int) -> tuple:
+    """The top-k units of both towers by ``score_image_units`` (hybrid) on the probe split."""
+    from icp_lens.scoring.image_scores import score_image_units
+    from icp_lens.training.multimodal import data_from_probes
+
+    table = score_image_units(org.load_bridge(), data_from_probes(org.data_path("probe"), processor))
+    units: dict[str, list[int]] = {}
+    for f in table.features[:k]:
+        units.setdefault(f.hook_name, []).append(f.index)
+    return tuple((hook, tuple(idx)) for hook, idx in units.items())
+
+
 def run_seed(seed: int, methods: list[str], steps: int, log=print) -> list[dict]:
     from icp_lens.evaluation.metrics import gap_closed
     from icp_lens.organisms.multimodal import build_waterbirds
@@ -128,8 +146,11 @@ def run_seed(seed: int, methods: list[str], steps: int, log=print) -> list[dict]
                 f"{time.perf_counter() - start:.1f} s")  # fmt: skip
             continue
         objective, omega = ("cimrl", ABLATIONS[method]) if method in ABLATIONS else (method, DEFAULT_OMEGA)
+        units: tuple = ()
+        if method.startswith("invariance top-"):
+            objective, units = "invariance", _scored_units(org, processor, int(method.rsplit("-", 1)[1]))
         model = org.load_hf()
-        config = MultimodalTrainConfig(objective=objective, omega=omega, steps=steps, seed=seed)
+        config = MultimodalTrainConfig(objective=objective, omega=omega, steps=steps, seed=seed, units=units)
         start = time.perf_counter()
         result = train_multimodal(model, train, config, progress=f"seed {seed}: {method}")
         seconds = time.perf_counter() - start
@@ -176,6 +197,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--select", action="store_true", help="choose omega_2 on validation data (see above)")
     parser.add_argument("--report", action="store_true", help="rebuild the markdown from the JSON of a finished run")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the saved rows of the methods not run now (time ratios: each row's own run)")
     args = parser.parse_args()
     if args.report:
         saved = json.loads((args.out / "multimodal_table.json").read_text())
@@ -189,8 +212,13 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; valid: {list(METHODS)}")
     rows: list[dict] = []
+    saved = args.out / "multimodal_table.json"
+    if args.merge and saved.exists():
+        again = {*methods, "original", "oracle"}
+        rows = [r for r in json.loads(saved.read_text())["runs"] if r["method"] not in again]
     for seed in (int(s) for s in args.seeds.split(",")):
-        rows += run_seed(seed, methods, args.steps)
+        fresh = run_seed(seed, methods, args.steps)  # older rows keep the time ratio of their own run
+        rows += fresh
         args.out.mkdir(parents=True, exist_ok=True)
         payload = {"steps": args.steps, "seeds": args.seeds, "runs": rows}
         (args.out / "multimodal_table.json").write_text(json.dumps(payload, indent=2))

@@ -10,12 +10,14 @@ organism --variant waterbirds``), ``icp-lens train`` loads ``--model`` with
 ``--objective`` is one of :data:`IMAGE_OBJECTIVES` (``cimrl``, the default choice for
 images, needs no group labels: its contrastive term reads the ``image_counterfactual``
 of the rows that have one). ``--omega W1,W2,W3`` weights CIMRL's contrastive,
-disentanglement and intervention terms (default 1,0.3,1); ``--max-steps``, ``--batch-size``, ``--lr`` and
-``--seed`` and ``--device`` apply; ``--val FILE`` (image probes) adds worst-group
-accuracy before and after. The checkpoint (model + processor) is written all at once, then reloaded with
-``transformers`` alone and its logits compared with the trained model's
-(``verification``). Options of the text trainer that have no meaning here (features,
-LoRA, retain text, stage 2, ...) are refused by name.
+disentanglement and intervention terms (default 1,0.3,1). ``--objective invariance
+--scores TABLE [--top-k K] [--lambda L]`` is ICP's objective on the ``K`` (default 16)
+highest rows of an image score table (``icp-lens score`` on image probes).
+``--max-steps``, ``--batch-size``, ``--lr``, ``--seed`` and ``--device`` apply; ``--val
+FILE`` (image probes) adds worst-group accuracy before and after. The checkpoint (model +
+processor) is written all at once, then reloaded with ``transformers`` alone and its
+logits compared with the trained model's (``verification``). Options of the text
+trainer that have no meaning here (LoRA, retain text, stage 2, ...) are refused by name.
 """
 
 from __future__ import annotations
@@ -30,7 +32,11 @@ import torch
 
 __all__ = ["IMAGE_OBJECTIVES", "has_images", "run_image_training"]
 
-IMAGE_OBJECTIVES = ("cimrl", "contrastive", "disentangle", "intervention", "erm", "jtt", "groupdro")
+IMAGE_OBJECTIVES = ("cimrl", "contrastive", "disentangle", "intervention", "erm", "jtt", "groupdro", "invariance")
+#: what ``--objective invariance`` regularises on image probes when ``--top-k`` is not given
+DEFAULT_IMAGE_TOP_K = 16
+#: options of the text trainer that ``--objective invariance`` uses on image probes too
+_INVARIANCE_OPTIONS = ("scores", "top_k", "lam")
 #: text-trainer options this path refuses when set (name -> value that means "unset")
 _TEXT_ONLY = {
     "scores": None, "top_k": None, "prune_top_k": 0, "lora": None, "lora_r": None, "pairs": None, "retain": None,
@@ -63,10 +69,31 @@ def _check(args: argparse.Namespace) -> None:
     if args.objective not in IMAGE_OBJECTIVES:
         valid = list(IMAGE_OBJECTIVES)
         raise ValueError(f"--objective {args.objective} does not apply to image probes; valid: {valid}")
-    given = [_flags(k) for k, unset in _TEXT_ONLY.items() if getattr(args, k, unset) != unset]
+    allowed = _INVARIANCE_OPTIONS if args.objective == "invariance" else ()
+    given = [_flags(k) for k, unset in _TEXT_ONLY.items() if k not in allowed and getattr(args, k, unset) != unset]
     if given:
         raise ValueError(f"{', '.join(given)} do(es) not apply to image probes (the multimodal trainer)")
+    if args.objective == "invariance" and args.scores is None:
+        raise ValueError("--objective invariance needs --scores TABLE (from `icp-lens score` on image probes)")
     check_target(args.out, overwrite=args.overwrite, source=args.model)
+
+
+def _units(args: argparse.Namespace) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """``--objective invariance``: the ``--top-k`` units of the ``--scores`` table, grouped by hook point."""
+    from icp_lens.pruning.select import select_features
+    from icp_lens.scoring.image_scores import IMAGE_KINDS
+    from icp_lens.scoring.table import ScoreTable
+
+    if args.objective != "invariance":
+        return ()
+    table = ScoreTable.load(args.scores)
+    top_k = args.top_k if args.top_k is not None else DEFAULT_IMAGE_TOP_K
+    units: dict[str, list[int]] = {}
+    for f in select_features(table, top_k=top_k, kinds=IMAGE_KINDS):
+        units.setdefault(f.hook_name, []).append(f.index)
+    if not units:
+        raise ValueError(f"--scores {args.scores} has no rows of kinds {list(IMAGE_KINDS)} to regularise")
+    return tuple((hook, tuple(idx)) for hook, idx in units.items())
 
 
 def _worst_group(model: Any, data: Any) -> dict[str, float]:
@@ -97,7 +124,8 @@ def run_image_training(args: argparse.Namespace) -> int:
         omega = tuple(float(w) for w in (args.omega or "1,0.3,1").split(","))
         config = MultimodalTrainConfig(
             objective=args.objective, steps=args.max_steps or 150, batch_size=args.batch_size or 64,
-            lr=args.lr or 1e-3, omega=omega, seed=args.seed,
+            lr=args.lr or 1e-3, omega=omega, seed=args.seed, units=_units(args),
+            lam=args.lam if args.lam is not None else 1.0,
         )  # fmt: skip
         device = resolve_device(args.device)
         model = AutoModelForImageTextToText.from_pretrained(str(args.model)).eval().to(device)

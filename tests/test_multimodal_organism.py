@@ -413,3 +413,50 @@ def test_hook_contexts_on_a_multimodal_bridge(tmp_path: Path) -> None:
         assert {k: tuple(v.shape) for k, v in store.items()} == {
             vision: (3, 17, 128), text: (3, n_pos, 4, 16), "vision_projector.hook_out": (3, 16, 64)}  # fmt: skip
         assert active_hook_count(bridge) == 0
+
+
+def test_invariance_on_scored_units_patches_them_from_the_counterfactual(waterbirds, tmp_path: Path, capsys) -> None:
+    from icp_lens.hooks import capturing, hooked, module_hooks
+    from icp_lens.organisms.multimodal import _prompt_ids
+    from icp_lens.pruning.multimodal import llava_mlp_out
+    from icp_lens.training.multimodal import _resample
+
+    org, _ = waterbirds
+    hf, bridge = org.load_hf(), org.load_bridge()
+    pixels = org.pixel_values("test_balanced")[:6]
+    swapped = org.pixel_values("test_balanced", counterfactual=True)[:6]
+    ids = _prompt_ids(org.load_processor(), 18)
+    vision, text = "vision_encoder.encoder_layers.0.mlp.hook_post", "blocks.1.mlp.hook_post"
+    units = {vision: [3, 40], text: [7, 100, 158]}
+    # the trainer's stacked pass [x, x~, x patched] = the bridge on x with those units taken from x~
+    pre = [(llava_mlp_out(hf, hook), _resample(idx, 6, 6)) for hook, idx in units.items()]
+    with torch.no_grad(), module_hooks(pre=pre):
+        stacked = hf(input_ids=ids, pixel_values=torch.cat([pixels, swapped, pixels])).logits[12:]
+    with torch.no_grad():
+        with capturing(bridge, list(units)) as cache:
+            bridge(ids[:6], pixel_values=swapped)
+
+        def patch(hook_name: str):
+            def fn(act, hook):
+                act = act.clone()
+                act[..., units[hook_name]] = cache[hook_name][..., units[hook_name]]
+                return act
+
+            return fn
+
+        with hooked(bridge, [(h, patch(h)) for h in units]):
+            expected = bridge(ids[:6], pixel_values=pixels)
+    assert (stacked - expected).abs().max() <= 1e-4
+    assert (expected - bridge(ids[:6], pixel_values=pixels)).abs().max() > 1e-3  # the patch does something
+    # through the CLI: the top-K rows of an image score table
+    scores = tmp_path / "scores.csv"
+    probe, train = str(org.data_path("probe")), str(org.data_path("train"))
+    assert main(["score", "--model", str(org.model_dir), "--probe", probe, "--out", str(scores), "--method",
+                 "attribution", "--quiet"]) == 0  # fmt: skip
+    capsys.readouterr()
+    base = ["train", "--model", str(org.model_dir), "--train", train, "--objective", "invariance", "--json"]
+    code, run = _run([*base, "--scores", str(scores), "--top-k", "8", "--max-steps", "10", "--out",
+                      str(tmp_path / "inv")], capsys)  # fmt: skip
+    assert code == 0 and run["verification"]["passed"] and run["final_terms"]["invariance"] > 0
+    assert main([*base, "--out", str(tmp_path / "x")]) == 2
+    assert "--objective invariance needs --scores" in capsys.readouterr().err

@@ -18,6 +18,9 @@ objective        loss                                                        nee
                  input features picked by gradient attribution
 ``cimrl``        ``CE + omega_1 L_inv + omega_2 L_dis + omega_3 L_int``       spurious
                                                                              counterfactuals
+``invariance``   ``CE + lam KL(p(x) || p(x | do(u = u(x~))))`` for the       scored units,
+                 scored ``units`` (ICP's objective: resampling them from     spurious
+                 the spurious counterfactual must not move the answer)       counterfactuals
 ===============  ==========================================================  ===============
 
 None of the CIMRL objectives reads group labels. Representations are read from the
@@ -63,7 +66,7 @@ __all__ = [
     "predict_classes",
 ]
 
-MMObjective = Literal["erm", "groupdro", "jtt", "contrastive", "disentangle", "intervention", "cimrl"]
+MMObjective = Literal["erm", "groupdro", "jtt", "contrastive", "disentangle", "intervention", "cimrl", "invariance"]
 MM_OBJECTIVES: tuple[str, ...] = get_args(MMObjective)
 
 
@@ -115,6 +118,10 @@ class MultimodalTrainConfig:
     jtt_upweight: float = 5.0
     groupdro_eta: float = 0.01
     seed: int = 0
+    #: objective ``invariance``: the units (bridge hook name of an MLP's neurons, unit indices), e.g. the
+    #: top of ``icp_lens.scoring.image_scores.score_image_units``, and the weight of the term
+    units: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    lam: float = 1.0
 
     def __post_init__(self) -> None:
         if self.objective not in MM_OBJECTIVES:
@@ -125,6 +132,11 @@ class MultimodalTrainConfig:
             raise ValueError(f"attribution_every must be >= 1, got {self.attribution_every}")
         if len(self.omega) != 3 or min(self.omega) < 0:
             raise ValueError(f"omega must be three weights >= 0, got {self.omega}")
+        if self.objective == "invariance" and not any(idx for _, idx in self.units):
+            raise ValueError("objective 'invariance' needs units: (hook name, unit indices) pairs, e.g. the top of "
+                             "a score table")  # fmt: skip
+        if self.lam < 0:
+            raise ValueError(f"lam must be >= 0, got {self.lam}")
 
     def weights(self) -> dict[str, float]:
         """The weight of each auxiliary term under this objective (``omega`` for ``cimrl``)."""
@@ -133,6 +145,7 @@ class MultimodalTrainConfig:
             "contrastive": w1 if self.objective in ("contrastive", "cimrl") else 0.0,
             "disentangle": w2 if self.objective in ("disentangle", "cimrl") else 0.0,
             "intervention": w3 if self.objective in ("intervention", "cimrl") else 0.0,
+            "invariance": self.lam if self.objective == "invariance" else 0.0,
         }
 
 
@@ -174,6 +187,19 @@ def _attribution(
     return attribution_mask(grads.detach().cpu(), correct, fraction=fraction).to(pixels.device)
 
 
+def _resample(units: list[int], b: int, n_cf: int) -> Any:
+    """A forward pre-hook on an MLP's output projection: rows ``b + n_cf ...`` (the patched copies of
+    the rows with a counterfactual) take ``units`` from rows ``b ...`` (their counterfactuals), detached."""
+
+    def hook(module: Any, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        hidden = args[0].clone()
+        source = hidden[b : b + n_cf][..., units].detach()
+        hidden[b + n_cf : b + 2 * n_cf, ..., units] = source
+        return (hidden, *args[1:])
+
+    return hook
+
+
 def train_multimodal(
     model: Any, data: MultimodalData, config: MultimodalTrainConfig, *, progress: str | None = None
 ) -> MultimodalTrainResult:
@@ -184,9 +210,14 @@ def train_multimodal(
     """
     from tqdm.auto import tqdm
 
+    from icp_lens.hooks import module_hooks
+    from icp_lens.pruning.multimodal import llava_mlp_out
+
     weights = config.weights()
-    if weights["contrastive"] > 0 and (data.counterfactual is None or data.has_counterfactual is None):
+    paired = weights["contrastive"] > 0 or weights["invariance"] > 0  # rows with their background swap
+    if paired and (data.counterfactual is None or data.has_counterfactual is None):
         raise ValueError(f"objective {config.objective!r} needs spurious counterfactual images (image_counterfactual)")
+    modules = [(llava_mlp_out(model, hook), list(idx)) for hook, idx in config.units if idx]
     if config.objective == "groupdro" and (data.groups is None or bool((data.groups < 0).all())):
         raise ValueError("objective 'groupdro' needs group labels; the CIMRL objectives do not")
     device = next(model.parameters()).device
@@ -223,20 +254,27 @@ def train_multimodal(
             if weights["intervention"] > 0 and (mask is None or step % config.attribution_every == 0):
                 fraction = config.attribution_fraction
                 mask = _attribution(model, data.input_ids.to(device), pixels, labels, label_ids, fraction)
-            # one stacked pass: x, then the spurious counterfactuals, then x + delta
+            # one stacked pass: x, the spurious counterfactuals x~, x again with the units patched from x~
+            # (invariance), then x + delta (intervention)
             stack = [pixels]
             rows = torch.zeros(b, dtype=torch.bool)
-            if weights["contrastive"] > 0:
+            if paired:
                 rows = data.has_counterfactual[idx]
                 if int(rows.sum()) >= 2:
                     stack.append(data.counterfactual[idx][rows].to(device))
                 else:
                     rows = torch.zeros(b, dtype=torch.bool)
+            n_cf = int(rows.sum())
+            n_patched = n_cf if weights["invariance"] > 0 else 0
+            if n_patched:
+                stack.append(pixels[rows.to(device)])
             if weights["intervention"] > 0:
                 stack.append(attribution_counterfactual(pixels, mask, generator=gen))
             every = torch.cat(stack)
             stacked_ids = data.input_ids.to(device).expand(every.shape[0], -1)
-            all_logits, all_hidden = _forward(model, stacked_ids, every, label_ids)
+            pre = [(m, _resample(units, b, n_cf)) for m, units in modules] if n_patched else []
+            with module_hooks(pre=pre):
+                all_logits, all_hidden = _forward(model, stacked_ids, every, label_ids)
             logits, hidden = all_logits[:b], all_hidden[:b]
             per_example = F.cross_entropy(logits, labels, reduction="none")
             terms: dict[str, Tensor] = {}
@@ -248,8 +286,7 @@ def train_multimodal(
                 w = None if sample_weight is None else sample_weight[idx].to(device)
                 terms["task"] = L.weighted_mean(per_example, w)
             z_s = hidden[:, -1]
-            n_cf = int(rows.sum())
-            if n_cf:
+            if n_cf and weights["contrastive"] > 0:
                 cf_z = all_hidden[b : b + n_cf, -1]
                 terms["contrastive"] = L.info_nce(z_s[rows.to(device)], cf_z, temperature=config.temperature)
             if weights["disentangle"] > 0:
@@ -260,8 +297,11 @@ def train_multimodal(
                     alpha=config.alpha, beta=config.beta, gamma=config.gamma, lam=config.orthogonality,
                 )  # fmt: skip
                 terms["disentangle"] = dis["total"]
+            if n_patched:
+                patched = all_logits[b + n_cf : b + 2 * n_cf]
+                terms["invariance"] = L.invariance_loss(logits[rows.to(device)], patched)
             if weights["intervention"] > 0:
-                terms["intervention"] = intervention_loss(logits, all_logits[b + n_cf :])
+                terms["intervention"] = intervention_loss(logits, all_logits[b + n_cf + n_patched :])
             loss = terms["task"] + sum(weights[k] * v for k, v in terms.items() if k != "task")
             opt.zero_grad(set_to_none=True)
             loss.backward()
