@@ -1,0 +1,153 @@
+"""``icp-lens organism`` and ``icp-lens demo``: the built-in models with a planted shortcut.
+
+``icp-lens organism --out DIR [--seed N] [--arch gpt2|llama|neox] [--variant lexical|tag|imdb-smollm2|waterbirds]``
+    Train (or reuse) an organism (``icp_lens.organisms``), write ``DIR/model/`` and its
+    probe-format splits, and print the acceptance report (``--json``: one object;
+    ``--strict``: exit 1 when a check fails).
+``icp-lens demo [--out DIR] [--json]``
+    Score, prune, export, verify and evaluate the default organism (``icp_lens.demo``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_organism_parser", "add_demo_parser"]
+
+
+def add_organism_parser(sub: Any) -> None:
+    organism = sub.add_parser("organism", help="train a model with a planted shortcut and report on it")
+    organism.add_argument("--out", type=Path, required=True, help="output directory")
+    _add_organism_args(organism)
+    organism.add_argument("--strict", action="store_true", help="exit with status 1 if an acceptance check fails")
+    organism.set_defaults(handler=_cmd_organism)
+
+
+def add_demo_parser(sub: Any) -> None:
+    demo = sub.add_parser("demo", help="score, prune, export, verify and evaluate the default organism")
+    demo.add_argument("--out", type=Path, default=None, help="output directory (default: <icp_lens cache>/demo)")
+    demo.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    demo.set_defaults(handler=_cmd_demo)
+
+
+def _add_organism_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--arch", choices=["gpt2", "llama", "neox"], default="gpt2", help="architecture (gpt2)")
+    parser.add_argument(
+        "--variant",
+        choices=["lexical", "tag", "imdb-smollm2", "waterbirds"],
+        default="lexical",
+        help=(
+            "lexical: planted token next to the answer; tag: a name at the start (lexical); "
+            "imdb-smollm2: SmolLM2-135M LoRA-fine-tuned on real IMDB reviews with a planted reviewer "
+            "name (a real model; minutes, --arch does not apply); waterbirds: a tiny LLaVA vision-language "
+            "model on synthetic images where the background, not the bird, decides (about 90 s; "
+            "--arch does not apply)"
+        ),
+    )
+    parser.add_argument("--force", action="store_true", help="retrain even if DIR already holds this organism")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+
+
+def _report(organism: Any, seconds: float, *, as_json: bool) -> dict[str, Any]:
+    report = organism.report
+    payload = {
+        "organism": str(organism.path),
+        "model_dir": str(organism.model_dir),
+        "spec": dataclasses.asdict(organism.spec),
+        "report": report.to_dict(),
+        "passed": report.passed,
+        "seconds": round(seconds, 2),
+    }
+    if as_json:
+        print(json.dumps(payload, indent=2))
+        return payload
+    spec = organism.spec
+    arch = getattr(spec, "arch", "llava")
+    print(f"organism  {spec.variant} shortcut, {arch} architecture, seed {spec.seed}")
+    print(f"written   {organism.path}  (HF checkpoint in {organism.model_dir})")
+    print()
+    print(report.to_frame().to_string(index=False))
+    print()
+    verdict = "all acceptance checks passed" if payload["passed"] else "SOME ACCEPTANCE CHECKS FAILED"
+    print(f"{verdict}; model trained in {report.train_seconds:.1f} s, this command took {seconds:.1f} s")
+    return payload
+
+
+def _build(args: argparse.Namespace, out: Path | None) -> tuple[Any, float]:
+    from icp_lens.organisms import build_organism
+
+    start = time.perf_counter()
+    if args.variant == "waterbirds":
+        from icp_lens.organisms.multimodal import build_waterbirds
+
+        organism = build_waterbirds(out, seed=args.seed, force=args.force, progress=not args.json)
+        return organism, time.perf_counter() - start
+    organism = build_organism(out, variant=args.variant, arch=args.arch, seed=args.seed, force=args.force,
+                              progress=not args.json)  # fmt: skip
+    return organism, time.perf_counter() - start
+
+
+def _cmd_planted(args: argparse.Namespace) -> int:
+    from icp_lens.organisms.planted import PlantedSpec, build_planted
+
+    start = time.perf_counter()
+    log = (lambda _m: None) if args.json else (lambda m: print(m, flush=True))
+    org = build_planted(args.out, spec=PlantedSpec(name=args.variant, seed=args.seed), force=args.force, log=log)
+    seconds = time.perf_counter() - start
+    payload = {"path": str(org.path), "model_dir": str(org.model_dir), "spec": org.spec.name,
+               "report": org.report, "passed": org.passed, "seconds": round(seconds, 2)}  # fmt: skip
+    if args.json:
+        print(json.dumps(payload, indent=2))
+    else:
+        print(f"organism  {org.spec.name}: a pretrained model with a planted shortcut, seed {org.spec.seed}")
+        print(f"written   {org.path}  (HF checkpoint in {org.model_dir})")
+        print()
+        print(org.to_frame().to_string(index=False))
+        print()
+        verdict = "all acceptance checks passed" if org.passed else "SOME ACCEPTANCE CHECKS FAILED"
+        print(f"{verdict}; this command took {seconds:.1f} s")
+    return 1 if args.strict and not org.passed else 0
+
+
+def _cmd_organism(args: argparse.Namespace) -> int:
+    if args.variant == "imdb-smollm2":
+        return _cmd_planted(args)
+    organism, seconds = _build(args, args.out)
+    payload = _report(organism, seconds, as_json=args.json)
+    return 1 if args.strict and not payload["passed"] else 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from icp_lens.demo import run_demo
+
+    demo = run_demo(args.out, progress=not args.json, log=(lambda _m: None) if args.json else print)
+    if args.json:
+        print(json.dumps(demo.to_dict(), indent=2))
+        return 0 if demo.verification_passed else 1
+    print()
+    print(demo.metrics.to_string(float_format=lambda x: f"{x:.3f}"))
+    if demo.gap_closed is not None:
+        print(f"worst-group gap to the oracle closed: {100 * demo.gap_closed:.0f}%")
+    print()
+    print(f"pruned {_pruned_text(demo)} ({100 * demo.zeroed_fraction:.3f}% of parameters zeroed)")
+    verdict = "PASS" if demo.verification_passed else "FAIL"
+    print(f"verification: max |logit diff| {demo.verification_error:.2e} vs hook ablation ({verdict})")
+    for name, path in demo.paths.items():
+        print(f"{name:>10}  {path}")
+    print(f"done in {demo.seconds:.0f} s")
+    return 0 if demo.verification_passed else 1
+
+
+def _pruned_text(demo: Any) -> str:
+    """What the demo pruned, e.g. ``2 token embedding(s) ('wow', 'meh') and 1 unit(s): mlp L0.3``."""
+    n_units = len(demo.features)
+    units, tokens = demo.pruned[:n_units], demo.tokens  # DemoResult.pruned: units, then tokens
+    names = ", ".join(repr(t.token) if t.token is not None else f"id {t.token_id}" for t in tokens)
+    text = f"{len(tokens)} token embedding(s)" + (f" ({names})" if tokens else "")
+    return text + f" and {n_units} unit(s)" + (f": {', '.join(units)}" if units else "")
