@@ -181,7 +181,8 @@ def summarise(rows: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     cols = ["worst_group_accuracy", "average_accuracy", "background_drop", "gap_closed", "time_vs_erm"]
     cols = [c for c in cols if c in frame]
-    order = list(dict.fromkeys(frame["method"]))
+    known = ["original", "oracle", *METHODS]  # the table's order, whatever order the runs were merged in
+    order = sorted(dict.fromkeys(frame["method"]), key=lambda m: known.index(m) if m in known else len(known))
     mean = frame.groupby("method", sort=False)[cols].mean().reindex(order)
     std = frame.groupby("method", sort=False)["worst_group_accuracy"].std().reindex(order)
     mean.insert(1, "worst_group_std", std)
@@ -261,7 +262,9 @@ def write_report(rows: list[dict], steps: int, seeds: str, out: Path) -> None:
         "# CIMRL and baselines on the multimodal organism (waterbirds x tiny LLaVA)",
         "",
         f"Seeds {seeds}; {steps} fine-tuning steps of 64 images from the organism's checkpoint; "
-        "means over seeds (`worst_group_std`: standard deviation). Written by `benchmarks/multimodal_table.py`.",
+        "means over seeds (`worst_group_std`: standard deviation). Written by `benchmarks/multimodal_table.py`. "
+        "`time_vs_erm`: training seconds against ERM's in the same run (rows added with `--merge` were run "
+        "with a fresh ERM row; the others keep their own run's ratio).",
         "",
         _md(table),
         "",
