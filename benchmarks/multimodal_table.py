@@ -110,11 +110,12 @@ def _ablated_scores(org, processor, test, test_id, k: int) -> dict[str, float]:
 
 
 def _scored_units(org, processor, k: int) -> tuple:
-    """The top-k units of both towers by ``score_image_units`` (hybrid) on the probe split."""
+    """The top-k MLP neurons of both towers by ``score_image_units`` (hybrid) on the probe split."""
     from icp_lens.scoring.image_scores import score_image_units
     from icp_lens.training.multimodal import data_from_probes
 
-    table = score_image_units(org.load_bridge(), data_from_probes(org.data_path("probe"), processor))
+    probe = data_from_probes(org.data_path("probe"), processor)
+    table = score_image_units(org.load_bridge(), probe, kinds=("vision_neuron", "neuron"))  # neurons, as run
     units: dict[str, list[int]] = {}
     for f in table.features[:k]:
         units.setdefault(f.hook_name, []).append(f.index)

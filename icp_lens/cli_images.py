@@ -2,19 +2,20 @@
 
 ``icp-lens score --model DIR --probe probe.jsonl --out scores.csv``
     When ``--probe`` holds image probes (rows with ``image``; those with an
-    ``image_counterfactual`` are scored), the MLP neurons of both towers of a LLaVA-style
-    checkpoint are scored on a ``TransformerBridge`` by
+    ``image_counterfactual`` are scored), the MLP neurons and attention heads of both towers
+    of a LLaVA-style checkpoint are scored on a ``TransformerBridge`` by
     :func:`icp_lens.scoring.image_scores.score_image_units`: ``--kinds
-    vision_neuron,neuron`` (the default for images), ``--method hybrid|attribution|exact``,
+    vision_neuron,vision_head,neuron,head`` (the default for images), ``--method hybrid|attribution|exact``,
     ``--verify-top``, ``--layers`` (of each tower), ``--batch-size``, ``--device``,
     ``--dtype``. The table and its provenance (``.meta.json``: model fingerprint, probe
     digest, settings) are written as for text probes.
 ``icp-lens prune --model DIR --scores scores.csv --out DIR2 --top-k K``
     When ``--model`` is a vision-language checkpoint (its config has ``vision_config``),
-    the selected neurons are pruned with :func:`icp_lens.pruning.multimodal.export_pruned_llava`
-    (zero ablation; ``--mode mean`` fixes vision neurons at their mean over the ``--probe``
-    images, folded into ``fc2``'s bias; the language model's ``down_proj`` has no bias, so
-    mean mode refuses its neurons). The checkpoint (model + processor + ``plan.json``) is
+    the selected neurons and heads are pruned with
+    :func:`icp_lens.pruning.multimodal.export_pruned_llava` (zero ablation; ``--mode mean``
+    fixes vision units at their mean over the ``--probe`` images, folded into ``fc2``'s or
+    ``out_proj``'s bias; the language model's ``down_proj`` and ``o_proj`` have no bias, so
+    mean mode refuses its units). The checkpoint (model + processor + ``plan.json``) is
     reloaded with ``transformers`` alone and compared with the same ablation done by hooks
     on the bridge, on the ``--probe`` images (or seeded random pixels).
 
@@ -133,9 +134,9 @@ def run_image_prune(args: argparse.Namespace) -> int:
     for f in features:
         units.setdefault(f.hook_name, []).append(f.index)
     if args.mode == "mean" and any(not name.startswith("vision_encoder.") for name in units):
-        raise ValueError("--mode mean folds each neuron's mean into its projection's bias, and the language "
-                         "model's down_proj has none: prune its neurons with --mode zero, or keep to "
-                         "--kinds vision_neuron")  # fmt: skip
+        raise ValueError("--mode mean folds each unit's mean into its projection's bias, and the language "
+                         "model's down_proj and o_proj have none: prune its units with --mode zero, or keep to "
+                         "--kinds vision_neuron,vision_head")  # fmt: skip
     processor = AutoProcessor.from_pretrained(str(args.model))
     data = data_from_probes(args.probe, processor) if args.probe is not None else None
     ids, pixels = _verification_inputs(data, processor)
@@ -143,7 +144,7 @@ def run_image_prune(args: argparse.Namespace) -> int:
     plan = {"format": "icp_lens.image_prune/1", "scores": str(args.scores), "mode": args.mode,
             "features": [str(f) for f in features]}  # fmt: skip
     if means is not None:
-        plan["means"] = {k: [float(v) for v in means[k][units[k]]] for k in means}
+        plan["means"] = {k: means[k][units[k]].tolist() for k in means}
     start = time.perf_counter()
     report = export_pruned_llava(args.model, units, args.out, means=means, verify_ids=None if args.no_verify else ids,
                                  verify_pixels=None if args.no_verify else pixels, tolerance=args.tolerance,
@@ -155,7 +156,7 @@ def run_image_prune(args: argparse.Namespace) -> int:
                           "out": str(args.out), "export_seconds": round(seconds, 2),
                           "verification": None if args.no_verify else verified}, indent=2))  # fmt: skip
     else:
-        print(f"pruned {len(features)} neurons ({args.mode}; {report.changed_weights} weights changed) -> {args.out}")
+        print(f"pruned {len(features)} units ({args.mode}; {report.changed_weights} weights changed) -> {args.out}")
         print("features: " + (", ".join(plan["features"]) or "(none)"))
         print(f"export took {seconds:.2f} s; plan written to {args.out / 'plan.json'}")
         if not args.no_verify:
@@ -194,7 +195,8 @@ def _verification_inputs(data: Any, processor: Any) -> tuple[Any, Any]:
 
 
 def _vision_means(model_dir: Path, units: dict[str, list[int]], data: Any) -> dict[str, Any]:
-    """Each pruned vision hook's mean activation over the ``--probe`` images and their patches (fp32)."""
+    """Each pruned vision hook's mean activation over the ``--probe`` images and their patches (fp32):
+    ``[d_mlp]`` for neurons, ``[n_heads, d_head]`` for heads' ``hook_z``."""
     import torch
 
     from icp_lens.hooks import capturing

@@ -13,10 +13,12 @@ kind        hook point                        activation shape         the featu
 ``key``     ``blocks.L.attn.hook_k``          ``[batch, pos, h_kv, d]``one head's key k
 ==========  ================================  =======================  ====================
 
-One more unit kind exists for vision-language models (image probes): ``vision_neuron``, a
+Two more unit kinds exist for vision-language models (image probes): ``vision_neuron``, a
 neuron of the vision tower's MLP at ``vision_encoder.encoder_layers.L.mlp.hook_post`` of a
-LLaVA-style ``TransformerBridge`` (``[batch, patches, d_mlp]``), scored by
-:mod:`icp_lens.scoring.image_scores` and pruned by :mod:`icp_lens.pruning.multimodal`.
+LLaVA-style ``TransformerBridge`` (``[batch, patches, d_mlp]``), and ``vision_head``, one
+head's output at ``vision_encoder.encoder_layers.L.attn.hook_z`` (``[batch, patches, h,
+d]``), scored by :mod:`icp_lens.scoring.image_scores` and pruned by
+:mod:`icp_lens.pruning.multimodal`.
 
 In every case the feature is a slice along dimension 2 of the activation: a scalar per
 position for neurons and residual dimensions, a ``d_head`` vector per position for heads,
@@ -66,12 +68,14 @@ __all__ = [
     "validate_features",
 ]
 
-FeatureKind = Literal["neuron", "head", "resid", "value", "query", "key", "direction", "token", "vision_neuron"]
+FeatureKind = Literal[
+    "neuron", "head", "resid", "value", "query", "key", "direction", "token", "vision_neuron", "vision_head"
+]
 #: the kinds that are a slice of a hook's activation (enumerable per layer)
 FEATURE_KINDS: tuple[str, ...] = ("neuron", "head", "resid", "value", "query", "key")
 #: every kind a score table or plan may hold: the unit kinds, fitted directions
 #: (``icp_lens.directions``), token-embedding rows (``icp_lens.scoring.tokens``) and the
-#: MLP neurons of a vision-language model's vision tower (``icp_lens.scoring.image_scores``)
+#: MLP neurons and heads of a vision-language model's vision tower (``icp_lens.scoring.image_scores``)
 ALL_KINDS: tuple[str, ...] = get_args(FeatureKind)
 #: where a direction feature lives: the residual stream (edited at every writer), one
 #: module's output, or one attention head's output ``z.H``
@@ -86,6 +90,7 @@ _HOOK_TEMPLATES: dict[str, str] = {
     "key": "blocks.{layer}.attn.hook_k",
     # a LLaVA-style model's vision tower on TransformerBridge (image probes only)
     "vision_neuron": "vision_encoder.encoder_layers.{layer}.mlp.hook_post",
+    "vision_head": "vision_encoder.encoder_layers.{layer}.attn.hook_z",
 }
 _LABEL = re.compile(r"^\s*(?P<kind>[a-z_]+)\s+L(?P<layer>\d+)\.(?P<index>\d+)(@(?P<site>[a-z_]+(\.\d+)?))?\s*$")
 _TOKEN_LABEL = re.compile(r"^\s*token\s+(?P<index>\d+)\s*$")
@@ -161,7 +166,7 @@ class Feature:
 
     def select(self, activation: Float[Tensor, "batch pos n ..."]) -> Float[Tensor, "batch pos ..."]:
         """This feature's slice of its hook's activation (a view, dimension 2 removed)."""
-        if self.kind not in (*FEATURE_KINDS, "vision_neuron"):
+        if self.kind not in (*FEATURE_KINDS, "vision_neuron", "vision_head"):
             raise TypeError(f"{self} is not a slice of an activation; see icp_lens.directions / scoring.tokens")
         return activation.select(2, self.index)
 

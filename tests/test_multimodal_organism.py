@@ -264,10 +264,26 @@ def test_pruned_neurons_of_both_towers_export_to_a_verified_checkpoint(waterbird
     assert AutoProcessor.from_pretrained(str(tmp_path / "pruned")) is not None
     assert (llava_mlp_out(pruned, text).weight[:, [5, 100]] == 0).all()
     assert (llava_mlp_out(pruned, vision).weight[:, [3, 17, 40]] == 0).all()
-    with pytest.raises(ValueError, match="has none \\(Llama's down_proj\\)"):
+    with pytest.raises(ValueError, match="has none \\(Llama's down_proj / o_proj\\)"):
         prune_llava_neurons(org.load_hf(), {text: [1]}, means={text: torch.zeros(256)})
     with pytest.raises(ValueError, match="prunable hook points"):
-        prune_llava_neurons(org.load_hf(), {"blocks.0.attn.hook_z": [1]})
+        prune_llava_neurons(org.load_hf(), {"blocks.0.attn.hook_q": [1]})
+    # heads: a vision head fixed at its mean (out_proj has a bias), a language-model head zeroed (o_proj)
+    from icp_lens.pruning.multimodal import llava_out_proj, unit_columns
+
+    vhead, thead = "vision_encoder.encoder_layers.0.attn.hook_z", "blocks.1.attn.hook_z"
+    with torch.no_grad(), capturing(bridge, [vhead]) as cache:
+        bridge(ids.expand(16, -1), pixel_values=pixels)
+    report = export_pruned_llava(org.model_dir, {vhead: [1], thead: [0, 3]}, tmp_path / "heads",
+                                 means={vhead: cache[vhead].mean((0, 1))}, verify_ids=ids,
+                                 verify_pixels=pixels)  # fmt: skip
+    assert report.passed and report.max_abs_logit_diff <= 1e-4 and report.mean_ablated == [vhead]
+    heads = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "heads"))
+    assert unit_columns(heads, thead, [0, 3]) == [*range(16), *range(48, 64)]  # d_head 16
+    assert (llava_out_proj(heads, thead).weight[:, unit_columns(heads, thead, [0, 3])] == 0).all()
+    assert (llava_out_proj(heads, thead).weight[:, 16:48] != 0).any()
+    with pytest.raises(ValueError, match="heads must be in"):
+        unit_columns(heads, thead, [4])
 
 
 def _subset(data, rows: slice):
@@ -289,7 +305,8 @@ def test_image_scores_batched_exact_attribution_and_hybrid(waterbirds) -> None:
     data = _subset(data_from_probes(org.data_path("probe"), org.load_processor()), slice(0, 80))
     n_cf = int(data.has_counterfactual.sum())
     assert 40 <= n_cf < 80  # a quarter of the probe images are grey: no background to swap
-    assert [len(image_units(bridge, [k])) for k in ("vision_neuron", "neuron")] == [2 * 128, 2 * 256]
+    sizes = [len(image_units(bridge, [k])) for k in ("vision_neuron", "vision_head", "neuron", "head")]
+    assert sizes == [2 * 128, 2 * 2, 2 * 256, 2 * 4]
     # exact patching of the vision tower: batched and many units per pass = one row and one unit at a time
     kw = {"kinds": ["vision_neuron"], "layers": [1], "method": "exact"}
     one = score_image_units(bridge, data, batch_size=7, units_per_pass=1, **kw).frame.set_index("feature")
@@ -297,20 +314,26 @@ def test_image_scores_batched_exact_attribution_and_hybrid(waterbirds) -> None:
     assert len(one) == 128 and one["exact"].all() and (one["n_examples"] == n_cf).all()
     assert (one["score"] - many.loc[one.index, "score"]).abs().max() <= 1e-6
     assert one["score"].max() > 1e-3
+    kw = {"kinds": ["vision_head", "head"], "method": "exact"}  # a head's unit is its whole d_head vector
+    one = score_image_units(bridge, data, batch_size=7, units_per_pass=1, **kw).frame.set_index("feature")
+    many = score_image_units(bridge, data, batch_size=80, units_per_pass=8, **kw).frame.set_index("feature")
+    assert len(one) == 12 and (one["score"] - many.loc[one.index, "score"]).abs().max() <= 1e-6
+    assert one.index[0].startswith("head L0.")  # the language model's first heads carry the image most
     # attribution patching ranks the units of both towers as exact patching does (this model is near-linear)
-    exact = score_image_units(bridge, data, method="exact", layers=[0]).frame.set_index("feature")["score"]
-    atp = score_image_units(bridge, data, method="attribution", layers=[0]).frame.set_index("feature")["score"]
+    neurons = {"kinds": ["vision_neuron", "neuron"], "layers": [0]}
+    exact = score_image_units(bridge, data, method="exact", **neurons).frame.set_index("feature")["score"]
+    atp = score_image_units(bridge, data, method="attribution", **neurons).frame.set_index("feature")["score"]
     assert len(exact) == 128 + 256
     assert atp[exact.index].rank().corr(exact.rank()) > 0.9
     assert len(set(atp.nlargest(10).index) & set(exact.nlargest(10).index)) >= 7
     # hybrid: attribution for all, exact for the top 8 of the attribution ranking
-    hybrid = score_image_units(bridge, data, method="hybrid", verify_top=8, layers=[0]).frame
+    hybrid = score_image_units(bridge, data, method="hybrid", verify_top=8, **neurons).frame
     verified = hybrid[hybrid["exact"]].set_index("feature")["score"]
     assert len(hybrid) == 128 + 256 and len(verified) == 8
     assert set(verified.index) == set(atp.nlargest(8).index)
     assert (verified - exact[verified.index]).abs().max() <= 1e-6
     with pytest.raises(ValueError, match="image probes score the kinds"):
-        score_image_units(bridge, data, kinds=["head"])
+        score_image_units(bridge, data, kinds=["value"])
     import dataclasses
 
     with pytest.raises(ValueError, match="image_counterfactual"):
@@ -320,18 +343,19 @@ def test_image_scores_batched_exact_attribution_and_hybrid(waterbirds) -> None:
 def test_score_and_prune_image_probes_through_the_cli(waterbirds, tmp_path: Path, capsys) -> None:
     from transformers import AutoModelForImageTextToText
 
-    from icp_lens.pruning.multimodal import llava_mlp_out
+    from icp_lens.pruning.multimodal import llava_out_proj, unit_columns
 
     org, _ = waterbirds
     scores, probe = tmp_path / "scores.csv", str(org.data_path("probe"))
     assert main(["score", "--model", str(org.model_dir), "--probe", probe, "--out", str(scores),
                  "--verify-top", "16", "--quiet"]) == 0  # fmt: skip
     out = capsys.readouterr().out
-    assert "scored 768 units of both towers (16 exact)" in out
+    assert "scored 780 units of both towers (16 exact)" in out  # 768 neurons and 12 heads
     meta = json.loads(scores.with_name("scores.meta.json").read_text())
-    assert meta["settings"]["modality"] == "image" and meta["settings"]["kinds"] == ["vision_neuron", "neuron"]
+    kinds = ["vision_neuron", "vision_head", "neuron", "head"]
+    assert meta["settings"]["modality"] == "image" and meta["settings"]["kinds"] == kinds
     table = __import__("pandas").read_csv(scores)
-    assert set(table["kind"]) == {"vision_neuron", "neuron"} and int(table["exact"].sum()) == 16
+    assert set(table["kind"]) == set(kinds) and int(table["exact"].sum()) == 16
     top4 = table.head(4)
     code, report = _run(["prune", "--model", str(org.model_dir), "--scores", str(scores), "--out",
                          str(tmp_path / "pruned"), "--top-k", "4", "--probe", probe, "--json"], capsys)  # fmt: skip
@@ -341,7 +365,7 @@ def test_score_and_prune_image_probes_through_the_cli(waterbirds, tmp_path: Path
     assert plan["features"] == report["features"] and plan["mode"] == "zero"
     pruned = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "pruned"))
     for hook, index in zip(top4["hook_name"], top4["index"], strict=True):
-        assert (llava_mlp_out(pruned, hook).weight[:, int(index)] == 0).all()
+        assert (llava_out_proj(pruned, hook).weight[:, unit_columns(pruned, hook, [int(index)])] == 0).all()
     # mean ablation: vision neurons only (their fc2 has a bias); the language model's are refused
     code, report = _run(["prune", "--model", str(org.model_dir), "--scores", str(scores), "--out",
                          str(tmp_path / "mean"), "--top-k", "3", "--kinds", "vision_neuron", "--mode", "mean",
@@ -349,12 +373,12 @@ def test_score_and_prune_image_probes_through_the_cli(waterbirds, tmp_path: Path
     assert code == 0 and report["verification"]["passed"] and len(report["means"]) == 1
     assert main(["prune", "--model", str(org.model_dir), "--scores", str(scores), "--out", str(tmp_path / "x"),
                  "--top-k", "3", "--mode", "mean", "--probe", probe]) == 2  # fmt: skip
-    assert "down_proj has none" in capsys.readouterr().err
+    assert "down_proj and o_proj have none" in capsys.readouterr().err
     # the table records its model: pruning the oracle with it is refused
     assert main(["prune", "--model", str(org.oracle_dir), "--scores", str(scores), "--out", str(tmp_path / "y"),
                  "--top-k", "3"]) == 2  # fmt: skip
     assert "weights_sha256" in capsys.readouterr().err
-    for extra, message in ((["--kinds", "head"], "--kinds head cannot be scored on image probes"),
+    for extra, message in ((["--kinds", "value"], "--kinds value cannot be scored on image probes"),
                            (["--qk-fix"], "--qk-fix do(es) not apply to image probes")):  # fmt: skip
         assert main(["score", "--model", str(org.model_dir), "--probe", probe, "--out", str(tmp_path / "s.csv"),
                      *extra]) == 2  # fmt: skip
@@ -418,7 +442,7 @@ def test_hook_contexts_on_a_multimodal_bridge(tmp_path: Path) -> None:
 def test_invariance_on_scored_units_patches_them_from_the_counterfactual(waterbirds, tmp_path: Path, capsys) -> None:
     from icp_lens.hooks import capturing, hooked, module_hooks
     from icp_lens.organisms.multimodal import _prompt_ids
-    from icp_lens.pruning.multimodal import llava_mlp_out
+    from icp_lens.pruning.multimodal import llava_out_proj, unit_columns
     from icp_lens.training.multimodal import _resample
 
     org, _ = waterbirds
@@ -427,9 +451,9 @@ def test_invariance_on_scored_units_patches_them_from_the_counterfactual(waterbi
     swapped = org.pixel_values("test_balanced", counterfactual=True)[:6]
     ids = _prompt_ids(org.load_processor(), 18)
     vision, text = "vision_encoder.encoder_layers.0.mlp.hook_post", "blocks.1.mlp.hook_post"
-    units = {vision: [3, 40], text: [7, 100, 158]}
+    units = {vision: [3, 40], text: [7, 100, 158], "blocks.0.attn.hook_z": [1]}
     # the trainer's stacked pass [x, x~, x patched] = the bridge on x with those units taken from x~
-    pre = [(llava_mlp_out(hf, hook), _resample(idx, 6, 6)) for hook, idx in units.items()]
+    pre = [(llava_out_proj(hf, hook), _resample(unit_columns(hf, hook, idx), 6, 6)) for hook, idx in units.items()]
     with torch.no_grad(), module_hooks(pre=pre):
         stacked = hf(input_ids=ids, pixel_values=torch.cat([pixels, swapped, pixels])).logits[12:]
     with torch.no_grad():
@@ -439,7 +463,10 @@ def test_invariance_on_scored_units_patches_them_from_the_counterfactual(waterbi
         def patch(hook_name: str):
             def fn(act, hook):
                 act = act.clone()
-                act[..., units[hook_name]] = cache[hook_name][..., units[hook_name]]
+                if hook_name.endswith("hook_z"):  # one head: its d_head vector
+                    act[..., units[hook_name], :] = cache[hook_name][..., units[hook_name], :]
+                else:
+                    act[..., units[hook_name]] = cache[hook_name][..., units[hook_name]]
                 return act
 
             return fn

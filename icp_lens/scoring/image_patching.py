@@ -64,10 +64,13 @@ def patched_unit_margins(
     hook_name: str,
     units: Sequence[int],
     units_per_pass: int = 16,
+    *,
+    head_axis: bool = False,
 ) -> Float[Tensor, "k n"]:
     """The answer margin of each row with one unit of ``hook_name`` set to its value in ``source``.
 
-    Row ``j`` of the result patches ``units[j]`` alone (last axis of the activation);
+    Row ``j`` of the result patches ``units[j]`` alone (last axis of the activation; with
+    ``head_axis`` the second-last, a head's whole ``d_head`` vector of ``hook_z``);
     ``units_per_pass`` units share one forward pass, the batch repeated once per unit (rows
     never interact, so the result equals one pass per unit). Margins in fp32, on the CPU.
     """
@@ -80,7 +83,10 @@ def patched_unit_margins(
         def patch(act: Tensor, hook: Any, chunk: list[int] = chunk) -> Tensor:
             act = act.clone()
             for j, unit in enumerate(chunk):
-                act[j * n : (j + 1) * n, ..., unit] = source[..., unit].to(act.dtype)
+                if head_axis:
+                    act[j * n : (j + 1) * n, ..., unit, :] = source[..., unit, :].to(act.dtype)
+                else:
+                    act[j * n : (j + 1) * n, ..., unit] = source[..., unit].to(act.dtype)
             return act
 
         with hooked(model, [(hook_name, patch)]):
@@ -137,8 +143,10 @@ def image_patch_effects(
                 patched = candidate_margin(_last_logits(model, ids, pixels), label_ids, answers)
             rows.append({"hook_name": name, "index": -1, "effect": float((patched - clean).mean())})
             continue
-        units = list(range(source.shape[-1]))
-        margins = patched_unit_margins(model, ids, pixels, source, label_ids, answers, name, units, units_per_pass)
+        head = name.endswith("attn.hook_z")  # [n, pos, heads, d_head]: a unit is one head
+        units = list(range(source.shape[-2] if head else source.shape[-1]))
+        margins = patched_unit_margins(model, ids, pixels, source, label_ids, answers, name, units, units_per_pass,
+                                       head_axis=head)  # fmt: skip
         for unit, effect in zip(units, (margins - clean.cpu()).mean(1).tolist(), strict=True):
             rows.append({"hook_name": name, "index": unit, "effect": effect})
     frame = pd.DataFrame(rows, columns=["hook_name", "index", "effect"])

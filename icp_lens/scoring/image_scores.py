@@ -1,9 +1,10 @@
 """Score table of a vision-language model's units under image counterfactuals.
 
 :func:`score_image_units` is ``icp_lens.scoring.score`` for image probes: the MLP
-neurons of a LLaVA-style model's vision tower (kind ``vision_neuron``, hook
-``vision_encoder.encoder_layers.L.mlp.hook_post``) and of its language model (kind
-``neuron``, ``blocks.L.mlp.hook_post``), run through a ``TransformerBridge``, each get
+neurons and attention heads of a LLaVA-style model's vision tower (kinds ``vision_neuron``,
+``vision_head``; hooks ``vision_encoder.encoder_layers.L.mlp.hook_post`` and
+``...attn.hook_z``) and of its language model (``neuron``, ``head``: ``blocks.L.mlp.hook_post``,
+``blocks.L.attn.hook_z``), run through a ``TransformerBridge``, each get
 the spuriousness ``S(u) = mean_i |dP_i(u)|`` with a bootstrap interval, in a
 :class:`~icp_lens.scoring.table.ScoreTable` that ``icp-lens prune`` reads. ``dP_i(u)``
 is how far example ``i``'s answer margin (answer logit minus the mean other candidate,
@@ -14,7 +15,8 @@ takes its value on the image counterfactual (same object, other background):
     patching, one unit at a time (``units_per_pass`` units share a forward pass, the
     batch repeated once per unit; rows never interact, so the values are the same);
 ``attribution``
-    attribution patching (AtP): ``dP_i(u) ~ sum_pos (a'(u) - a(u)) * dm/da(u)``, one
+    attribution patching (AtP): ``dP_i(u) ~ sum_pos (a'(u) - a(u)) . dm/da(u)`` (a head's
+    ``a(u)`` is its ``d_head`` vector), one
     forward and one backward pass per batch for every unit at once;
 ``hybrid``
     attribution ranks every unit, and the ``verify_top`` highest are patched exactly
@@ -42,7 +44,7 @@ from icp_lens.scoring.table import ScoreTable
 __all__ = ["IMAGE_KINDS", "ImageMethod", "IMAGE_METHODS", "image_units", "score_image_units"]
 
 #: the feature kinds of a LLaVA-style model that image probes score (and the pruner edits)
-IMAGE_KINDS: tuple[str, ...] = ("vision_neuron", "neuron")
+IMAGE_KINDS: tuple[str, ...] = ("vision_neuron", "vision_head", "neuron", "head")
 ImageMethod = Literal["hybrid", "attribution", "exact"]
 IMAGE_METHODS: tuple[str, ...] = get_args(ImageMethod)
 
@@ -61,16 +63,20 @@ def image_units(model: Any, kinds: Sequence[str] = IMAGE_KINDS, layers: Sequence
     if bad or not kinds:
         raise ValueError(f"image probes score the kinds {list(IMAGE_KINDS)}; got {list(kinds)}")
     config = _hf_config(model)
-    towers = {"vision_neuron": config.vision_config, "neuron": config.text_config}
     out = []
     for kind in kinds:
-        tower = towers[kind]
+        tower = config.vision_config if kind.startswith("vision_") else config.text_config
         n_layers = tower.num_hidden_layers
+        width = tower.num_attention_heads if kind.endswith("head") else tower.intermediate_size
         chosen = range(n_layers) if layers is None else [layer for layer in layers if layer < n_layers]
-        out += [Feature(kind, layer, i) for layer in chosen for i in range(tower.intermediate_size)]  # type: ignore[arg-type]
+        out += [Feature(kind, layer, i) for layer in chosen for i in range(width)]  # type: ignore[arg-type]
     if not out:
         raise ValueError(f"no units in layers {list(layers or [])} of kinds {list(kinds)}")
     return out
+
+
+def _is_head(hook_name: str) -> bool:
+    return hook_name.endswith("attn.hook_z")
 
 
 def _by_hook(features: Sequence[Feature]) -> dict[str, list[int]]:
@@ -96,7 +102,7 @@ def _batch_values(
     if exact:
         for name, units in hooks.items():
             margins = patched_unit_margins(model, ids, pixels, cache[name], label_ids, answers, name, units,
-                                           units_per_pass)  # fmt: skip
+                                           units_per_pass, head_axis=_is_head(name))  # fmt: skip
             values[name] = margins - clean.cpu()
     else:
         acts: dict[str, Tensor] = {}
@@ -116,8 +122,9 @@ def _batch_values(
         for name, grad in zip(names, grads, strict=True):
             act = acts[name].detach()
             grad = torch.zeros_like(act) if grad is None else grad
-            delta = (cache[name].to(act.dtype) - act).float() * grad.float()  # [n, pos, d]
-            values[name] = delta.sum(1)[:, hooks[name]].T.cpu()
+            delta = (cache[name].to(act.dtype) - act).float() * grad.float()  # [n, pos, d] or [n, pos, h, d]
+            per_unit = delta.sum(-1) if _is_head(name) else delta
+            values[name] = per_unit.sum(1)[:, hooks[name]].T.cpu()
     rows = {name: 0 for name in hooks}
     out = torch.empty(len(features), ids.shape[0])
     for j, f in enumerate(features):

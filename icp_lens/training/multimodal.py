@@ -118,8 +118,9 @@ class MultimodalTrainConfig:
     jtt_upweight: float = 5.0
     groupdro_eta: float = 0.01
     seed: int = 0
-    #: objective ``invariance``: the units (bridge hook name of an MLP's neurons, unit indices), e.g. the
-    #: top of ``icp_lens.scoring.image_scores.score_image_units``, and the weight of the term
+    #: objective ``invariance``: the units (bridge hook name of an MLP's neurons or of ``attn.hook_z``,
+    #: unit indices), e.g. the top of ``icp_lens.scoring.image_scores.score_image_units``, and the
+    #: weight of the term
     units: tuple[tuple[str, tuple[int, ...]], ...] = ()
     lam: float = 1.0
 
@@ -188,8 +189,9 @@ def _attribution(
 
 
 def _resample(units: list[int], b: int, n_cf: int) -> Any:
-    """A forward pre-hook on an MLP's output projection: rows ``b + n_cf ...`` (the patched copies of
-    the rows with a counterfactual) take ``units`` from rows ``b ...`` (their counterfactuals), detached."""
+    """A forward pre-hook on an output projection: rows ``b + n_cf ...`` (the patched copies of the rows
+    with a counterfactual) take the input columns ``units`` (``pruning.multimodal.unit_columns``: a
+    neuron's one, a head's ``d_head``) from rows ``b ...`` (their counterfactuals), detached."""
 
     def hook(module: Any, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         hidden = args[0].clone()
@@ -211,13 +213,13 @@ def train_multimodal(
     from tqdm.auto import tqdm
 
     from icp_lens.hooks import module_hooks
-    from icp_lens.pruning.multimodal import llava_mlp_out
+    from icp_lens.pruning.multimodal import llava_out_proj, unit_columns
 
     weights = config.weights()
     paired = weights["contrastive"] > 0 or weights["invariance"] > 0  # rows with their background swap
     if paired and (data.counterfactual is None or data.has_counterfactual is None):
         raise ValueError(f"objective {config.objective!r} needs spurious counterfactual images (image_counterfactual)")
-    modules = [(llava_mlp_out(model, hook), list(idx)) for hook, idx in config.units if idx]
+    modules = [(llava_out_proj(model, hook), unit_columns(model, hook, idx)) for hook, idx in config.units if idx]
     if config.objective == "groupdro" and (data.groups is None or bool((data.groups < 0).all())):
         raise ValueError("objective 'groupdro' needs group labels; the CIMRL objectives do not")
     device = next(model.parameters()).device
