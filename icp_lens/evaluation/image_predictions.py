@@ -42,7 +42,7 @@ def predict_image_examples(model: Any, processor: Any, path: str | Path, *, batc
     from icp_lens.training.multimodal import data_from_probes
 
     rows: list[ProbeExample] = read_probes(path)
-    data = data_from_probes(path, processor)
+    data = data_from_probes(path, processor, rows=rows)  # the file is read (and its images checked) once
     words = sorted({w for ex in rows for w in (ex.answer, *ex.alternatives)})
     vocab = [single_token_id(processor.tokenizer, w) for w in words]
     clean = _candidate_logits(model, data.input_ids, data.pixel_values, vocab, batch_size)

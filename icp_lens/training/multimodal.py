@@ -315,19 +315,22 @@ def train_multimodal(
     return MultimodalTrainResult(config.objective, config.steps, time.perf_counter() - start, final)
 
 
-def data_from_probes(path: str | Path, processor: Any, *, chunk: int = 512) -> MultimodalData:
+def data_from_probes(
+    path: str | Path, processor: Any, *, chunk: int = 512, rows: list[Any] | None = None
+) -> MultimodalData:
     """Read an image probe file into :class:`MultimodalData` through the model's own processor.
 
     Every row must carry an ``image`` and the same prompt text; the classes are the
     answer words (answers and alternatives, sorted), each a single token; rows with an
     ``image_counterfactual`` get it as their spurious counterfactual; ``group`` strings
-    become group ids (``-1`` where a row has none).
+    become group ids (``-1`` where a row has none). ``rows``: the file's examples when the
+    caller has read them already (image paths are still resolved against ``path``).
     """
     from PIL import Image
 
     from icp_lens.probes import image_file, read_probes, single_token_id
 
-    rows = read_probes(path)
+    rows = read_probes(path) if rows is None else list(rows)
     prompts = {ex.prompt for ex in rows}
     if len(prompts) != 1:
         raise ValueError(f"{path}: the multimodal trainer takes one prompt shared by every row, found {len(prompts)}")
