@@ -39,6 +39,7 @@ import pandas as pd
 from icp_lens.organisms.multimodal import build_waterbirds
 from icp_lens.plotting import label_bars, legend_outside, reference_line, style
 from icp_lens.scoring.image_patching import image_patch_effects
+from icp_lens.scoring.image_scores import score_image_units
 from icp_lens.training.multimodal import MultimodalTrainConfig, data_from_probes, predict_classes, train_multimodal
 
 org = build_waterbirds(seed=0, progress=True)  # about a minute and a half the first time, then cached
@@ -97,9 +98,22 @@ print(units.groupby("hook_name")["share"].agg(["max", "min", "sum"]))
 units.sort_values("abs_effect", ascending=False).head(5)
 
 # %% [markdown]
-# No single neuron carries much of the background here: the colour enters every patch
-# embedding and spreads over the residual stream. Removing units would not remove it; this
-# is the case for training (or for removing a *direction*).
+# The same measurement for every neuron and attention head of both towers, as the
+# `ScoreTable` that `icp-lens score` writes for image probes (and `icp-lens prune` reads):
+# attribution patching ranks all 780 units with one backward pass per batch, and the top
+# 50 are then patched exactly (`exact` column).
+
+# %%
+probe = data_from_probes(org.data_path("probe"), processor)
+scores = score_image_units(bridge, probe, verify_top=50)
+scores.top(8)[["feature", "hook_name", "score", "ci_low", "ci_high", "exact"]]
+
+# %% [markdown]
+# The language model's first-layer heads carry the most: they move what the image tokens
+# hold to the answer position. No single neuron carries much of the background here: the
+# colour enters every patch embedding and spreads over the residual stream. Removing units
+# would not remove it; this is the case for
+# training (or for removing a *direction*).
 #
 # ## CIMRL against ERM
 #
