@@ -41,6 +41,10 @@ _PRUNE_TEXT_ONLY = {"token_mode": "zero", "direction_mode": "mean", "save_dtype"
 
 
 def _refuse(args: argparse.Namespace, options: dict[str, Any], what: str) -> None:
+    from icp_lens.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():
+        raise ValueError(f"{what} runs as one process: start it without torchrun")
     given = ["--" + k.replace("_", "-") for k, unset in options.items() if getattr(args, k, unset) != unset]
     if given:
         raise ValueError(f"{', '.join(given)} do(es) not apply to {what}")

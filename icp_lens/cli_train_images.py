@@ -64,8 +64,11 @@ def _flags(name: str) -> str:
 
 
 def _check(args: argparse.Namespace) -> None:
+    from icp_lens.distributed import launched_by_torchrun
     from icp_lens.pruning.export import check_target
 
+    if launched_by_torchrun():
+        raise ValueError("the multimodal trainer runs as one process: start it without torchrun")
     if args.objective not in IMAGE_OBJECTIVES:
         valid = list(IMAGE_OBJECTIVES)
         raise ValueError(f"--objective {args.objective} does not apply to image probes; valid: {valid}")

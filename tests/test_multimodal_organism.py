@@ -487,3 +487,17 @@ def test_invariance_on_scored_units_patches_them_from_the_counterfactual(waterbi
     assert code == 0 and run["verification"]["passed"] and run["final_terms"]["invariance"] > 0
     assert main([*base, "--out", str(tmp_path / "x")]) == 2
     assert "--objective invariance needs --scores" in capsys.readouterr().err
+
+
+def test_image_paths_refuse_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scoring, pruning and training on image probes run as one process; under torchrun each rank would redo it."""
+    import argparse
+
+    from icp_lens.cli_images import _refuse
+    from icp_lens.cli_train_images import _check
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="runs as one process: start it without torchrun"):
+        _refuse(argparse.Namespace(), {}, "image probes (the image scorer)")
+    with pytest.raises(ValueError, match="the multimodal trainer runs as one process"):
+        _check(argparse.Namespace(objective="cimrl"))
