@@ -83,6 +83,12 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--omega", default=None,
                    help="image probes: weights of CIMRL's contrastive, disentanglement and intervention terms "
                         "(W1,W2,W3; default 1,0.3,1)")  # fmt: skip
+    p.add_argument("--intervention-rows", type=float, default=None,
+                   help="image probes: share of each batch given an x + delta copy by CIMRL's intervention term "
+                        "(default: MultimodalTrainConfig's)")  # fmt: skip
+    p.add_argument("--stop-gradient", action="store_true",
+                   help="image probes: CIMRL's contrastive views as a fixed target (no backward through them)",
+                   )  # fmt: skip
     p.add_argument("--lambda", dest="lam", type=float, default=None,
                    help="regulariser weight (invariance: task + L*inv, default 1; consistency: "
                         "L*task + (1-L)*d, default 0.5; the pair recipe: 0.15)")  # fmt: skip
@@ -267,8 +273,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         args.objective = "cimrl" if images else "invariance"
     if images:
         return run_image_training(args)
-    if args.objective in _IMAGE_ONLY or args.omega is not None:
-        what = f"--objective {args.objective}" if args.objective in _IMAGE_ONLY else "--omega"
+    image_options = {"--omega": args.omega is not None, "--intervention-rows": args.intervention_rows is not None,
+                     "--stop-gradient": args.stop_gradient}  # fmt: skip
+    if args.objective in _IMAGE_ONLY or any(image_options.values()):
+        what = f"--objective {args.objective}" if args.objective in _IMAGE_ONLY else next(
+            name for name, given in image_options.items() if given)  # fmt: skip
         print(f"icp-lens train: error: {what} needs image probes (rows with 'image'); {args.train} has none",
               file=sys.stderr)  # fmt: skip
         return 2

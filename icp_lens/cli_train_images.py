@@ -10,7 +10,9 @@ organism --variant waterbirds``), ``icp-lens train`` loads ``--model`` with
 ``--objective`` is one of :data:`IMAGE_OBJECTIVES` (``cimrl``, the default choice for
 images, needs no group labels: its contrastive term reads the ``image_counterfactual``
 of the rows that have one). ``--omega W1,W2,W3`` weights CIMRL's contrastive,
-disentanglement and intervention terms (default 1,0.3,1). ``--objective invariance
+disentanglement and intervention terms (default 1,0.3,1); ``--intervention-rows F``
+the share of each batch that gets an ``x + delta`` copy and ``--stop-gradient`` the
+contrastive views as a fixed target (see :class:`MultimodalTrainConfig`). ``--objective invariance
 --scores TABLE [--top-k K] [--lambda L]`` is ICP's objective on the ``K`` (default 16)
 highest rows of an image score table (``icp-lens score`` on image probes).
 ``--max-steps``, ``--batch-size``, ``--lr``, ``--seed`` and ``--device`` apply; ``--val
@@ -128,7 +130,8 @@ def run_image_training(args: argparse.Namespace) -> int:
         config = MultimodalTrainConfig(
             objective=args.objective, steps=args.max_steps or 150, batch_size=args.batch_size or 64,
             lr=args.lr or 1e-3, omega=omega, seed=args.seed, units=_units(args),
-            lam=args.lam if args.lam is not None else 1.0,
+            lam=args.lam if args.lam is not None else 1.0, stop_gradient=args.stop_gradient,
+            **({} if args.intervention_rows is None else {"intervention_rows": args.intervention_rows}),
         )  # fmt: skip
         device = resolve_device(args.device)
         model = AutoModelForImageTextToText.from_pretrained(str(args.model)).eval().to(device)
@@ -153,7 +156,8 @@ def run_image_training(args: argparse.Namespace) -> int:
     error = float(diff.abs().max())
     passed = error <= 1e-4
     payload = {
-        "out": str(args.out), "objective": config.objective, "omega": list(config.omega), "steps": result.steps,
+        "out": str(args.out), "objective": config.objective, "omega": list(config.omega),
+        "intervention_rows": config.intervention_rows, "stop_gradient": config.stop_gradient, "steps": result.steps,
         "seconds": round(result.seconds, 2), "final_terms": result.final_terms,
         "evaluated_on": "val" if val is not None else "train", "before": before, "after": after,
         "verification": {"max_abs_logit_diff": error, "passed": passed},

@@ -501,3 +501,105 @@ def test_image_paths_refuse_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
         _refuse(argparse.Namespace(), {}, "image probes (the image scorer)")
     with pytest.raises(ValueError, match="the multimodal trainer runs as one process"):
         _check(argparse.Namespace(objective="cimrl"))
+
+
+def test_cimrl_step_cost_settings_change_the_rows_not_the_values(waterbirds) -> None:
+    """``intervention_rows`` gives only a share of the batch an ``x + delta`` copy; ``stop_gradient`` runs the
+    contrastive views in a pass of their own without gradient. The loss values of a first step are unchanged."""
+    import dataclasses
+
+    from icp_lens.training.multimodal import MultimodalTrainConfig, data_from_probes, train_multimodal
+
+    org, _ = waterbirds
+    data = _subset(data_from_probes(org.data_path("train"), org.load_processor()), slice(0, 48))
+    n_cf = None
+    runs = {}
+    settings = {"full": {"intervention_rows": 1.0}, "cheap": {"stop_gradient": True, "intervention_rows": 0.25}}
+    for name, extra in settings.items():
+        model = org.load_hf()
+        calls: list[tuple[int, bool]] = []
+
+        def record(module, args, kwargs, calls=calls):
+            calls.append((kwargs["pixel_values"].shape[0], torch.is_grad_enabled()))
+
+        handle = model.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            config = MultimodalTrainConfig(objective="cimrl", steps=1, batch_size=16, seed=3, **extra)
+            runs[name] = (train_multimodal(model, data, config).final_terms, calls)
+        finally:
+            handle.remove()
+        # the rows of the batch drawn at step 0 that carry a background swap
+        gen = torch.Generator().manual_seed(3)
+        idx = torch.randint(0, data.labels.shape[0], (16,), generator=gen)
+        n_cf = int(data.has_counterfactual[idx].sum())
+    assert 2 <= n_cf < 16
+    full_terms, full_calls = runs["full"]
+    cheap_terms, cheap_calls = runs["cheap"]
+    # attribution pass (16 rows), then one stacked pass: x, the views, x + delta for every row
+    assert full_calls == [(16, True), (16 + n_cf + 16, True)]
+    # attribution pass, the views without gradient, then x and x + delta for a quarter of the rows
+    assert cheap_calls == [(16, True), (n_cf, False), (16 + 4, True)]
+    for term in ("task", "contrastive", "disentangle"):
+        assert cheap_terms[term] == pytest.approx(full_terms[term], rel=1e-4, abs=1e-6)
+    assert cheap_terms["intervention"] != full_terms["intervention"]  # four rows of sixteen
+    with pytest.raises(ValueError, match="intervention_rows must be in"):
+        dataclasses.replace(config, intervention_rows=0.0)
+
+
+def test_image_directions_fit_edit_fold_and_effects(waterbirds) -> None:
+    """A direction of the image tokens (the projector's output): diff-means by hand, the edit holds its coordinate
+    at the mean, the fold into the projector computes what the run-time hook computes, and its resample effect."""
+    import dataclasses
+
+    from icp_lens.directions.image import (
+        PROJECTOR_HOOK,
+        ImageDirections,
+        applying_image_directions,
+        fit_image_directions,
+        fold_image_directions,
+        image_direction_effects,
+        projector_tokens,
+    )  # fmt: skip
+    from icp_lens.training.multimodal import data_from_probes
+
+    org, _ = waterbirds
+    bridge = org.load_bridge()
+    probe = data_from_probes(org.data_path("probe"), org.load_processor())
+    rows = probe.has_counterfactual.nonzero().flatten()[:24]
+    one = fit_image_directions(bridge, probe, rows=rows)
+    h = projector_tokens(bridge, probe.input_ids, probe.pixel_values[rows])
+    h_cf = projector_tokens(bridge, probe.input_ids, probe.counterfactual[rows])
+    delta = (h_cf - h).reshape(-1, h.shape[-1]).double()
+    top = torch.linalg.svd(delta, full_matrices=False)[2][0]  # the leading singular direction, by hand
+    top = top * torch.sign(top @ delta.mean(0))
+    assert torch.allclose(one.vectors[0].double(), top, atol=1e-5) and one.source == "paired-svd-1"
+    assert one.means[0].item() == pytest.approx((torch.cat([h, h_cf]).double() @ one.vectors[0].double()).mean().item(),
+                                                abs=1e-4)  # fmt: skip
+    two = fit_image_directions(bridge, probe, rows=rows, rank=2)
+    assert torch.allclose(two.vectors @ two.vectors.T, torch.eye(2), atol=1e-5)
+    edited = two.edit(h)  # the coordinates along V sit at their means, the rest is untouched
+    assert torch.allclose(edited @ two.vectors.T, two.means.expand(*h.shape[:2], 2), atol=1e-4)
+    rest = torch.eye(h.shape[-1]) - two.vectors.T @ two.vectors
+    assert torch.allclose(edited @ rest, h @ rest, atol=1e-4)
+    # folded into the projector = the hook at run time
+    pixels = org.pixel_values("test_balanced")[:8]
+    ids = probe.input_ids.expand(8, -1)
+    with torch.no_grad(), applying_image_directions(bridge, two):
+        hooked_logits = bridge(ids, pixel_values=pixels)
+    hf = org.load_hf()
+    fold_image_directions(hf, two)
+    with torch.no_grad():
+        folded = hf(input_ids=ids, pixel_values=pixels).logits
+        plain = org.load_hf()(input_ids=ids, pixel_values=pixels).logits
+    assert (folded - hooked_logits).abs().max() <= 1e-4 < (folded - plain).abs().max()
+    # effects: the whole image's swap and each direction's share of it
+    effects = image_direction_effects(bridge, probe, two, rows=rows)
+    assert list(effects["index"]) == [0, 1] and (effects["hook_name"] == PROJECTOR_HOOK).all()
+    first = image_direction_effects(bridge, probe, one, rows=rows)
+    assert first["total"].iloc[0] < -1.0  # the background swap moves the answer: the organism's shortcut
+    assert first["effect"].iloc[0] == pytest.approx(effects["effect"].iloc[0], abs=1e-4)  # same first direction
+    assert first["effect"].iloc[0] < 0 and first["share"].iloc[0] > 0.2
+    with pytest.raises(ValueError, match="orthonormal"):
+        ImageDirections(vectors=torch.ones(2, 64), means=torch.zeros(2))
+    with pytest.raises(ValueError, match="image counterfactuals"):
+        fit_image_directions(bridge, dataclasses.replace(probe, counterfactual=None, has_counterfactual=None))
