@@ -36,6 +36,7 @@
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from icp_lens.directions.image import applying_image_directions, fit_image_directions, image_direction_effects
 from icp_lens.organisms.multimodal import build_waterbirds
 from icp_lens.plotting import label_bars, legend_outside, reference_line, style
 from icp_lens.scoring.image_patching import image_patch_effects
@@ -112,8 +113,34 @@ scores.top(8)[["feature", "hook_name", "score", "ci_low", "ci_high", "exact"]]
 # The language model's first-layer heads carry the most: they move what the image tokens
 # hold to the answer position. No single neuron carries much of the background here: the
 # colour enters every patch embedding and spreads over the residual stream. Removing units
-# would not remove it; this is the case for
-# training (or for removing a *direction*).
+# would not remove it; this is the case for training, or for removing a *direction*.
+#
+# ## A direction of the image tokens
+#
+# Everything the language model knows about the image passes through the projector's
+# output, one vector per image token. The leading direction of the differences between
+# each image's tokens and its background swap's is the background's axis there;
+# `applying_image_directions` holds that coordinate at its mean (`fold_image_directions`
+# writes the same edit into the projector's weights). `share` is the part of the
+# background's effect on the answer that runs through it.
+
+# %%
+direction = fit_image_directions(bridge, probe, rank=1)
+image_direction_effects(bridge, probe, direction)[["effect", "total", "share"]]
+
+# %%
+with applying_image_directions(bridge, direction):
+    edited = predict_classes(bridge, test)
+ok = edited == test.labels
+{"worst_group": min(ok[test.groups == g].float().mean().item() for g in test.groups.unique()),
+ "average": ok.float().mean().item(), "share answered 'waterbird'": (edited == 1).float().mean().item()}
+
+# %% [markdown]
+# Whether that removes the shortcut depends on the model: on the three organisms of
+# `benchmarks/results/multimodal_directions.md` one direction closes the whole gap on one,
+# and on another the bird's evidence goes with the background and the model answers one
+# class everywhere (the last number above shows which case this is). The edit keeps what
+# is orthogonal to the direction, which is not the same as keeping the bird.
 #
 # ## CIMRL against ERM
 #
