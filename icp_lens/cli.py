@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument(
         "--kinds", type=_csv_list, default=None,
         help="e.g. neuron,head,resid,value,query,key; direction (fitted directions) and token (embedding rows); "
-        "default neuron,head (image probes: vision_neuron,vision_head,neuron,head, both towers' neurons and heads)",
+        "default neuron,head (image probes: vision_neuron,vision_head,neuron,head, both towers' neurons and heads; "
+        "image_direction: directions of the image tokens at the projector's output)",
     )  # fmt: skip
     score.add_argument(
         "--directions", choices=["diff-means", "leace", "probe"], default="leace",

@@ -7,8 +7,12 @@
     :func:`icp_lens.scoring.image_scores.score_image_units`: ``--kinds
     vision_neuron,vision_head,neuron,head`` (the default for images), ``--method hybrid|attribution|exact``,
     ``--verify-top``, ``--layers`` (of each tower), ``--batch-size``, ``--device``,
-    ``--dtype``. The table and its provenance (``.meta.json``: model fingerprint, probe
-    digest, settings) are written as for text probes.
+    ``--dtype``. ``--kinds image_direction`` (alone or beside the units) fits
+    ``--direction-rank`` directions of the image tokens at the projector's output from the
+    image counterfactual pairs (:mod:`icp_lens.directions.image`) and scores each by its
+    resample effect; their vectors are written beside the table as
+    ``<stem>.image_directions.safetensors``. The table and its provenance (``.meta.json``:
+    model fingerprint, probe digest, settings) are written as for text probes.
 ``icp-lens prune --model DIR --scores scores.csv --out DIR2 --top-k K``
     When ``--model`` is a vision-language checkpoint (its config has ``vision_config``),
     the selected neurons and heads are pruned with
@@ -17,7 +21,12 @@
     ``out_proj``'s bias; the language model's ``down_proj`` and ``o_proj`` have no bias, so
     mean mode refuses its units). The checkpoint (model + processor + ``plan.json``) is
     reloaded with ``transformers`` alone and compared with the same ablation done by hooks
-    on the bridge, on the ``--probe`` images (or seeded random pixels).
+    on the bridge, on the ``--probe`` images (or seeded random pixels). Selected
+    ``image_direction`` rows are folded into the projector's last linear layer instead
+    (``--mode mean``: coordinates held at their fitted means; ``zero``: projected out), read
+    from the table's ``.image_directions.safetensors`` and verified against the same edit
+    as a hook; ``plan.json`` records their digest. Units and directions are pruned in
+    separate runs.
 
 Options of the text paths that have no meaning here are refused by name.
 """
@@ -35,8 +44,11 @@ __all__ = ["is_vision_language", "run_image_scoring", "run_image_prune"]
 #: score options this path refuses when set (name -> value that means "unset")
 _SCORE_TEXT_ONLY = {
     "qk_fix": False, "grad_drop": False, "intervention": ["resample"], "metric": "logit_diff", "weight": "uniform",
-    "checkpoint": None, "shard": None, "device_map": None, "offload_folder": None,
+    "checkpoint": None, "shard": None, "device_map": None, "offload_folder": None, "directions": "leace",
+    "direction_sites": ["resid_pre"], "direction_positions": "last",
 }  # fmt: skip
+#: the kind of a fitted direction of the image tokens (``icp_lens.directions.image``)
+IMAGE_DIRECTION = "image_direction"
 _PRUNE_TEXT_ONLY = {"token_mode": "zero", "direction_mode": "mean", "save_dtype": None, "min_selectivity": None}
 
 
@@ -61,42 +73,61 @@ def is_vision_language(model_dir: str | Path) -> bool:
 
 def run_image_scoring(args: argparse.Namespace) -> int:
     """The ``score`` command's image path; returns the exit status."""
-    import dataclasses
-
+    import pandas as pd
     from transformers import AutoProcessor
 
     from icp_lens.devices import resolve_dtype
     from icp_lens.model import boot_bridge
     from icp_lens.scoring.image_scores import IMAGE_KINDS, score_image_units
     from icp_lens.scoring.provenance import meta_path, table_provenance
+    from icp_lens.scoring.table import ScoreTable
     from icp_lens.training.multimodal import data_from_probes
 
     _refuse(args, _SCORE_TEXT_ONLY, "image probes (the image scorer)")
     kinds = list(args.kinds or IMAGE_KINDS)
-    bad = [k for k in kinds if k not in IMAGE_KINDS]
+    valid = (*IMAGE_KINDS, IMAGE_DIRECTION)
+    bad = [k for k in kinds if k not in valid]
     if bad:
-        raise ValueError(f"--kinds {','.join(bad)} cannot be scored on image probes; valid: {','.join(IMAGE_KINDS)}")
+        raise ValueError(f"--kinds {','.join(bad)} cannot be scored on image probes; valid: {','.join(valid)}")
     verify = int(args.verify_top) if args.verify_top >= 1 or args.verify_top == 0 else float(args.verify_top)
     start = time.perf_counter()
     processor = AutoProcessor.from_pretrained(str(args.model))
     data = data_from_probes(args.probe, processor)
     bridge = boot_bridge(args.model, dtype=resolve_dtype(args.dtype), device=_device(args))
-    table = score_image_units(
-        bridge, data, kinds=kinds, layers=args.layers, method=args.method or "hybrid", verify_top=verify,
-        batch_size=args.batch_size, progress=not args.quiet,
-    )  # fmt: skip
+    units = [k for k in kinds if k != IMAGE_DIRECTION]
+    frames, directions = [], None
+    if units:
+        frames.append(score_image_units(
+            bridge, data, kinds=units, layers=args.layers, method=args.method or "hybrid", verify_top=verify,
+            batch_size=args.batch_size, progress=not args.quiet,
+        ).frame)  # fmt: skip
+    if IMAGE_DIRECTION in kinds:
+        from icp_lens.directions.image import fit_image_directions, image_direction_scores
+
+        directions = fit_image_directions(bridge, data, rank=args.direction_rank, batch_size=args.batch_size)
+        frames.append(image_direction_scores(bridge, data, directions, batch_size=args.batch_size).frame)
     settings = {"method": args.method or "hybrid", "kinds": kinds, "layers": args.layers,
                 "verify_top": args.verify_top, "intervention": ["resample"], "metric": "candidate_margin",
                 "dtype": args.dtype, "modality": "image"}  # fmt: skip
+    if directions is not None:
+        settings.update(direction_rank=args.direction_rank, image_directions=directions.source)
     n = int(data.has_counterfactual.sum())
     meta = table_provenance(args.model, args.probe, n_examples=n, settings=settings)
-    table = dataclasses.replace(table, meta=meta)
+    table = ScoreTable(pd.concat(frames, ignore_index=True), meta=meta)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if directions is not None:  # the vectors first: a table never names directions that are not on disk
+        from icp_lens.directions.image import save_image_directions, sidecar_path
+
+        save_image_directions(directions, sidecar_path(args.out))
     table.save(args.out)
     n_exact = int(table.frame["exact"].sum())
     seconds = time.perf_counter() - start
-    print(f"scored {len(table)} units of both towers ({n_exact} exact) on {n} image counterfactuals in "
+    print(f"scored {len(table)} features ({', '.join(kinds)}; {n_exact} exact) on {n} image counterfactuals in "
           f"{seconds:.1f} s -> {args.out}")  # fmt: skip
+    if directions is not None:
+        from icp_lens.directions.image import sidecar_path
+
+        print(f"image-token directions (rank {directions.rank}, {directions.source}) -> {sidecar_path(args.out)}")
     print(f"provenance (model fingerprint, probe digest, settings) -> {meta_path(args.out)}")
     print(table.top(10)[["feature", "hook_name", "score", "ci_low", "ci_high", "exact"]].to_string(index=False))
     return 0
@@ -122,18 +153,26 @@ def run_image_prune(args: argparse.Namespace) -> int:
     _refuse(args, _PRUNE_TEXT_ONLY, "a vision-language model (the image pruner)")
     if args.top_k is None and args.threshold is None and args.min_share is None:
         raise ValueError("choose features with --top-k K and/or --threshold T (or --min-share F)")
-    if args.mode == "mean" and args.probe is None:
-        raise ValueError("--mode mean needs --probe FILE.jsonl (the images each neuron's mean is taken over)")
-    kinds = list(args.kinds or IMAGE_KINDS)
-    bad = [k for k in kinds if k not in IMAGE_KINDS]
+    valid = (*IMAGE_KINDS, IMAGE_DIRECTION)
+    kinds = list(args.kinds or valid)
+    bad = [k for k in kinds if k not in valid]
     if bad:
         raise ValueError(f"--kinds {','.join(bad)} cannot be pruned in a vision-language model; valid: "
-                         f"{','.join(IMAGE_KINDS)}")  # fmt: skip
+                         f"{','.join(valid)}")  # fmt: skip
     check_target(args.out, overwrite=args.overwrite, source=args.model)
     table = ScoreTable.load(args.scores)
     _check_table_model(table, args)
     features = select_features(table, top_k=args.top_k, threshold=args.threshold, min_share=args.min_share,
                                per_layer_cap=args.per_layer_cap, kinds=kinds)  # fmt: skip
+    if any(f.kind == IMAGE_DIRECTION for f in features):
+        if not all(f.kind == IMAGE_DIRECTION for f in features):
+            raise ValueError(
+                "the selection mixes image directions with units: prune them in two runs "
+                "(--kinds image_direction, then the units on the pruned checkpoint's scores)"
+            )
+        return _prune_image_directions(args, features)
+    if args.mode == "mean" and args.probe is None:
+        raise ValueError("--mode mean needs --probe FILE.jsonl (the images each neuron's mean is taken over)")
     units: dict[str, list[int]] = {}
     for f in features:
         units.setdefault(f.hook_name, []).append(f.index)
@@ -167,6 +206,47 @@ def run_image_prune(args: argparse.Namespace) -> int:
             source = f"{pixels.shape[0]} {'--probe' if data is not None else 'random'} images"
             verdict = "PASS" if report.passed else "FAIL"
             print(f"verification against hook ablation on the bridge ({source}): max |logit diff| "
+                  f"{report.max_abs_logit_diff:.1e} <= {args.tolerance:g}: {verdict}")  # fmt: skip
+    return 0 if args.no_verify or report.passed else 1
+
+
+def _prune_image_directions(args: argparse.Namespace, features: list[Any]) -> int:
+    """Fold the selected image-token directions into the projector (mean: their fitted means; zero: project out)."""
+    import torch
+    from transformers import AutoProcessor
+
+    from icp_lens.directions.image import ImageDirections, export_image_directions, load_image_directions, sidecar_path
+    from icp_lens.training.multimodal import data_from_probes
+
+    fitted = load_image_directions(sidecar_path(args.scores))
+    idx = sorted(f.index for f in features)
+    if idx[-1] >= fitted.rank:
+        raise ValueError(f"{args.scores} names image direction {idx[-1]} but {sidecar_path(args.scores)} holds "
+                         f"{fitted.rank}")  # fmt: skip
+    means = fitted.means[idx] if args.mode == "mean" else torch.zeros(len(idx))
+    chosen = ImageDirections(fitted.vectors[idx], means, hook_name=fitted.hook_name, source=fitted.source)
+    processor = AutoProcessor.from_pretrained(str(args.model))
+    data = data_from_probes(args.probe, processor) if args.probe is not None else None
+    ids, pixels = _verification_inputs(data, processor)
+    plan = {"format": "icp_lens.image_prune/1", "scores": str(args.scores), "mode": args.mode,
+            "features": [str(f) for f in features]}  # fmt: skip
+    start = time.perf_counter()
+    report = export_image_directions(args.model, chosen, args.out, verify_ids=None if args.no_verify else ids,
+                                     verify_pixels=None if args.no_verify else pixels, tolerance=args.tolerance,
+                                     plan=plan)  # fmt: skip
+    seconds = time.perf_counter() - start
+    verified = {"max_abs_logit_diff": report.max_abs_logit_diff, "passed": report.passed, "tolerance": args.tolerance}
+    if args.json:
+        print(json.dumps({**plan, "digest": report.digest, "changed_weights": report.changed_weights,
+                          "out": str(args.out), "export_seconds": round(seconds, 2),
+                          "verification": None if args.no_verify else verified}, indent=2))  # fmt: skip
+    else:
+        what = "held at their means" if args.mode == "mean" else "projected out"
+        print(f"folded {len(idx)} image-token direction(s), {what}, into the projector -> {args.out}")
+        print(f"export took {seconds:.2f} s; plan (with the directions' digest) written to {args.out / 'plan.json'}")
+        if not args.no_verify:
+            verdict = "PASS" if report.passed else "FAIL"
+            print(f"verification against the edit as a hook on the bridge: max |logit diff| "
                   f"{report.max_abs_logit_diff:.1e} <= {args.tolerance:g}: {verdict}")  # fmt: skip
     return 0 if args.no_verify or report.passed else 1
 

@@ -18,7 +18,9 @@ neuron of the vision tower's MLP at ``vision_encoder.encoder_layers.L.mlp.hook_p
 LLaVA-style ``TransformerBridge`` (``[batch, patches, d_mlp]``), and ``vision_head``, one
 head's output at ``vision_encoder.encoder_layers.L.attn.hook_z`` (``[batch, patches, h,
 d]``), scored by :mod:`icp_lens.scoring.image_scores` and pruned by
-:mod:`icp_lens.pruning.multimodal`.
+:mod:`icp_lens.pruning.multimodal`; and ``image_direction``, ``Feature("image_direction", 0,
+k)``, the ``k``-th direction of the image tokens at the projector's output
+(``vision_projector.hook_out``) fitted by :mod:`icp_lens.directions.image`.
 
 In every case the feature is a slice along dimension 2 of the activation: a scalar per
 position for neurons and residual dimensions, a ``d_head`` vector per position for heads,
@@ -69,7 +71,8 @@ __all__ = [
 ]
 
 FeatureKind = Literal[
-    "neuron", "head", "resid", "value", "query", "key", "direction", "token", "vision_neuron", "vision_head"
+    "neuron", "head", "resid", "value", "query", "key", "direction", "token", "vision_neuron", "vision_head",
+    "image_direction",
 ]
 #: the kinds that are a slice of a hook's activation (enumerable per layer)
 FEATURE_KINDS: tuple[str, ...] = ("neuron", "head", "resid", "value", "query", "key")
@@ -91,6 +94,8 @@ _HOOK_TEMPLATES: dict[str, str] = {
     # a LLaVA-style model's vision tower on TransformerBridge (image probes only)
     "vision_neuron": "vision_encoder.encoder_layers.{layer}.mlp.hook_post",
     "vision_head": "vision_encoder.encoder_layers.{layer}.attn.hook_z",
+    # a fitted direction of the image tokens the projector writes (icp_lens.directions.image), layer 0
+    "image_direction": "vision_projector.hook_out",
 }
 _LABEL = re.compile(r"^\s*(?P<kind>[a-z_]+)\s+L(?P<layer>\d+)\.(?P<index>\d+)(@(?P<site>[a-z_]+(\.\d+)?))?\s*$")
 _TOKEN_LABEL = re.compile(r"^\s*token\s+(?P<index>\d+)\s*$")

@@ -603,3 +603,53 @@ def test_image_directions_fit_edit_fold_and_effects(waterbirds) -> None:
         ImageDirections(vectors=torch.ones(2, 64), means=torch.zeros(2))
     with pytest.raises(ValueError, match="image counterfactuals"):
         fit_image_directions(bridge, dataclasses.replace(probe, counterfactual=None, has_counterfactual=None))
+
+
+def test_image_directions_through_score_and_prune(waterbirds, tmp_path: Path, capsys) -> None:
+    """``score --kinds image_direction`` -> table + vectors beside it -> ``prune`` folds the chosen one into the
+    projector: a checkpoint plain transformers loads, equal to the library's fold, its digest in plan.json."""
+    from transformers import AutoModelForImageTextToText
+
+    from icp_lens.directions.image import (
+        ImageDirections,
+        fold_image_directions,
+        image_direction_values,
+        load_image_directions,
+        sidecar_path,
+    )  # fmt: skip
+    from icp_lens.scoring.table import ScoreTable
+    from icp_lens.training.multimodal import data_from_probes
+
+    org, _ = waterbirds
+    probe, scores = str(org.data_path("probe")), tmp_path / "dirs.csv"
+    assert main(["score", "--model", str(org.model_dir), "--probe", probe, "--out", str(scores), "--kinds",
+                 "image_direction", "--direction-rank", "2", "--quiet"]) == 0  # fmt: skip
+    capsys.readouterr()
+    table = ScoreTable.load(scores)
+    assert list(table.frame["kind"]) == ["image_direction"] * 2 and table.meta["settings"]["direction_rank"] == 2
+    fitted = load_image_directions(sidecar_path(scores))
+    assert fitted.rank == 2 and fitted.source == "paired-svd-2"
+    values, _, _ = image_direction_values(org.load_bridge(), data_from_probes(probe, org.load_processor()), fitted)
+    by_index = table.frame.set_index("index")["effect_resample"]
+    for i in range(2):
+        assert by_index[i] == pytest.approx(values[i].abs().mean().item(), rel=1e-4)
+    top = int(table.frame["index"].iloc[0])
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(org.model_dir), "--scores", str(scores), "--top-k", "1", "--mode", "mean",
+                 "--probe", probe, "--out", str(out), "--json"]) == 0  # fmt: skip
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["verification"]["passed"] and payload["verification"]["max_abs_logit_diff"] <= 1e-4
+    chosen = ImageDirections(fitted.vectors[[top]], fitted.means[[top]])
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["image_directions"]["digest"] == chosen.digest() and plan["features"] == [f"image_direction L0.{top}"]
+    expected = org.load_hf()
+    fold_image_directions(expected, chosen)
+    pixels = org.pixel_values("test_balanced")[:4]
+    ids = data_from_probes(probe, org.load_processor()).input_ids.expand(4, -1)
+    with torch.no_grad():
+        got = AutoModelForImageTextToText.from_pretrained(str(out))(input_ids=ids, pixel_values=pixels).logits
+        want = expected(input_ids=ids, pixel_values=pixels).logits
+    assert (got - want).abs().max() <= 1e-5
+    assert main(["score", "--model", str(org.model_dir), "--probe", probe, "--out", str(tmp_path / "x.csv"),
+                 "--kinds", "image_direction", "--directions", "diff-means"]) == 2  # fmt: skip
+    assert "--directions do(es) not apply to image probes" in capsys.readouterr().err

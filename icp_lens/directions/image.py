@@ -34,6 +34,7 @@ import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -50,13 +51,21 @@ __all__ = [
     "projector_tokens",
     "fit_image_directions",
     "applying_image_directions",
+    "image_direction_values",
     "image_direction_effects",
+    "image_direction_scores",
+    "sidecar_path",
+    "save_image_directions",
+    "load_image_directions",
     "projector_linear",
     "fold_image_directions",
+    "ImageDirectionExport",
+    "export_image_directions",
 ]
 
 #: the bridge's hook on the projector's output: every image token as the language model receives it
 PROJECTOR_HOOK = "vision_projector.hook_out"
+_FORMAT = "icp_lens.image_directions/1"
 
 
 @dataclass(frozen=True, eq=False)
@@ -160,6 +169,46 @@ def applying_image_directions(model: Any, directions: ImageDirections) -> Iterat
 
 
 @torch.no_grad()
+def image_direction_values(
+    model: Any, data: Any, directions: ImageDirections, *, rows: Sequence[int] | Tensor | None = None,
+    batch_size: int = 64,
+) -> tuple[Float[Tensor, "k n"], Float[Tensor, " n"], Float[Tensor, " n"]]:  # fmt: skip
+    """Per pair: each direction's resample effect on the answer margin, the base margin, and the whole swap's effect.
+
+    Row ``i`` of the first tensor is ``m(x | v_i-coordinate from x') - m(x)`` for every pair (fp32, CPU);
+    the second is ``m(x)``, the third ``m(x') - m(x)``. Margins as the image scorers compute them
+    (answer logit minus the mean other candidate).
+    """
+    paired = _paired(data, None if rows is None else torch.as_tensor(rows))
+    device = next(model.parameters()).device
+    labels = list(data.label_ids)
+    values, clean, total = [], [], []
+    for start in range(0, paired.numel(), batch_size):
+        idx = paired[start : start + batch_size]
+        ids = data.input_ids.to(device).expand(idx.numel(), -1)
+        pixels, swapped = data.pixel_values[idx].to(device), data.counterfactual[idx].to(device)
+        answers = data.labels[idx]
+        with capturing(model, [directions.hook_name]) as cache:
+            base = candidate_margin(_last(model(ids, pixel_values=pixels)), labels, answers)
+            h = cache[directions.hook_name]
+            other = candidate_margin(_last(model(ids, pixel_values=swapped)), labels, answers)
+            h_cf = cache[directions.hook_name]
+        diff = h_cf.float() - h.float()
+        rows_of_batch = []
+        for v in directions.vectors.to(device=device, dtype=torch.float32):
+
+            def resample(act: Tensor, hook: Any, v: Tensor = v, diff: Tensor = diff) -> Tensor:
+                return (act.float() + (diff @ v)[..., None] * v).to(act.dtype)
+
+            with hooked(model, [(directions.hook_name, resample)]):
+                patched = candidate_margin(_last(model(ids, pixel_values=pixels)), labels, answers)
+            rows_of_batch.append((patched - base).cpu())
+        values.append(torch.stack(rows_of_batch))
+        clean.append(base.cpu())
+        total.append((other - base).cpu())
+    return torch.cat(values, 1), torch.cat(clean), torch.cat(total)
+
+
 def image_direction_effects(
     model: Any, data: Any, directions: ImageDirections, *, rows: Sequence[int] | Tensor | None = None,
     batch_size: int = 64,
@@ -167,41 +216,71 @@ def image_direction_effects(
     """Each direction's resample effect on the answer margin, beside the whole image's (``total``).
 
     One row per direction: ``effect`` = mean over the pairs of ``m(x | v-coordinate from x')
-    - m(x)``, ``total`` = mean ``m(x') - m(x)``, ``share = effect / total``; margins as the
-    image scorers compute them (answer logit minus the mean other candidate, fp32).
+    - m(x)``, ``total`` = mean ``m(x') - m(x)``, ``share = effect / total``.
     """
-    paired = _paired(data, None if rows is None else torch.as_tensor(rows))
-    device = next(model.parameters()).device
-    labels = list(data.label_ids)
-    sums = torch.zeros(directions.rank + 2, dtype=torch.float64)  # base, swapped, one per direction
-    for start in range(0, paired.numel(), batch_size):
-        idx = paired[start : start + batch_size]
-        ids = data.input_ids.to(device).expand(idx.numel(), -1)
-        pixels, swapped = data.pixel_values[idx].to(device), data.counterfactual[idx].to(device)
-        answers = data.labels[idx]
-        with capturing(model, [directions.hook_name]) as cache:
-            base = model(ids, pixel_values=pixels)
-            h = cache[directions.hook_name]
-            other = model(ids, pixel_values=swapped)
-            h_cf = cache[directions.hook_name]
-        margins = [candidate_margin(_last(base), labels, answers), candidate_margin(_last(other), labels, answers)]
-        diff = h_cf.float() - h.float()
-        for v in directions.vectors.to(device=device, dtype=torch.float32):
-
-            def resample(act: Tensor, hook: Any, v: Tensor = v, diff: Tensor = diff) -> Tensor:
-                return (act.float() + (diff @ v)[..., None] * v).to(act.dtype)
-
-            with hooked(model, [(directions.hook_name, resample)]):
-                margins.append(candidate_margin(_last(model(ids, pixel_values=pixels)), labels, answers))
-        sums += torch.stack([m.double().sum().cpu() for m in margins])
-    mean = sums / paired.numel()
-    total = float(mean[1] - mean[0])
-    effects = (mean[2:] - mean[0]).tolist()
+    values, _, whole = image_direction_values(model, data, directions, rows=rows, batch_size=batch_size)
+    effects = values.double().mean(1).tolist()
+    total = float(whole.double().mean())
     return pd.DataFrame({
         "hook_name": directions.hook_name, "index": range(directions.rank), "effect": effects,
         "abs_effect": [abs(e) for e in effects], "total": total,
-        "share": [e / total if total else float("nan") for e in effects], "n_pairs": paired.numel(),
+        "share": [e / total if total else float("nan") for e in effects], "n_pairs": values.shape[1],
     })  # fmt: skip
+
+
+def image_direction_scores(
+    model: Any, data: Any, directions: ImageDirections, *, rows: Sequence[int] | Tensor | None = None,
+    batch_size: int = 64, n_boot: int = 200, seed: int = 0,
+) -> Any:  # fmt: skip
+    """The directions as rows of a ``ScoreTable`` (``kind = image_direction``, ``index`` = the direction).
+
+    Scores are the mean absolute resample effect over the pairs with a bootstrap interval, as
+    :func:`icp_lens.scoring.image_scores.score_image_units` scores units, so both can share a table.
+    """
+    from icp_lens.features import Feature
+    from icp_lens.scoring.effects import Effects
+    from icp_lens.scoring.table import ScoreTable
+
+    values, clean, _ = image_direction_values(model, data, directions, rows=rows, batch_size=batch_size)
+    features = tuple(Feature("image_direction", 0, i) for i in range(directions.rank))
+    effects = Effects(features, "resample", values, clean, exact=True, metric="candidate_margin")
+    return ScoreTable.from_effects([effects], n_boot=n_boot, seed=seed)
+
+
+def sidecar_path(table_path: str | Path) -> Path:
+    """``scores.csv`` -> ``scores.image_directions.safetensors`` (beside the table)."""
+    path = Path(table_path)
+    return path.with_name(f"{path.stem}.image_directions.safetensors")
+
+
+def save_image_directions(directions: ImageDirections, path: str | Path) -> Path:
+    """Write the vectors and means as safetensors (atomically), with the hook and source in its metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tensors = {"vectors": directions.vectors.float().contiguous(), "means": directions.means.float().contiguous()}
+    save_file(tensors, str(tmp), metadata={"format": _FORMAT, "hook_name": directions.hook_name,
+                                            "source": directions.source})  # fmt: skip
+    tmp.replace(path)
+    return path
+
+
+def load_image_directions(path: str | Path) -> ImageDirections:
+    """Read what :func:`save_image_directions` wrote (safetensors only: nothing is unpickled)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no image directions at {path}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"{path} is not an icp_lens image-directions file (format {meta.get('format')!r})")
+        vectors, means = f.get_tensor("vectors"), f.get_tensor("means")
+    return ImageDirections(
+        vectors, means, hook_name=meta.get("hook_name", PROJECTOR_HOOK), source=meta.get("source", "")
+    )
 
 
 def _last(out: Any) -> Tensor:
@@ -238,3 +317,64 @@ def fold_image_directions(model: nn.Module, directions: ImageDirections) -> nn.L
     layer.weight.copy_((keep @ layer.weight.double()).to(layer.weight.dtype))
     layer.bias.copy_((keep @ layer.bias.double() + v.T @ directions.means.double().to(v.device)).to(layer.bias.dtype))
     return layer
+
+
+@dataclass(frozen=True)
+class ImageDirectionExport:
+    """What :func:`export_image_directions` wrote and how the reloaded checkpoint compared."""
+
+    out: str
+    rank: int
+    digest: str
+    changed_weights: int
+    max_abs_logit_diff: float
+    passed: bool
+
+
+def export_image_directions(
+    source: str | Path,
+    directions: ImageDirections,
+    out: str | Path,
+    *,
+    verify_ids: Tensor | None = None,
+    verify_pixels: Tensor | None = None,
+    tolerance: float = 1e-4,
+    plan: dict[str, Any] | None = None,
+) -> ImageDirectionExport:
+    """Fold ``directions`` into a copy of the checkpoint at ``source`` and write it to ``out`` all at once.
+
+    ``out`` gets the model, the processor and, with ``plan``, a ``plan.json`` completed with
+    the directions' digest. With ``verify_ids`` and ``verify_pixels`` the reloaded checkpoint's
+    logits are compared with the source run through a ``TransformerBridge`` with the edit as
+    a hook (:func:`applying_image_directions`): ``passed`` when they agree to ``tolerance``.
+    """
+    import json
+
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from icp_lens.atomic import atomic_directory
+
+    model = AutoModelForImageTextToText.from_pretrained(str(source)).eval()
+    layer = fold_image_directions(model, directions)
+    changed = layer.weight.numel() + layer.bias.numel()
+    with atomic_directory(out) as tmp:
+        model.save_pretrained(str(tmp))
+        AutoProcessor.from_pretrained(str(source)).save_pretrained(str(tmp))
+        if plan is not None:
+            record = {**plan, "image_directions": {"hook_name": directions.hook_name, "rank": directions.rank,
+                                                   "source": directions.source, "digest": directions.digest()},
+                      "changed_weights": changed}  # fmt: skip
+            (Path(tmp) / "plan.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+    error = 0.0
+    if verify_ids is not None and verify_pixels is not None:
+        reloaded = AutoModelForImageTextToText.from_pretrained(str(out)).eval()
+        bridge = TransformerBridge.boot_transformers(str(source), device="cpu")
+        bridge.eval()
+        ids = verify_ids.expand(verify_pixels.shape[0], -1)
+        with torch.no_grad():
+            with applying_image_directions(bridge, directions):
+                expected = bridge(ids, pixel_values=verify_pixels)
+            got = reloaded(input_ids=ids, pixel_values=verify_pixels).logits
+        error = float((got - expected).abs().max())
+    return ImageDirectionExport(str(out), directions.rank, directions.digest(), changed, error, error <= tolerance)
