@@ -242,36 +242,6 @@ def main() -> None:
     write_report(rows, args.steps, args.seeds, args.out)
 
 
-def select_omega(seeds: list[int], steps: int, out: Path) -> dict:
-    """Counterfactual accuracy on the probe split for each omega_2 of SELECT_OMEGA2 (validation, no groups)."""
-    from icp_lens.organisms.multimodal import build_waterbirds
-    from icp_lens.training.multimodal import MultimodalTrainConfig, data_from_probes, predict_classes, train_multimodal
-
-    runs = []
-    for seed in seeds:
-        org = build_waterbirds(seed=seed, progress=True)
-        processor = org.load_processor()
-        train = data_from_probes(org.data_path("train"), processor)
-        probe = data_from_probes(org.data_path("probe"), processor)
-        rows = probe.has_counterfactual
-        for w2 in SELECT_OMEGA2:
-            model = org.load_hf()
-            train_multimodal(model, train, MultimodalTrainConfig(objective="cimrl", omega=(1.0, w2, 1.0), steps=steps,
-                                                                 seed=seed))  # fmt: skip
-            right = predict_classes(model, probe)[rows] == probe.labels[rows]
-            right_cf = predict_classes(model, probe, counterfactual=True)[rows] == probe.labels[rows]
-            both = (right & right_cf).float().mean().item()
-            runs.append({"seed": seed, "omega_2": w2, "counterfactual_accuracy": both,
-                         "accuracy": right.float().mean().item()})  # fmt: skip
-            print(runs[-1], flush=True)
-    frame = pd.DataFrame(runs)
-    mean = frame.groupby("omega_2")["counterfactual_accuracy"].mean()
-    result = {"steps": steps, "seeds": seeds, "runs": runs, "mean": mean.to_dict(), "chosen": float(mean.idxmax())}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "multimodal_omega_selection.json").write_text(json.dumps(result, indent=2))
-    return result
-
-
 def _counterfactual_accuracy(model, probe) -> tuple[float, float]:
     """The share of probe images answered right both as they are and with the background swapped; accuracy."""
     from icp_lens.training.multimodal import predict_classes
@@ -280,6 +250,32 @@ def _counterfactual_accuracy(model, probe) -> tuple[float, float]:
     right = predict_classes(model, probe)[rows] == probe.labels[rows]
     right_cf = predict_classes(model, probe, counterfactual=True)[rows] == probe.labels[rows]
     return (right & right_cf).float().mean().item(), right.float().mean().item()
+
+
+def select_omega(seeds: list[int], steps: int, out: Path) -> dict:
+    """Counterfactual accuracy on the probe split for each omega_2 of SELECT_OMEGA2 (validation, no groups)."""
+    from icp_lens.organisms.multimodal import build_waterbirds
+    from icp_lens.training.multimodal import MultimodalTrainConfig, data_from_probes, train_multimodal
+
+    runs = []
+    for seed in seeds:
+        org = build_waterbirds(seed=seed, progress=True)
+        processor = org.load_processor()
+        train = data_from_probes(org.data_path("train"), processor)
+        probe = data_from_probes(org.data_path("probe"), processor)
+        for w2 in SELECT_OMEGA2:
+            model = org.load_hf()
+            train_multimodal(model, train, MultimodalTrainConfig(objective="cimrl", omega=(1.0, w2, 1.0), steps=steps,
+                                                                 seed=seed))  # fmt: skip
+            both, acc = _counterfactual_accuracy(model, probe)
+            runs.append({"seed": seed, "omega_2": w2, "counterfactual_accuracy": both, "accuracy": acc})
+            print(runs[-1], flush=True)
+    frame = pd.DataFrame(runs)
+    mean = frame.groupby("omega_2")["counterfactual_accuracy"].mean()
+    result = {"steps": steps, "seeds": seeds, "runs": runs, "mean": mean.to_dict(), "chosen": float(mean.idxmax())}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "multimodal_omega_selection.json").write_text(json.dumps(result, indent=2))
+    return result
 
 
 def select_cost(seeds: list[int], steps: int, out: Path) -> dict:
