@@ -412,9 +412,10 @@ def planted_section(methods: list[str] | None = None) -> dict[str, Any]:
         n = _n_layers(org.model_dir)
         train = _split_frames(org, ("train",))["train"]
         retain = [ex.prompt for ex in train[:64]]
+        # every 4th layer alone (all 30 layers at once: over 6 minutes an edit)
         row = _keyed_flow(org.model_dir, org.data_path("probe"), retain, splits, work / "keyed", n_layers=n,
                           oracle_worst=oracle_worst, base=out["base"],
-                          layer_sets=[[i] for i in range(1, n, 4)])  # fmt: skip  (all 30 layers at once: >6 min an edit)
+                          layer_sets=[[i] for i in range(1, n, 4)])  # fmt: skip
         save([row])
         _log(f"planted {KEYED_METHOD}: chosen {row['chosen_k']} -> {row.get('best', {}).get('test_balanced')}")
     return out
@@ -622,9 +623,10 @@ def report() -> str:
             "k is chosen on the validation split's worst-group accuracy (group labels used to choose k only; the "
             "scores and edits use the probe prompts and their counterfactuals, no group labels). Worst gap closed = "
             "(worst after - worst before) / (oracle worst - worst before). The keyed edit "
-            "(`icp-lens edit --target mean` on the probe pairs, retain text = 256 training prompts; no scores) "
-            "has no k: its column names the chosen layers (L) and retain weight (w), chosen the same way among "
-            "each layer alone and all layers x w 0.3, 3.",
+            "(`icp-lens edit --target mean` on the probe pairs; no scores) has no k: its column names the chosen "
+            "layers (L) and retain weight (w), chosen the same way among w 0.3, 3 x (organisms: each layer alone "
+            "and all layers, retain text = 256 training prompts; IMDB x SmolLM2: layers 1, 5, ..., 29 each alone, "
+            "retain text = 64 training prompts, as one edit of all 30 layers takes over 6 minutes on 2 cores).",
             "",
         ]
     text = "\n".join(parts)
