@@ -122,8 +122,10 @@ def run_image_scoring(args: argparse.Namespace) -> int:
     table.save(args.out)
     n_exact = int(table.frame["exact"].sum())
     seconds = time.perf_counter() - start
-    print(f"scored {len(table)} features ({', '.join(kinds)}; {n_exact} exact) on {n} image counterfactuals in "
-          f"{seconds:.1f} s -> {args.out}")  # fmt: skip
+    n_dirs = 0 if directions is None else directions.rank
+    what = " and ".join(part for part in (f"{len(table) - n_dirs} units of both towers" if units else "",
+                                          f"{n_dirs} image-token directions" if n_dirs else "") if part)  # fmt: skip
+    print(f"scored {what} ({n_exact} exact) on {n} image counterfactuals in {seconds:.1f} s -> {args.out}")
     if directions is not None:
         from icp_lens.directions.image import sidecar_path
 

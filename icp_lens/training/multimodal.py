@@ -23,7 +23,9 @@ objective        loss                                                        nee
                  the spurious counterfactual must not move the answer)       counterfactuals
 ===============  ==========================================================  ===============
 
-None of the CIMRL objectives reads group labels. Representations are read from the
+The ``x + delta`` copies are made for a share of each batch (``intervention_rows``, default
+half: chosen on validation data for cost, see :class:`MultimodalTrainConfig`). None of the
+CIMRL objectives reads group labels. Representations are read from the
 language model's last layer (``output_hidden_states``): ``z_s`` at the answer position
 (where image and text meet), ``z_v`` averaged over the image-token positions, ``z_t``
 over the other text positions; the three heads of the disentanglement term are linear
