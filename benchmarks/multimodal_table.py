@@ -242,6 +242,16 @@ def main() -> None:
     write_report(rows, args.steps, args.seeds, args.out)
 
 
+def _seed_splits(seed: int) -> tuple:
+    """The organism of ``seed`` and its training and probe splits as ``MultimodalData``."""
+    from icp_lens.organisms.multimodal import build_waterbirds
+    from icp_lens.training.multimodal import data_from_probes
+
+    org = build_waterbirds(seed=seed, progress=True)
+    processor = org.load_processor()
+    return org, data_from_probes(org.data_path("train"), processor), data_from_probes(org.data_path("probe"), processor)
+
+
 def _counterfactual_accuracy(model, probe) -> tuple[float, float]:
     """The share of probe images answered right both as they are and with the background swapped; accuracy."""
     from icp_lens.training.multimodal import predict_classes
@@ -254,15 +264,11 @@ def _counterfactual_accuracy(model, probe) -> tuple[float, float]:
 
 def select_omega(seeds: list[int], steps: int, out: Path) -> dict:
     """Counterfactual accuracy on the probe split for each omega_2 of SELECT_OMEGA2 (validation, no groups)."""
-    from icp_lens.organisms.multimodal import build_waterbirds
-    from icp_lens.training.multimodal import MultimodalTrainConfig, data_from_probes, train_multimodal
+    from icp_lens.training.multimodal import MultimodalTrainConfig, train_multimodal
 
     runs = []
     for seed in seeds:
-        org = build_waterbirds(seed=seed, progress=True)
-        processor = org.load_processor()
-        train = data_from_probes(org.data_path("train"), processor)
-        probe = data_from_probes(org.data_path("probe"), processor)
+        org, train, probe = _seed_splits(seed)
         for w2 in SELECT_OMEGA2:
             model = org.load_hf()
             train_multimodal(model, train, MultimodalTrainConfig(objective="cimrl", omega=(1.0, w2, 1.0), steps=steps,
@@ -282,15 +288,11 @@ def select_cost(seeds: list[int], steps: int, out: Path) -> dict:
     """How cheap may a CIMRL step be? Validation counterfactual accuracy (probe split, no group labels) and
     training seconds of each of COST_SETTINGS; the cheapest setting within COST_TOLERANCE of the best mean
     score is chosen (the library's default ``stop_gradient`` and ``intervention_rows``)."""
-    from icp_lens.organisms.multimodal import build_waterbirds
-    from icp_lens.training.multimodal import MultimodalTrainConfig, data_from_probes, train_multimodal
+    from icp_lens.training.multimodal import MultimodalTrainConfig, train_multimodal
 
     runs = []
     for seed in seeds:
-        org = build_waterbirds(seed=seed, progress=True)
-        processor = org.load_processor()
-        train = data_from_probes(org.data_path("train"), processor)
-        probe = data_from_probes(org.data_path("probe"), processor)
+        org, train, probe = _seed_splits(seed)
         for name, (stop, share) in COST_SETTINGS.items():
             model = org.load_hf()
             config = MultimodalTrainConfig(objective="cimrl", omega=DEFAULT_OMEGA, steps=steps, seed=seed,

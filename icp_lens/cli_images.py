@@ -195,20 +195,27 @@ def run_image_prune(args: argparse.Namespace) -> int:
                                  verify_pixels=None if args.no_verify else pixels, tolerance=args.tolerance,
                                  plan=plan)  # fmt: skip
     seconds = time.perf_counter() - start
+    source = f"{pixels.shape[0]} {'--probe' if data is not None else 'random'} images"
+    summary = [f"pruned {len(features)} units ({args.mode}; {report.changed_weights} weights changed) -> {args.out}",
+               "features: " + (", ".join(plan["features"]) or "(none)"),
+               f"export took {seconds:.2f} s; plan written to {args.out / 'plan.json'}"]  # fmt: skip
+    return _print_export(args, plan, {"units": report.units, "changed_weights": report.changed_weights}, seconds,
+                         report, summary, f"hook ablation on the bridge ({source})")  # fmt: skip
+
+
+def _print_export(args: argparse.Namespace, plan: dict[str, Any], extra: dict[str, Any], seconds: float,
+                  report: Any, summary: list[str], against: str) -> int:  # fmt: skip
+    """Print a prune's result (``--json``: one object; else ``summary`` and the verification verdict); exit status."""
     verified = {"max_abs_logit_diff": report.max_abs_logit_diff, "passed": report.passed, "tolerance": args.tolerance}
     if args.json:
-        print(json.dumps({**plan, "units": report.units, "changed_weights": report.changed_weights,
-                          "out": str(args.out), "export_seconds": round(seconds, 2),
+        print(json.dumps({**plan, **extra, "out": str(args.out), "export_seconds": round(seconds, 2),
                           "verification": None if args.no_verify else verified}, indent=2))  # fmt: skip
     else:
-        print(f"pruned {len(features)} units ({args.mode}; {report.changed_weights} weights changed) -> {args.out}")
-        print("features: " + (", ".join(plan["features"]) or "(none)"))
-        print(f"export took {seconds:.2f} s; plan written to {args.out / 'plan.json'}")
+        print("\n".join(summary))
         if not args.no_verify:
-            source = f"{pixels.shape[0]} {'--probe' if data is not None else 'random'} images"
             verdict = "PASS" if report.passed else "FAIL"
-            print(f"verification against hook ablation on the bridge ({source}): max |logit diff| "
-                  f"{report.max_abs_logit_diff:.1e} <= {args.tolerance:g}: {verdict}")  # fmt: skip
+            print(f"verification against {against}: max |logit diff| {report.max_abs_logit_diff:.1e} <= "
+                  f"{args.tolerance:g}: {verdict}")  # fmt: skip
     return 0 if args.no_verify or report.passed else 1
 
 
@@ -237,20 +244,11 @@ def _prune_image_directions(args: argparse.Namespace, features: list[Any]) -> in
                                      verify_pixels=None if args.no_verify else pixels, tolerance=args.tolerance,
                                      plan=plan)  # fmt: skip
     seconds = time.perf_counter() - start
-    verified = {"max_abs_logit_diff": report.max_abs_logit_diff, "passed": report.passed, "tolerance": args.tolerance}
-    if args.json:
-        print(json.dumps({**plan, "digest": report.digest, "changed_weights": report.changed_weights,
-                          "out": str(args.out), "export_seconds": round(seconds, 2),
-                          "verification": None if args.no_verify else verified}, indent=2))  # fmt: skip
-    else:
-        what = "held at their means" if args.mode == "mean" else "projected out"
-        print(f"folded {len(idx)} image-token direction(s), {what}, into the projector -> {args.out}")
-        print(f"export took {seconds:.2f} s; plan (with the directions' digest) written to {args.out / 'plan.json'}")
-        if not args.no_verify:
-            verdict = "PASS" if report.passed else "FAIL"
-            print(f"verification against the edit as a hook on the bridge: max |logit diff| "
-                  f"{report.max_abs_logit_diff:.1e} <= {args.tolerance:g}: {verdict}")  # fmt: skip
-    return 0 if args.no_verify or report.passed else 1
+    what = "held at their means" if args.mode == "mean" else "projected out"
+    summary = [f"folded {len(idx)} image-token direction(s), {what}, into the projector -> {args.out}",
+               f"export took {seconds:.2f} s; plan (with the directions' digest) written to {args.out / 'plan.json'}"]
+    return _print_export(args, plan, {"digest": report.digest, "changed_weights": report.changed_weights}, seconds,
+                         report, summary, "the edit as a hook on the bridge")  # fmt: skip
 
 
 def _check_table_model(table: Any, args: argparse.Namespace) -> None:

@@ -44,13 +44,20 @@ def diff_means(
     if rank == 1:
         a = _unit(delta.mean(0))[None]
         return a, a.clone()
+    a = paired_svd(delta, rank)
+    return a, a.clone()
+
+
+def paired_svd(delta: Float[Tensor, "n d"], rank: int) -> Float[Tensor, "k d"]:
+    """The ``rank`` leading right-singular vectors of paired differences (uncentred, float64), orthonormal rows,
+    each sign-aligned with the mean difference."""
+    delta = delta.double()
     if rank > min(delta.shape):
         raise ValueError(f"rank {rank} exceeds what {delta.shape[0]} pairs in {delta.shape[1]} dimensions support")
     _, _, vh = torch.linalg.svd(delta, full_matrices=False)
     a = vh[:rank]
     signs = torch.sign(a @ delta.mean(0))
-    a = a * torch.where(signs == 0, torch.ones_like(signs), signs)[:, None]
-    return a, a.clone()
+    return a * torch.where(signs == 0, torch.ones_like(signs), signs)[:, None]
 
 
 def shrunk_covariance(x: Float[Tensor, "n d"], shrinkage: float = 0.1) -> Float[Tensor, "d d"]:

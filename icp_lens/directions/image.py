@@ -42,6 +42,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from icp_lens.directions.estimators import paired_svd
 from icp_lens.hooks import capturing, hooked
 from icp_lens.scoring.image_patching import candidate_margin
 
@@ -146,13 +147,7 @@ def fit_image_directions(
     h = projector_tokens(model, data.input_ids, data.pixel_values[paired], batch_size=batch_size)
     h_cf = projector_tokens(model, data.input_ids, data.counterfactual[paired], batch_size=batch_size)
     d = h.shape[-1]
-    delta = (h_cf - h).reshape(-1, d).double()
-    if rank > min(delta.shape):
-        raise ValueError(f"rank {rank} exceeds what {delta.shape[0]} token differences in {d} dimensions support")
-    _, _, vh = torch.linalg.svd(delta, full_matrices=False)
-    vectors = vh[:rank]
-    signs = torch.sign(vectors @ delta.mean(0))
-    vectors = vectors * torch.where(signs == 0, torch.ones_like(signs), signs)[:, None]
+    vectors = paired_svd((h_cf - h).reshape(-1, d), rank)  # every image token of every pair a row
     means = torch.cat([h, h_cf]).reshape(-1, d).double().mean(0) @ vectors.T
     return ImageDirections(vectors=vectors.float(), means=means.float(), source=f"paired-svd-{rank}")
 
@@ -350,10 +345,10 @@ def export_image_directions(
     """
     import json
 
-    from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from icp_lens.atomic import atomic_directory
+    from icp_lens.pruning.multimodal import compare_with_bridge
 
     model = AutoModelForImageTextToText.from_pretrained(str(source)).eval()
     layer = fold_image_directions(model, directions)
@@ -368,13 +363,6 @@ def export_image_directions(
             (Path(tmp) / "plan.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
     error = 0.0
     if verify_ids is not None and verify_pixels is not None:
-        reloaded = AutoModelForImageTextToText.from_pretrained(str(out)).eval()
-        bridge = TransformerBridge.boot_transformers(str(source), device="cpu")
-        bridge.eval()
-        ids = verify_ids.expand(verify_pixels.shape[0], -1)
-        with torch.no_grad():
-            with applying_image_directions(bridge, directions):
-                expected = bridge(ids, pixel_values=verify_pixels)
-            got = reloaded(input_ids=ids, pixel_values=verify_pixels).logits
-        error = float((got - expected).abs().max())
+        error = compare_with_bridge(source, out, verify_ids, verify_pixels,
+                                    lambda bridge: applying_image_directions(bridge, directions))  # fmt: skip
     return ImageDirectionExport(str(out), directions.rank, directions.digest(), changed, error, error <= tolerance)

@@ -23,7 +23,8 @@ from __future__ import annotations
 import copy
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "LlavaPruneReport", "llava_mlp_out", "llava_out_proj", "unit_columns", "prune_llava_neurons",
-    "prune_llava_units", "export_pruned_llava",
+    "prune_llava_units", "export_pruned_llava", "compare_with_bridge",
 ]  # fmt: skip
 
 _V, _T = r"vision_encoder\.encoder_layers\.(\d+)\.", r"blocks\.(\d+)\."
@@ -165,7 +166,6 @@ def export_pruned_llava(
     ``plan.json`` with the same all-or-nothing write, completed with ``units``,
     ``mean_ablated`` and ``changed_weights``.
     """
-    from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from icp_lens.atomic import atomic_directory
@@ -183,9 +183,6 @@ def export_pruned_llava(
             (Path(tmp) / "plan.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
     error = 0.0
     if verify_ids is not None and verify_pixels is not None:
-        reloaded = AutoModelForImageTextToText.from_pretrained(str(out)).eval()
-        bridge = TransformerBridge.boot_transformers(str(source), device="cpu")
-        bridge.eval()
 
         def ablate(name: str, idx: list[int]):
             head = name.endswith("attn.hook_z")  # [n, pos, heads, d_head]: a unit is one head's vector
@@ -201,14 +198,33 @@ def export_pruned_llava(
 
             return fn
 
-        ids = verify_ids.expand(verify_pixels.shape[0], -1)
-        with torch.no_grad():
-            with hooked(bridge, [(name, ablate(name, list(idx))) for name, idx in units.items()]):
-                expected = bridge(ids, pixel_values=verify_pixels)
-            got = reloaded(input_ids=ids, pixel_values=verify_pixels).logits
-        error = float((got - expected).abs().max())
+        hooks = [(name, ablate(name, list(idx))) for name, idx in units.items()]
+        error = compare_with_bridge(source, out, verify_ids, verify_pixels, lambda bridge: hooked(bridge, hooks))
     return LlavaPruneReport(
         out=str(out), units={k: [int(i) for i in v] for k, v in units.items()},
         mean_ablated=sorted(set(means or {}) & set(units)), changed_weights=changed,
         max_abs_logit_diff=error, passed=error <= tolerance,
     )  # fmt: skip
+
+
+def compare_with_bridge(
+    source: str | Path,
+    out: str | Path,
+    ids: Int[Tensor, " pos"],
+    pixels: Float[Tensor, "n 3 h w"],
+    edit: Callable[[Any], AbstractContextManager[Any]],
+) -> float:
+    """Max |logit diff| between the checkpoint written to ``out`` (reloaded with ``transformers`` alone) and the
+    source checkpoint on a ``TransformerBridge`` inside ``edit(bridge)`` (the same edit done at run time)."""
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoModelForImageTextToText
+
+    reloaded = AutoModelForImageTextToText.from_pretrained(str(out)).eval()
+    bridge = TransformerBridge.boot_transformers(str(source), device="cpu")
+    bridge.eval()
+    ids = ids.expand(pixels.shape[0], -1)
+    with torch.no_grad():
+        with edit(bridge):
+            expected = bridge(ids, pixel_values=pixels)
+        got = reloaded(input_ids=ids, pixel_values=pixels).logits
+    return float((got - expected).abs().max())
