@@ -10,7 +10,10 @@
     ``--dtype``. ``--kinds image_direction`` (alone or beside the units) fits
     ``--direction-rank`` directions of the image tokens at the projector's output from the
     image counterfactual pairs (:mod:`icp_lens.directions.image`) and scores each by its
-    resample effect; their vectors are written beside the table as
+    resample effect (``--direction-sites projector``, the default, or ``vision_embed``: the
+    vision tower's embeddings); where the rows carry ``image_causal_counterfactual`` (other object,
+    same background) the directions are made orthogonal to the object's leading direction
+    first (``--keep-causal none`` turns that off); their vectors are written beside the table as
     ``<stem>.image_directions.safetensors``. The table and its provenance (``.meta.json``:
     model fingerprint, probe digest, settings) are written as for text probes.
 ``icp-lens prune --model DIR --scores scores.csv --out DIR2 --top-k K``
@@ -22,7 +25,8 @@
     mean mode refuses its units). The checkpoint (model + processor + ``plan.json``) is
     reloaded with ``transformers`` alone and compared with the same ablation done by hooks
     on the bridge, on the ``--probe`` images (or seeded random pixels). Selected
-    ``image_direction`` rows are folded into the projector's last linear layer instead
+    ``image_direction`` rows are folded into the projector's last linear layer (or the
+    vision embeddings, where they were fitted) instead
     (``--mode mean``: coordinates held at their fitted means; ``zero``: projected out), read
     from the table's ``.image_directions.safetensors`` and verified against the same edit
     as a hook; ``plan.json`` records their digest. Units and directions are pruned in
@@ -45,7 +49,7 @@ __all__ = ["is_vision_language", "run_image_scoring", "run_image_prune"]
 _SCORE_TEXT_ONLY = {
     "qk_fix": False, "grad_drop": False, "intervention": ["resample"], "metric": "logit_diff", "weight": "uniform",
     "checkpoint": None, "shard": None, "device_map": None, "offload_folder": None, "directions": "leace",
-    "direction_sites": ["resid_pre"], "direction_positions": "last",
+    "direction_positions": "last",
 }  # fmt: skip
 #: the kind of a fitted direction of the image tokens (``icp_lens.directions.image``)
 IMAGE_DIRECTION = "image_direction"
@@ -71,6 +75,20 @@ def is_vision_language(model_dir: str | Path) -> bool:
         return False
 
 
+def _image_direction_site(sites: list[str] | None, wanted: bool) -> str:
+    """The one ``--direction-sites`` value of image directions (``resid_pre``, the text default: ``projector``)."""
+    from icp_lens.directions.image import IMAGE_DIRECTION_SITES
+
+    if sites is None or list(sites) == ["resid_pre"]:
+        return "projector"
+    if not wanted:
+        raise ValueError("--direction-sites applies to --kinds image_direction on image probes")
+    if len(sites) != 1 or sites[0] not in IMAGE_DIRECTION_SITES:
+        raise ValueError(f"--direction-sites {','.join(sites)}: image directions take one site of "
+                         f"{list(IMAGE_DIRECTION_SITES)}")  # fmt: skip
+    return sites[0]
+
+
 def run_image_scoring(args: argparse.Namespace) -> int:
     """The ``score`` command's image path; returns the exit status."""
     import pandas as pd
@@ -92,7 +110,11 @@ def run_image_scoring(args: argparse.Namespace) -> int:
     verify = int(args.verify_top) if args.verify_top >= 1 or args.verify_top == 0 else float(args.verify_top)
     start = time.perf_counter()
     processor = AutoProcessor.from_pretrained(str(args.model))
-    data = data_from_probes(args.probe, processor)
+    keep_causal = getattr(args, "keep_causal", None)
+    site = _image_direction_site(getattr(args, "direction_sites", None), IMAGE_DIRECTION in kinds)
+    data = data_from_probes(args.probe, processor, causal=IMAGE_DIRECTION in kinds and keep_causal != "none")
+    if keep_causal == "write" and data.causal is None:
+        raise ValueError("--keep-causal write on image probes needs rows with an image_causal_counterfactual")
     bridge = boot_bridge(args.model, dtype=resolve_dtype(args.dtype), device=_device(args))
     units = [k for k in kinds if k != IMAGE_DIRECTION]
     frames, directions = [], None
@@ -104,13 +126,17 @@ def run_image_scoring(args: argparse.Namespace) -> int:
     if IMAGE_DIRECTION in kinds:
         from icp_lens.directions.image import fit_image_directions, image_direction_scores
 
-        directions = fit_image_directions(bridge, data, rank=args.direction_rank, batch_size=args.batch_size)
+        # the object's direction is kept (one causal direction) whenever the rows carry causal images
+        keep = 0 if data.causal is None else 1
+        directions = fit_image_directions(bridge, data, rank=args.direction_rank, batch_size=args.batch_size,
+                                          keep_causal=keep, site=site)  # fmt: skip
         frames.append(image_direction_scores(bridge, data, directions, batch_size=args.batch_size).frame)
     settings = {"method": args.method or "hybrid", "kinds": kinds, "layers": args.layers,
                 "verify_top": args.verify_top, "intervention": ["resample"], "metric": "candidate_margin",
                 "dtype": args.dtype, "modality": "image"}  # fmt: skip
     if directions is not None:
-        settings.update(direction_rank=args.direction_rank, image_directions=directions.source)
+        settings.update(direction_rank=args.direction_rank, image_directions=directions.source, direction_site=site,
+                        cos_causal=None if directions.cos_causal is None else list(directions.cos_causal))  # fmt: skip
     n = int(data.has_counterfactual.sum())
     meta = table_provenance(args.model, args.probe, n_examples=n, settings=settings)
     table = ScoreTable(pd.concat(frames, ignore_index=True), meta=meta)
@@ -129,7 +155,11 @@ def run_image_scoring(args: argparse.Namespace) -> int:
     if directions is not None:
         from icp_lens.directions.image import sidecar_path
 
-        print(f"image-token directions (rank {directions.rank}, {directions.source}) -> {sidecar_path(args.out)}")
+        print(f"image-token directions (rank {directions.rank}, {directions.source}, at {directions.hook_name}) -> "
+              f"{sidecar_path(args.out)}")  # fmt: skip
+        if directions.cos_causal is not None:
+            cos = ", ".join(f"{c:.3f}" for c in directions.cos_causal)
+            print(f"made orthogonal to the object's direction (image_causal_counterfactual); cosine before: {cos}")
     print(f"provenance (model fingerprint, probe digest, settings) -> {meta_path(args.out)}")
     print(table.top(10)[["feature", "hook_name", "score", "ci_low", "ci_high", "exact"]].to_string(index=False))
     return 0
@@ -220,11 +250,18 @@ def _print_export(args: argparse.Namespace, plan: dict[str, Any], extra: dict[st
 
 
 def _prune_image_directions(args: argparse.Namespace, features: list[Any]) -> int:
-    """Fold the selected image-token directions into the projector (mean: their fitted means; zero: project out)."""
+    """Fold the selected image-token directions into the projector or the vision embeddings, where they were
+    fitted (mean: their fitted means; zero: project out)."""
     import torch
     from transformers import AutoProcessor
 
-    from icp_lens.directions.image import ImageDirections, export_image_directions, load_image_directions, sidecar_path
+    from icp_lens.directions.image import (
+        VISION_EMBED_HOOK,
+        ImageDirections,
+        export_image_directions,
+        load_image_directions,
+        sidecar_path,
+    )  # fmt: skip
     from icp_lens.training.multimodal import data_from_probes
 
     fitted = load_image_directions(sidecar_path(args.scores))
@@ -245,7 +282,8 @@ def _prune_image_directions(args: argparse.Namespace, features: list[Any]) -> in
                                      plan=plan)  # fmt: skip
     seconds = time.perf_counter() - start
     what = "held at their means" if args.mode == "mean" else "projected out"
-    summary = [f"folded {len(idx)} image-token direction(s), {what}, into the projector -> {args.out}",
+    into = "the vision embeddings" if chosen.hook_name == VISION_EMBED_HOOK else "the projector"
+    summary = [f"folded {len(idx)} image-token direction(s), {what}, into {into} -> {args.out}",
                f"export took {seconds:.2f} s; plan (with the directions' digest) written to {args.out / 'plan.json'}"]
     return _print_export(args, plan, {"digest": report.digest, "changed_weights": report.changed_weights}, seconds,
                          report, summary, "the edit as a hook on the bridge")  # fmt: skip

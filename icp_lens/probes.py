@@ -15,12 +15,16 @@ A probe file is JSON Lines, one example per line::
 - ``spurious_counterfactual`` (optional): the prompt with only the spurious attribute
   changed; the right answer stays ``answer``.
 - ``causal_counterfactual`` (optional): the prompt with the true cause changed; the
-  right answer becomes ``causal_answer`` (which requires a causal counterfactual).
+  right answer becomes ``causal_answer`` (which requires a causal counterfactual, of
+  the text or of the image).
 - ``group`` (optional): a label for group-wise metrics (e.g. worst-group accuracy).
 - ``image`` (optional): an image the model sees with the prompt (vision-language
   models), a path relative to the JSONL file.
 - ``image_counterfactual`` (optional, needs ``image``): the image with only the spurious
   attribute changed (same object, other background); the right answer stays ``answer``.
+- ``image_causal_counterfactual`` (optional, needs ``image`` and ``causal_answer``): the
+  image with only the true cause changed (other object, same background); the prompt
+  stays, and the right answer becomes ``causal_answer``.
 
 Files without images are read exactly as before. :func:`read_probes` checks every image
 when it reads the file: it must exist, open as an image, and have the size of the file's
@@ -69,8 +73,9 @@ _OPTIONAL_FIELDS: tuple[str, ...] = (
     "group",
     "image",
     "image_counterfactual",
+    "image_causal_counterfactual",
 )
-IMAGE_FIELDS: tuple[str, ...] = ("image", "image_counterfactual")
+IMAGE_FIELDS: tuple[str, ...] = ("image", "image_counterfactual", "image_causal_counterfactual")
 FIELDS: tuple[str, ...] = REQUIRED_FIELDS + _OPTIONAL_FIELDS
 
 
@@ -98,6 +103,7 @@ class ProbeExample:
     group: str | None = None
     image: str | None = None
     image_counterfactual: str | None = None
+    image_causal_counterfactual: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.alternatives, list):
@@ -156,10 +162,13 @@ def _problem(ex: ProbeExample) -> str | None:
         return "'alternatives' is empty; give at least one wrong answer"
     if ex.answer in ex.alternatives:
         return f"answer {ex.answer!r} is listed among alternatives {list(ex.alternatives)}"
-    if ex.causal_answer is not None and ex.causal_counterfactual is None:
+    if ex.causal_answer is not None and ex.causal_counterfactual is None and ex.image_causal_counterfactual is None:
         return "'causal_answer' is given without 'causal_counterfactual'"
-    if ex.image_counterfactual is not None and ex.image is None:
-        return "'image_counterfactual' is given without 'image'"
+    for field in ("image_counterfactual", "image_causal_counterfactual"):
+        if getattr(ex, field) is not None and ex.image is None:
+            return f"'{field}' is given without 'image'"
+    if ex.image_causal_counterfactual is not None and ex.causal_answer is None:
+        return "'image_causal_counterfactual' is given without 'causal_answer' (the answer the other object needs)"
     return None
 
 
@@ -188,7 +197,7 @@ def _check_image(path: Path, field: str, name: str, expected: tuple[int, int] | 
 
 
 def image_file(probe_file: str | Path, ex: ProbeExample, field: str = "image") -> Path | None:
-    """The path of ``ex``'s ``image`` (or ``image_counterfactual``), resolved against its probe file's folder."""
+    """The path of ``ex``'s ``image`` (or another of ``IMAGE_FIELDS``), resolved against its probe file's folder."""
     if field not in IMAGE_FIELDS:
         raise ValueError(f"field must be one of {IMAGE_FIELDS}, got {field!r}")
     name = getattr(ex, field)
@@ -279,7 +288,7 @@ def read_probes(
 ) -> list[ProbeExample]:
     """Read and validate a probe JSONL file (blank lines are skipped).
 
-    Images (``image``, ``image_counterfactual``: paths relative to the file) must exist,
+    Images (``IMAGE_FIELDS``: paths relative to the file) must exist,
     open, and be ``image_size`` ``(width, height)`` when given, else the size of the
     file's first image; the paths are kept as written (:func:`image_file` resolves them).
 

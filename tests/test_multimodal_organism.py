@@ -64,6 +64,10 @@ def test_splits_follow_the_label_model() -> None:
     assert all(0 <= s.x % 4 <= 1 and 0 <= s.y % 4 <= 1 for s in train[:200])  # a bird lies in one 4x4 patch
     row = probe_example(balanced[0], "images/a.png", "images/a_cf.png")
     assert row.prompt == "<image> bird ->" and row.answer == " " + balanced[0].label and row.group == balanced[0].group
+    assert row.causal_answer is None and row.image_causal_counterfactual is None
+    noisy = next(s for s in train if s.bird != s.label)  # the causal answer follows the other bird, not the label
+    row = probe_example(noisy, "images/a.png", None, "images/a_causal.png")
+    assert row.image_causal_counterfactual == "images/a_causal.png" and row.causal_answer == " " + noisy.label
     with pytest.raises(ValueError, match="unknown split 'dev'"):
         generate_scenes(task, "dev", 3, seed=0)
     with pytest.raises(ValueError, match="shortcut_rate must be in"):
@@ -624,11 +628,14 @@ def test_image_directions_through_score_and_prune(waterbirds, tmp_path: Path, ca
     probe, scores = str(org.data_path("probe")), tmp_path / "dirs.csv"
     assert main(["score", "--model", str(org.model_dir), "--probe", probe, "--out", str(scores), "--kinds",
                  "image_direction", "--direction-rank", "2", "--quiet"]) == 0  # fmt: skip
-    capsys.readouterr()
+    printed = capsys.readouterr().out
     table = ScoreTable.load(scores)
     assert list(table.frame["kind"]) == ["image_direction"] * 2 and table.meta["settings"]["direction_rank"] == 2
     fitted = load_image_directions(sidecar_path(scores))
-    assert fitted.rank == 2 and fitted.source == "paired-svd-2"
+    # the probe rows carry causal images, so the bird's direction is kept by default
+    assert fitted.rank == 2 and fitted.source == "paired-svd-2-keep-causal-1" and len(fitted.cos_causal) == 2
+    assert table.meta["settings"]["cos_causal"] == pytest.approx(list(fitted.cos_causal))
+    assert "made orthogonal to the object's direction" in printed
     values, _, _ = image_direction_values(org.load_bridge(), data_from_probes(probe, org.load_processor()), fitted)
     by_index = table.frame.set_index("index")["effect_resample"]
     for i in range(2):
@@ -653,3 +660,103 @@ def test_image_directions_through_score_and_prune(waterbirds, tmp_path: Path, ca
     assert main(["score", "--model", str(org.model_dir), "--probe", probe, "--out", str(tmp_path / "x.csv"),
                  "--kinds", "image_direction", "--directions", "diff-means"]) == 2  # fmt: skip
     assert "--directions do(es) not apply to image probes" in capsys.readouterr().err
+    assert main(["score", "--model", str(org.model_dir), "--probe", probe, "--out", str(tmp_path / "plain.csv"),
+                 "--kinds", "image_direction", "--keep-causal", "none", "--quiet"]) == 0  # fmt: skip
+    plain = load_image_directions(sidecar_path(tmp_path / "plain.csv"))
+    assert plain.source == "paired-svd-1" and plain.cos_causal is None
+
+
+def test_image_directions_keep_the_objects_direction(waterbirds, tmp_path: Path) -> None:
+    """With causal images (other bird, same background) the spurious directions are made orthogonal to the bird's
+    leading direction: by hand, with the cosine before recorded, and the edit leaves the bird's coordinate alone."""
+    import dataclasses
+
+    from icp_lens.directions.estimators import paired_svd
+    from icp_lens.directions.image import (
+        _orthogonal_to,
+        fit_image_directions,
+        load_image_directions,
+        projector_tokens,
+        save_image_directions,
+    )  # fmt: skip
+    from icp_lens.probes import image_file
+    from icp_lens.training.multimodal import data_from_probes
+
+    org, _ = waterbirds
+    row = org.probes("probe")[0]  # the causal image shows the other bird; the causal answer is that bird's class
+    assert row.causal_answer in (" landbird", " waterbird") and row.image_causal_counterfactual is not None
+    assert image_file(org.data_path("probe"), row, "image_causal_counterfactual").is_file()
+    bridge = org.load_bridge()
+    data = data_from_probes(org.data_path("probe"), org.load_processor(), causal=True)
+    assert data.causal is not None and bool(data.has_causal.all())  # every scene has one, grey ones too
+    rows = data.has_counterfactual.nonzero().flatten()[:24]
+    kept = fit_image_directions(bridge, data, rows=rows, rank=2)  # default: one causal direction kept
+    assert kept.source == "paired-svd-2-keep-causal-1"
+    h = projector_tokens(bridge, data.input_ids, data.pixel_values[rows])
+    h_c = projector_tokens(bridge, data.input_ids, data.causal[rows])
+    bird = paired_svd((h_c - h).reshape(-1, h.shape[-1]), 1)[0].float()  # the bird's direction, by hand
+    assert (kept.vectors @ bird).abs().max() <= 1e-5
+    assert torch.allclose(kept.vectors @ kept.vectors.T, torch.eye(2), atol=1e-5)
+    plain = fit_image_directions(bridge, data, rows=rows, rank=2, keep_causal=0)
+    no_causal = dataclasses.replace(data, causal=None, has_causal=None)
+    assert torch.equal(plain.vectors, fit_image_directions(bridge, no_causal, rows=rows, rank=2).vectors)
+    cos = (plain.vectors @ bird).abs()
+    assert kept.cos_causal == pytest.approx(cos.tolist(), abs=1e-4) and max(kept.cos_causal) > 0.01
+    # the edit holds the background's coordinates and never moves a token along the bird's direction
+    assert torch.allclose(kept.edit(h) @ bird, h @ bird, atol=1e-4)
+    assert not torch.allclose(plain.edit(h) @ bird, h @ bird, atol=1e-3)
+    again = load_image_directions(save_image_directions(kept, tmp_path / "d.safetensors"))
+    assert again.cos_causal == pytest.approx(kept.cos_causal) and again.source == kept.source
+    with pytest.raises(ValueError, match="image_causal_counterfactual"):
+        fit_image_directions(bridge, no_causal, rows=rows, keep_causal=1)
+    with pytest.raises(ValueError, match="inside the causal subspace"):
+        _orthogonal_to(plain.vectors[:1].double(), plain.vectors[:1].double())
+
+
+def test_vision_embedding_directions_fold_exactly_and_through_the_cli(waterbirds, tmp_path: Path, capsys) -> None:
+    """Directions of the vision tower's embeddings: the fold into the patch convolution, class and position
+    embeddings equals the hook at run time; ``score --direction-sites vision_embed`` -> ``prune`` writes it."""
+    from transformers import AutoModelForImageTextToText
+
+    from icp_lens.directions.image import (
+        VISION_EMBED_HOOK,
+        applying_image_directions,
+        fit_image_directions,
+        fold_image_directions,
+        load_image_directions,
+        sidecar_path,
+    )  # fmt: skip
+    from icp_lens.training.multimodal import data_from_probes
+
+    org, _ = waterbirds
+    bridge = org.load_bridge()
+    probe = data_from_probes(org.data_path("probe"), org.load_processor(), causal=True)
+    rows = probe.has_counterfactual.nonzero().flatten()[:24]
+    dirs = fit_image_directions(bridge, probe, rows=rows, rank=2, site="vision_embed")
+    assert dirs.hook_name == VISION_EMBED_HOOK and dirs.vectors.shape == (2, 32)  # the vision tower's width
+    pixels, ids = org.pixel_values("test_balanced")[:8], probe.input_ids.expand(8, -1)
+    with torch.no_grad(), applying_image_directions(bridge, dirs):
+        hooked_logits = bridge(ids, pixel_values=pixels)
+    hf = org.load_hf()
+    embeddings = fold_image_directions(hf, dirs)
+    assert embeddings is hf.model.vision_tower.embeddings and embeddings.patch_embedding.weight.shape == (32, 3, 4, 4)
+    with torch.no_grad():
+        folded = hf(input_ids=ids, pixel_values=pixels).logits
+        plain = org.load_hf()(input_ids=ids, pixel_values=pixels).logits
+    assert (folded - hooked_logits).abs().max() <= 1e-4 < (folded - plain).abs().max()
+    with pytest.raises(ValueError, match="unknown image direction site 'vision_out'; valid"):
+        fit_image_directions(bridge, probe, site="vision_out")
+    probe_file, scores = str(org.data_path("probe")), tmp_path / "embed.csv"
+    assert main(["score", "--model", str(org.model_dir), "--probe", probe_file, "--out", str(scores), "--kinds",
+                 "image_direction", "--direction-sites", "vision_embed", "--quiet"]) == 0  # fmt: skip
+    assert f"at {VISION_EMBED_HOOK}" in capsys.readouterr().out
+    assert load_image_directions(sidecar_path(scores)).hook_name == VISION_EMBED_HOOK
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(org.model_dir), "--scores", str(scores), "--top-k", "1", "--probe",
+                 probe_file, "--out", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "into the vision embeddings" in printed and "PASS" in printed
+    AutoModelForImageTextToText.from_pretrained(str(out))  # plain transformers reads it
+    assert main(["score", "--model", str(org.model_dir), "--probe", probe_file, "--out", str(tmp_path / "x.csv"),
+                 "--kinds", "image_direction", "--direction-sites", "projector,vision_embed"]) == 2  # fmt: skip
+    assert "image directions take one site of ['projector', 'vision_embed']" in capsys.readouterr().err

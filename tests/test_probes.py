@@ -191,7 +191,11 @@ def test_image_probes_load_resolve_and_fail_loudly(tmp_path):
     assert image_file(path, examples[0], "image_counterfactual") == tmp_path / "img" / "0_cf.png"
     assert image_file(path, examples[1]) is None
     assert write_probes(tmp_path / "again.jsonl", examples).read_text() == path.read_text()
-    with pytest.raises(ValueError, match=r"field must be one of \('image', 'image_counterfactual'\)"):
+    causal = {**shot, "image_causal_counterfactual": "img/0_cf.png", "causal_answer": " neg"}  # no text causal cf
+    (row,) = read_probes(_write_lines(tmp_path / "causal.jsonl", [causal]))
+    assert image_file(tmp_path / "causal.jsonl", row, "image_causal_counterfactual") == tmp_path / "img" / "0_cf.png"
+    assert row.causal_answer == " neg" and row.causal_counterfactual is None
+    with pytest.raises(ValueError, match=r"field must be one of \('image', 'image_counterfactual', 'image_causal"):
         image_file(path, examples[0], "picture")
     cases = [
         ({**GOOD_LINE, "image": "img/missing.png"}, r"line 2: image 'img/missing.png' not found"),
@@ -200,6 +204,12 @@ def test_image_probes_load_resolve_and_fail_loudly(tmp_path):
          r"line 2: image_counterfactual 'img/small.png' is 4x4, expected 8x6"),
         ({**GOOD_LINE, "image_counterfactual": "img/0.png"}, r"line 2: 'image_counterfactual' is given without"),
         ({**GOOD_LINE, "image": 3}, r"line 2: field 'image' must be a string"),
+        ({**GOOD_LINE, "image_causal_counterfactual": "img/0.png", "causal_answer": " neg"},
+         r"line 2: 'image_causal_counterfactual' is given without 'image'"),
+        ({**GOOD_LINE, "image": "img/0.png", "image_causal_counterfactual": "img/0_cf.png"},
+         r"line 2: 'image_causal_counterfactual' is given without 'causal_answer'"),
+        ({**GOOD_LINE, "image": "img/0.png", "image_causal_counterfactual": "img/small.png", "causal_answer": " neg"},
+         r"line 2: image_causal_counterfactual 'img/small.png' is 4x4, expected 8x6"),
     ]  # fmt: skip
     for bad, message in cases:
         with pytest.raises(ProbeFormatError, match=message):

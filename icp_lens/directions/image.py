@@ -15,12 +15,33 @@ cancel), orthonormal rows ``V [k, d]``, each sign-aligned with the mean differen
 ``m = V h`` averaged over the fitting images and tokens (both versions) is the attribute's
 mean coordinate.
 
+**Keeping the object** (``keep_causal``, on by default when the rows carry
+``image_causal_counterfactual``: the other object on the same background). The spurious
+directions may also carry the object's evidence: where background and bird move the same
+coordinates, holding them fixed blinds the model to the bird too (on the organism, a
+rank-1 edit can leave a model that answers one class). The causal differences
+``h(x_c) - h(x)`` give ``keep_causal`` directions ``C`` by the same paired SVD, and ``V`` is
+made orthogonal to them (``V <- orth(V - V C^T C)``, rows re-normalised, signs kept): the
+edit then never moves a token along ``C``, so the object's coordinates survive exactly.
+``cos_causal`` records, per direction, the cosine between the spurious direction before
+this step and the causal subspace (the norm of its projection onto ``span(C)``): near 1,
+background and object share their coordinates and little is left to remove.
+
 **Edit** (``mean`` mode): ``h <- h - V^T (V h - m)``: the coordinates along ``V`` are held at
 their mean whatever the image, the orthogonal complement is untouched. The projector's
 last linear layer writes ``h = W a + b``, so the edit folds into it exactly:
 ``W <- (I - V^T V) W`` and ``b <- (I - V^T V) b + V^T m`` (shapes unchanged; any loader reads
 the checkpoint). :func:`fold_image_directions` does that and the run-time hook
 (:func:`applying_image_directions`) computes the same logits to float round-off.
+
+**Sites.** ``site="projector"`` (the default, :data:`PROJECTOR_HOOK`) is described above.
+``site="vision_embed"`` (:data:`VISION_EMBED_HOOK`) fits the directions on the vision
+tower's embeddings instead, every patch token and the class token before the first
+layer (``vision_encoder.embeddings.hook_out``): there a token is still a linear map of
+its own pixels (``W x_i + pos_i``), so a background colour and an object's shape need not
+share a direction yet, where after the tower they may. That edit folds into the
+embeddings exactly: ``W <- (I - P) W`` (the patch convolution, per output channel),
+``class <- (I - P) class``, ``pos_i <- (I - P) pos_i + V^T m`` with ``P = V^T V``.
 
 **Score**: :func:`image_direction_effects` takes, for each direction alone, its
 coordinate from ``x'`` and the rest from ``x`` (``h + v (v . (h' - h))``) and reports the
@@ -31,6 +52,7 @@ swapped: ``share`` is the part of the shortcut that runs through that direction.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,6 +70,8 @@ from icp_lens.scoring.image_patching import candidate_margin
 
 __all__ = [
     "PROJECTOR_HOOK",
+    "VISION_EMBED_HOOK",
+    "IMAGE_DIRECTION_SITES",
     "ImageDirections",
     "projector_tokens",
     "fit_image_directions",
@@ -59,6 +83,7 @@ __all__ = [
     "save_image_directions",
     "load_image_directions",
     "projector_linear",
+    "vision_embeddings",
     "fold_image_directions",
     "ImageDirectionExport",
     "export_image_directions",
@@ -66,6 +91,10 @@ __all__ = [
 
 #: the bridge's hook on the projector's output: every image token as the language model receives it
 PROJECTOR_HOOK = "vision_projector.hook_out"
+#: the bridge's hook on the vision tower's embeddings (patch + class tokens with positions, before any layer)
+VISION_EMBED_HOOK = "vision_encoder.embeddings.hook_out"
+#: where image directions can be fitted and folded: site name -> bridge hook
+IMAGE_DIRECTION_SITES: dict[str, str] = {"projector": PROJECTOR_HOOK, "vision_embed": VISION_EMBED_HOOK}
 _FORMAT = "icp_lens.image_directions/1"
 
 
@@ -77,11 +106,15 @@ class ImageDirections:
     means: Float[Tensor, " k"]
     hook_name: str = PROJECTOR_HOOK
     source: str = "paired-svd-1"
+    #: per direction, its cosine with the kept causal subspace before it was made orthogonal (None: none kept)
+    cos_causal: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.vectors.ndim != 2 or self.means.shape != (self.vectors.shape[0],):
             raise ValueError(f"vectors [k, d] and means [k] needed, got {tuple(self.vectors.shape)} and "
                              f"{tuple(self.means.shape)}")  # fmt: skip
+        if self.cos_causal is not None and len(self.cos_causal) != self.vectors.shape[0]:
+            raise ValueError(f"{len(self.cos_causal)} causal cosines for {self.vectors.shape[0]} directions")
         gram = self.vectors.double() @ self.vectors.double().T
         if (gram - torch.eye(gram.shape[0], dtype=gram.dtype)).abs().max() > 1e-6:
             raise ValueError("the directions must be orthonormal rows")
@@ -108,23 +141,30 @@ class ImageDirections:
 
 @torch.no_grad()
 def projector_tokens(
-    model: Any, ids: Tensor, pixels: Float[Tensor, "n 3 h w"], *, batch_size: int = 64
+    model: Any, ids: Tensor, pixels: Float[Tensor, "n 3 h w"], *, batch_size: int = 64, hook_name: str = PROJECTOR_HOOK
 ) -> Float[Tensor, "n tokens d"]:
-    """The projector's output for each image (``[n, image tokens, d_model]``, fp32 on the CPU), on the bridge."""
+    """The projector's output for each image (``[n, image tokens, d_model]``, fp32 on the CPU), on the bridge.
+
+    ``hook_name``: another site of :data:`IMAGE_DIRECTION_SITES` (e.g. the vision embeddings).
+    """
     device = next(model.parameters()).device
     out = []
     for start in range(0, pixels.shape[0], batch_size):
         chunk = pixels[start : start + batch_size].to(device)
-        with capturing(model, [PROJECTOR_HOOK]) as cache:
+        with capturing(model, [hook_name]) as cache:
             model(ids.to(device).expand(chunk.shape[0], -1), pixel_values=chunk)
-        out.append(cache[PROJECTOR_HOOK].float().cpu())
+        if hook_name not in cache:
+            raise ValueError(f"{hook_name} did not fire on this model; image direction sites: {IMAGE_DIRECTION_SITES}")
+        out.append(cache[hook_name].float().cpu())
     return torch.cat(out)
 
 
-def _paired(data: Any, rows: Tensor | None) -> Tensor:
-    if data.counterfactual is None or data.has_counterfactual is None:
-        raise ValueError("fitting or scoring image directions needs image counterfactuals (image_counterfactual)")
-    paired = data.has_counterfactual.nonzero().flatten()
+def _paired(data: Any, rows: Tensor | None, *, causal: bool = False) -> Tensor:
+    images, has = (data.causal, data.has_causal) if causal else (data.counterfactual, data.has_counterfactual)
+    if images is None or has is None:
+        field = "image_causal_counterfactual" if causal else "image_counterfactual"
+        raise ValueError(f"fitting or scoring image directions needs image counterfactuals ({field})")
+    paired = has.nonzero().flatten()
     if rows is not None:
         paired = paired[torch.isin(paired, torch.as_tensor(rows))]
     if paired.numel() < 2:
@@ -133,23 +173,67 @@ def _paired(data: Any, rows: Tensor | None) -> Tensor:
 
 
 def fit_image_directions(
-    model: Any, data: Any, *, rank: int = 1, rows: Sequence[int] | Tensor | None = None, batch_size: int = 64
-) -> ImageDirections:
+    model: Any, data: Any, *, rank: int = 1, rows: Sequence[int] | Tensor | None = None, batch_size: int = 64,
+    keep_causal: int | None = None, site: str = "projector",
+) -> ImageDirections:  # fmt: skip
     """Fit ``rank`` directions of the projector's output from image counterfactual pairs (see the module doc).
 
     ``model`` is a ``TransformerBridge`` on a LLaVA-style model; ``data`` a
     :class:`~icp_lens.training.multimodal.MultimodalData` (``data_from_probes``) whose rows
     carry ``image_counterfactual``; ``rows`` limits the fit to those rows (e.g. a probe split).
+    ``keep_causal``: how many causal directions (from ``image_causal_counterfactual``, read
+    with ``data_from_probes(..., causal=True)``) the spurious ones are made orthogonal to;
+    ``None`` is 1 when ``data`` has causal images and 0 otherwise, 0 turns it off.
+    ``site``: ``projector`` (the image tokens as the language model receives them) or
+    ``vision_embed`` (the vision tower's embeddings; see the module doc).
     """
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
-    paired = _paired(data, None if rows is None else torch.as_tensor(rows))
-    h = projector_tokens(model, data.input_ids, data.pixel_values[paired], batch_size=batch_size)
-    h_cf = projector_tokens(model, data.input_ids, data.counterfactual[paired], batch_size=batch_size)
+    if site not in IMAGE_DIRECTION_SITES:
+        raise ValueError(f"unknown image direction site {site!r}; valid: {list(IMAGE_DIRECTION_SITES)}")
+    hook = IMAGE_DIRECTION_SITES[site]
+    has_causal = getattr(data, "causal", None) is not None
+    if keep_causal is None:
+        keep_causal = 1 if has_causal else 0
+    if keep_causal < 0:
+        raise ValueError(f"keep_causal must be >= 0, got {keep_causal}")
+    if keep_causal and not has_causal:
+        raise ValueError("keep_causal needs the rows' image_causal_counterfactual: read the probes with "
+                         "data_from_probes(..., causal=True)")  # fmt: skip
+    subset = None if rows is None else torch.as_tensor(rows)
+    paired = _paired(data, subset)
+    h = projector_tokens(model, data.input_ids, data.pixel_values[paired], batch_size=batch_size, hook_name=hook)
+    h_cf = projector_tokens(model, data.input_ids, data.counterfactual[paired], batch_size=batch_size, hook_name=hook)
     d = h.shape[-1]
     vectors = paired_svd((h_cf - h).reshape(-1, d), rank)  # every image token of every pair a row
+    cos = None
+    if keep_causal:
+        causal_rows = _paired(data, subset, causal=True)
+        h_c = projector_tokens(model, data.input_ids, data.pixel_values[causal_rows], batch_size=batch_size,
+                               hook_name=hook)  # fmt: skip
+        h_c_cf = projector_tokens(model, data.input_ids, data.causal[causal_rows], batch_size=batch_size,
+                                  hook_name=hook)  # fmt: skip
+        kept = paired_svd((h_c_cf - h_c).reshape(-1, d), keep_causal)
+        vectors, cos = _orthogonal_to(vectors, kept)
     means = torch.cat([h, h_cf]).reshape(-1, d).double().mean(0) @ vectors.T
-    return ImageDirections(vectors=vectors.float(), means=means.float(), source=f"paired-svd-{rank}")
+    source = f"paired-svd-{rank}" + (f"-keep-causal-{keep_causal}" if keep_causal else "")
+    return ImageDirections(vectors=vectors.float(), means=means.float(), hook_name=hook, source=source,
+                           cos_causal=cos)  # fmt: skip
+
+
+def _orthogonal_to(vectors: Tensor, kept: Tensor) -> tuple[Tensor, tuple[float, ...]]:
+    """Orthonormal rows spanning ``vectors`` with ``span(kept)`` removed (signs kept), and each row's cosine
+    with ``span(kept)`` before (``kept``: orthonormal rows)."""
+    vectors, kept = vectors.double(), kept.double()
+    cos = tuple(float(c) for c in (vectors @ kept.T).norm(dim=1))
+    rest = vectors - (vectors @ kept.T) @ kept
+    q, r = torch.linalg.qr(rest.T)  # [d, k]: Gram-Schmidt in the rows' order
+    if (r.diagonal().abs() < 1e-6).any():
+        raise ValueError("a spurious image direction lies inside the causal subspace: nothing is left to remove "
+                         f"after keeping the object's directions (cosines {[round(c, 4) for c in cos]})")  # fmt: skip
+    out = q.T
+    signs = torch.sign((out * rest).sum(1))
+    return out * torch.where(signs == 0, torch.ones_like(signs), signs)[:, None], cos
 
 
 @contextmanager
@@ -255,8 +339,10 @@ def save_image_directions(directions: ImageDirections, path: str | Path) -> Path
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     tensors = {"vectors": directions.vectors.float().contiguous(), "means": directions.means.float().contiguous()}
-    save_file(tensors, str(tmp), metadata={"format": _FORMAT, "hook_name": directions.hook_name,
-                                            "source": directions.source})  # fmt: skip
+    meta = {"format": _FORMAT, "hook_name": directions.hook_name, "source": directions.source}
+    if directions.cos_causal is not None:
+        meta["cos_causal"] = json.dumps(list(directions.cos_causal))
+    save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)
     return path
 
@@ -273,8 +359,9 @@ def load_image_directions(path: str | Path) -> ImageDirections:
         if meta.get("format") != _FORMAT:
             raise ValueError(f"{path} is not an icp_lens image-directions file (format {meta.get('format')!r})")
         vectors, means = f.get_tensor("vectors"), f.get_tensor("means")
+    cos = tuple(json.loads(meta["cos_causal"])) if "cos_causal" in meta else None
     return ImageDirections(
-        vectors, means, hook_name=meta.get("hook_name", PROJECTOR_HOOK), source=meta.get("source", "")
+        vectors, means, hook_name=meta.get("hook_name", PROJECTOR_HOOK), source=meta.get("source", ""), cos_causal=cos
     )
 
 
@@ -295,23 +382,57 @@ def projector_linear(model: nn.Module) -> nn.Linear:
                      "a LLaVA-style projector")  # fmt: skip
 
 
-@torch.no_grad()
-def fold_image_directions(model: nn.Module, directions: ImageDirections) -> nn.Linear:
-    """Fold the mean-mode edit into the projector's last linear layer of the HF ``model``, in place.
+def vision_embeddings(model: nn.Module) -> nn.Module:
+    """The vision tower's embeddings module (CLIP-style: ``patch_embedding``, ``class_embedding``,
+    ``position_embedding``) of an HF LLaVA model (either module layout)."""
+    for path in ("model.vision_tower.embeddings", "vision_tower.embeddings",
+                 "model.vision_tower.vision_model.embeddings", "vision_tower.vision_model.embeddings"):  # fmt: skip
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if all(hasattr(module, name) for name in ("patch_embedding", "class_embedding", "position_embedding")):
+            return module
+    raise ValueError(f"{type(model).__name__} has no CLIP-style vision embeddings (patch_embedding, class_embedding, "
+                     "position_embedding): vision_embed directions fold into those")  # fmt: skip
 
-    ``W <- (I - V^T V) W``, ``b <- (I - V^T V) b + V^T m`` (computed in float64, stored in the
-    layer's dtype); returns the edited layer. The layer must have a bias (LLaVA's has).
+
+@torch.no_grad()
+def fold_image_directions(model: nn.Module, directions: ImageDirections) -> nn.Module:
+    """Fold the mean-mode edit into the HF ``model``, in place; returns the edited module.
+
+    At the projector's output (:data:`PROJECTOR_HOOK`) into its last linear layer:
+    ``W <- (I - V^T V) W``, ``b <- (I - V^T V) b + V^T m``; the layer must have a bias (LLaVA's
+    has). At the vision embeddings (:data:`VISION_EMBED_HOOK`) into the patch convolution, the
+    class embedding and the position embeddings (see the module doc). Computed in float64,
+    stored in each weight's dtype.
     """
-    if directions.hook_name != PROJECTOR_HOOK:
-        raise ValueError(f"only directions at {PROJECTOR_HOOK} fold into the projector, got {directions.hook_name}")
-    layer = projector_linear(model)
-    if layer.bias is None:
-        raise ValueError("the projector's last linear layer has no bias; the mean cannot be folded")
-    v = directions.vectors.double().to(layer.weight.device)
+    if directions.hook_name not in IMAGE_DIRECTION_SITES.values():
+        raise ValueError(f"image directions fold at {list(IMAGE_DIRECTION_SITES.values())}, got {directions.hook_name}")
+    embed = directions.hook_name == VISION_EMBED_HOOK
+    module = vision_embeddings(model) if embed else projector_linear(model)
+    weight = module.patch_embedding.weight if embed else module.weight
+    v = directions.vectors.double().to(weight.device)
+    mean = v.T @ directions.means.double().to(v.device)
     keep = torch.eye(v.shape[1], dtype=torch.float64, device=v.device) - v.T @ v
-    layer.weight.copy_((keep @ layer.weight.double()).to(layer.weight.dtype))
-    layer.bias.copy_((keep @ layer.bias.double() + v.T @ directions.means.double().to(v.device)).to(layer.bias.dtype))
-    return layer
+
+    def put(param: Tensor, value: Tensor) -> None:
+        param.copy_(value.to(param.dtype))
+
+    if embed:
+        conv = module.patch_embedding
+        put(conv.weight, torch.einsum("de,e...->d...", keep, conv.weight.double()))
+        if conv.bias is not None:
+            put(conv.bias, keep @ conv.bias.double())
+        put(module.class_embedding, keep @ module.class_embedding.double())
+        pos = module.position_embedding.weight
+        put(pos, pos.double() @ keep.T + mean)
+        return module
+    if module.bias is None:
+        raise ValueError("the projector's last linear layer has no bias; the mean cannot be folded")
+    put(module.weight, keep @ module.weight.double())
+    put(module.bias, keep @ module.bias.double() + mean)
+    return module
 
 
 @dataclass(frozen=True)
@@ -351,8 +472,8 @@ def export_image_directions(
     from icp_lens.pruning.multimodal import compare_with_bridge
 
     model = AutoModelForImageTextToText.from_pretrained(str(source)).eval()
-    layer = fold_image_directions(model, directions)
-    changed = layer.weight.numel() + layer.bias.numel()
+    module = fold_image_directions(model, directions)
+    changed = sum(p.numel() for p in module.parameters())
     with atomic_directory(out) as tmp:
         model.save_pretrained(str(tmp))
         AutoProcessor.from_pretrained(str(source)).save_pretrained(str(tmp))

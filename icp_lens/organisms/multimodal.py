@@ -9,13 +9,14 @@ where the background is independent of the label. It writes::
 
     DIR/
       train.jsonl probe.jsonl test_id.jsonl test_balanced.jsonl test_no_shortcut.jsonl
-      images/<split>/<i>.png, <i>_cf.png   each scene and its spurious counterfactual
+      images/<split>/<i>.png, <i>_cf.png, <i>_causal.png   each scene, its spurious
+                counterfactual (other background) and its causal one (other bird)
       model/    HF checkpoint + LlavaProcessor (AutoModelForImageTextToText, AutoProcessor)
       oracle/   the oracle's checkpoint
       report.json   OrganismReport + spec, written last
 
-The probe files use the ``image`` / ``image_counterfactual`` fields of
-:mod:`icp_lens.probes`; the prompt text is the same for every row. The acceptance
+The probe files use the ``image`` / ``image_counterfactual`` / ``image_causal_counterfactual``
+(with ``causal_answer``) fields of :mod:`icp_lens.probes`; the prompt text is the same for every row. The acceptance
 checks are the text organisms' (:data:`MM_THRESHOLDS`; in distribution the background
 agrees 95%, so the bar there is 0.90): right in distribution, near chance on the
 balanced test set, wrong on the worst group (bird and background disagree), yet right on
@@ -74,7 +75,7 @@ __all__ = [
 ]
 
 #: bump when the image task, model or training changes: old caches are then not reused
-MM_VERSION = 1
+MM_VERSION = 2  # 2: causal counterfactual images (the model and its training are v1's)
 _SIZES = {"train": 8000, "probe": 512, "test_id": 1000, "test_balanced": 1000, "test_no_shortcut": 1000}
 _PATCH = 4
 _MEAN = _STD = 0.5
@@ -273,7 +274,9 @@ def _write_split(root: Path, split: str, scenes: list[Scene], task: VisionTaskSp
             other = "water" if scene.background == "land" else "land"
             Image.fromarray(render(scene, task, background=other)).save(folder / f"{i}_cf.png")
             cf = f"images/{split}/{i}_cf.png"
-        rows.append(probe_example(scene, f"images/{split}/{i}.png", cf))
+        other_bird = BIRD_LABELS[1 - BIRD_LABELS.index(scene.bird)]
+        Image.fromarray(render(scene, task, bird=other_bird)).save(folder / f"{i}_causal.png")
+        rows.append(probe_example(scene, f"images/{split}/{i}.png", cf, f"images/{split}/{i}_causal.png"))
     write_probes(root / f"{split}.jsonl", rows)
     return np.stack(images)
 

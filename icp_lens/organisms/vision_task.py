@@ -168,15 +168,24 @@ def generate_scenes(spec: VisionTaskSpec, split: str, n: int, *, seed: int) -> l
     return scenes
 
 
-def probe_example(scene: Scene, image: str, image_counterfactual: str | None) -> ProbeExample:
-    """The probe-format row of a scene whose images are saved at the given relative paths."""
+def probe_example(
+    scene: Scene, image: str, image_counterfactual: str | None, image_causal_counterfactual: str | None = None
+) -> ProbeExample:
+    """The probe-format row of a scene whose images are saved at the given relative paths.
+
+    With ``image_causal_counterfactual`` (the other bird on the same background) the row's
+    ``causal_answer`` is that bird's class (the label follows the bird up to the task's noise).
+    """
+    causal = image_causal_counterfactual is not None
     return ProbeExample(
         prompt=PROMPT,
         answer=" " + scene.label,
         alternatives=(" " + _OTHER[scene.label],),
+        causal_answer=" " + _OTHER[scene.bird] if causal else None,
         group=scene.group,
         image=image,
         image_counterfactual=image_counterfactual,
+        image_causal_counterfactual=image_causal_counterfactual,
     )
 
 

@@ -79,7 +79,9 @@ class MultimodalData:
 
     ``label_ids`` are the vocabulary ids of the answer words (class ``k`` is
     ``label_ids[k]``); ``counterfactual`` holds each row's spurious counterfactual image
-    where ``has_counterfactual`` is true; ``groups`` (``-1``: none) is read by GroupDRO only.
+    where ``has_counterfactual`` is true; ``causal`` each row's causal counterfactual image
+    (the other object, same background) where ``has_causal`` is true (read by the image
+    directions' fit only); ``groups`` (``-1``: none) is read by GroupDRO only.
     """
 
     input_ids: Int[Tensor, " pos"]
@@ -89,13 +91,16 @@ class MultimodalData:
     counterfactual: Float[Tensor, "n 3 h w"] | None = None
     has_counterfactual: torch.Tensor | None = None
     groups: Int[Tensor, " n"] | None = None
+    causal: Float[Tensor, "n 3 h w"] | None = None
+    has_causal: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.pixel_values.shape[0]
         if self.labels.shape != (n,):
             raise ValueError(f"{n} images but labels of shape {tuple(self.labels.shape)}")
-        if self.counterfactual is not None and self.counterfactual.shape != self.pixel_values.shape:
-            raise ValueError("counterfactual images must have the images' shape")
+        for images in (self.counterfactual, self.causal):
+            if images is not None and images.shape != self.pixel_values.shape:
+                raise ValueError("counterfactual images must have the images' shape")
         if self.groups is not None and self.groups.shape != (n,):
             raise ValueError(f"{n} images but groups of shape {tuple(self.groups.shape)}")
 
@@ -342,7 +347,7 @@ def train_multimodal(
 
 
 def data_from_probes(
-    path: str | Path, processor: Any, *, chunk: int = 512, rows: list[Any] | None = None
+    path: str | Path, processor: Any, *, chunk: int = 512, rows: list[Any] | None = None, causal: bool = False
 ) -> MultimodalData:
     """Read an image probe file into :class:`MultimodalData` through the model's own processor.
 
@@ -350,7 +355,8 @@ def data_from_probes(
     answer words (answers and alternatives, sorted), each a single token; rows with an
     ``image_counterfactual`` get it as their spurious counterfactual; ``group`` strings
     become group ids (``-1`` where a row has none). ``rows``: the file's examples when the
-    caller has read them already (image paths are still resolved against ``path``).
+    caller has read them already (image paths are still resolved against ``path``). With
+    ``causal``, rows with an ``image_causal_counterfactual`` get it too (``causal``/``has_causal``).
     """
     from PIL import Image
 
@@ -381,18 +387,24 @@ def data_from_probes(
     with Image.open(image_file(path, rows[0])) as img:  # the image's size sets the number of image tokens
         first = processor(images=[img.convert("RGB")], text=[prompt], return_tensors="pt")
     images = pixels("image", every)
-    has_cf = torch.tensor([ex.image_counterfactual is not None for ex in rows])
-    counterfactual = None
-    if bool(has_cf.any()):
-        counterfactual = torch.zeros_like(images)
-        counterfactual[has_cf] = pixels("image_counterfactual", has_cf.nonzero().flatten().tolist())
+
+    def optional(field: str) -> tuple[Tensor | None, Tensor | None]:
+        has = torch.tensor([getattr(ex, field) is not None for ex in rows])
+        if not bool(has.any()):
+            return None, None
+        out = torch.zeros_like(images)
+        out[has] = pixels(field, has.nonzero().flatten().tolist())
+        return out, has
+
+    counterfactual, has_cf = optional("image_counterfactual")
+    causal_images, has_causal = optional("image_causal_counterfactual") if causal else (None, None)
     names = sorted({ex.group for ex in rows if ex.group is not None})
     groups = torch.tensor([names.index(ex.group) if ex.group is not None else -1 for ex in rows])
     return MultimodalData(
         input_ids=first["input_ids"][0], pixel_values=images,
         labels=torch.tensor([words.index(ex.answer) for ex in rows]), label_ids=label_ids,
-        counterfactual=counterfactual, has_counterfactual=has_cf if counterfactual is not None else None,
-        groups=groups if names else None,
+        counterfactual=counterfactual, has_counterfactual=has_cf, groups=groups if names else None,
+        causal=causal_images, has_causal=has_causal,
     )  # fmt: skip
 
 
