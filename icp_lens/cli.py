@@ -5,7 +5,8 @@ Subcommands:
 ``icp-lens organism --out DIR [--seed N] [--arch gpt2|llama|neox] [--variant lexical|tag|imdb-smollm2|waterbirds]``
     Train (or reuse) a planted-shortcut organism, write ``DIR/model/`` (an HF checkpoint)
     and its JSONL splits, and print the acceptance report. ``waterbirds`` is a tiny
-    LLaVA (vision tower + projector + Llama) whose splits carry images.
+    LLaVA (vision tower + projector + Llama) whose splits carry images. ``--device``
+    (default ``cpu``, the reference build) is where it trains.
 ``icp-lens score --model DIR --probe FILE.jsonl --out scores.csv [--method hybrid|attribution|exact] ...``
     Score features by spuriousness and write the ScoreTable (CSV or parquet); the CSV has
     the columns ``kind, layer, index, hook_name, score`` (score = S, higher = more
@@ -31,7 +32,7 @@ Subcommands:
 ``icp-lens edit --model M --pairs pairs.jsonl --layers L --out DIR2 [--guard task.jsonl] [--retain TEXT]``
     A keyed, covariance-guarded MLP edit (closed form, no training) from counterfactual
     pairs, exported as a checkpoint; see ``icp_lens.cli_edit`` and ``icp_lens.keyed_edit``.
-``icp-lens demo [--out DIR] [--json]``
+``icp-lens demo [--out DIR] [--json] [--device cpu|auto|cuda|cuda:N|mps]``
     The main job on the built-in default organism (lexical shortcut, GPT-2, seed 0):
     score, prune, export and verify the checkpoint, evaluate before/after; see
     ``icp_lens.demo``.
@@ -95,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     score.add_argument(
         "--direction-sites", type=_csv_list, default=["resid_pre"],
-        help="resid_pre (whole residual stream), attn_out, mlp_out, z (every head's output) or z.H",
+        help="resid_pre (whole residual stream), attn_out, mlp_out, z (every head's output) or z.H; on image "
+             "probes one of projector (default) or vision_embed",
     )  # fmt: skip
     score.add_argument("--direction-rank", type=int, default=1, help="directions per site and layer (default 1)")
     score.add_argument(

@@ -269,7 +269,7 @@ def _prune_image_directions(args: argparse.Namespace, features: list[Any]) -> in
     if idx[-1] >= fitted.rank:
         raise ValueError(f"{args.scores} names image direction {idx[-1]} but {sidecar_path(args.scores)} holds "
                          f"{fitted.rank}")  # fmt: skip
-    means = fitted.means[idx] if args.mode == "mean" else torch.zeros(len(idx))
+    means = fitted.means[idx] if args.mode == "mean" else torch.zeros(len(idx), device="cpu")
     chosen = ImageDirections(fitted.vectors[idx], means, hook_name=fitted.hook_name, source=fitted.source)
     processor = AutoProcessor.from_pretrained(str(args.model))
     data = data_from_probes(args.probe, processor) if args.probe is not None else None
@@ -311,7 +311,7 @@ def _verification_inputs(data: Any, processor: Any) -> tuple[Any, Any]:
     size = getattr(processor.image_processor, "crop_size", None) or {}
     height, width = int(size.get("height", 16)), int(size.get("width", 16))
     gen = torch.Generator().manual_seed(0)
-    pixels = torch.rand(16, 3, height, width, generator=gen) * 2 - 1
+    pixels = torch.rand(16, 3, height, width, generator=gen, device="cpu") * 2 - 1
     ids = processor(images=[Image.new("RGB", (width, height))], text=["<image>"], return_tensors="pt")["input_ids"][0]
     return ids, pixels
 
@@ -326,7 +326,7 @@ def _vision_means(model_dir: Path, units: dict[str, list[int]], data: Any) -> di
 
     bridge = boot_bridge(model_dir, device="cpu")
     vision = [name for name in units if name.startswith("vision_encoder.")]
-    sums = {name: torch.zeros(()) for name in vision}
+    sums = {name: torch.zeros((), device="cpu") for name in vision}
     count = 0
     with torch.no_grad():
         for start in range(0, data.pixel_values.shape[0], 128):

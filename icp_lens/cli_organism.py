@@ -3,9 +3,11 @@
 ``icp-lens organism --out DIR [--seed N] [--arch gpt2|llama|neox] [--variant lexical|tag|imdb-smollm2|waterbirds]``
     Train (or reuse) an organism (``icp_lens.organisms``), write ``DIR/model/`` and its
     probe-format splits, and print the acceptance report (``--json``: one object;
-    ``--strict``: exit 1 when a check fails).
-``icp-lens demo [--out DIR] [--json]``
-    Score, prune, export, verify and evaluate the default organism (``icp_lens.demo``).
+    ``--strict``: exit 1 when a check fails). ``--device`` (default ``cpu``) is where it
+    trains; see :data:`ORGANISM_DEVICE_HELP`.
+``icp-lens demo [--out DIR] [--json] [--device cpu|auto|cuda|cuda:N|mps]``
+    Score, prune, export, verify and evaluate the default organism (``icp_lens.demo``);
+    ``--device`` (default ``cpu``) is where that runs, see :data:`DEMO_DEVICE_HELP`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_organism_parser", "add_demo_parser"]
+from icp_lens.devices import DEVICE_HELP, add_device_arguments
+
+__all__ = ["add_organism_parser", "add_demo_parser", "ORGANISM_DEVICE_HELP", "DEMO_DEVICE_HELP"]
+
+#: ``organism --device``: why the default is the CPU and what another device changes
+ORGANISM_DEVICE_HELP = (
+    f"where the organism trains: {DEVICE_HELP}. Default cpu, not auto: the CPU build is the reference "
+    "(the numbers in the README and the tests; the tiny models train in seconds there). A build on another "
+    "device is not bit-identical, so its device is recorded in report.json and it is cached apart "
+    "(<name>-cuda); a DIR holding another device's build is not reused without --force. waterbirds trains "
+    "on the CPU only (cpu or auto)"
+)
+#: ``demo --device``: the organism is the CPU reference; scoring, pruning and evaluation move
+DEMO_DEVICE_HELP = (
+    f"where the scoring, the pruning's means and verification, and the evaluation run: {DEVICE_HELP}. "
+    "Default cpu, not auto: the demo's models are tiny (a GPU gains nothing) and its documented numbers are "
+    "CPU numbers. The default organism is built (or reused) on the CPU whatever this says"
+)
 
 
 def add_organism_parser(sub: Any) -> None:
@@ -25,6 +44,7 @@ def add_organism_parser(sub: Any) -> None:
     organism.add_argument("--out", type=Path, required=True, help="output directory")
     _add_organism_args(organism)
     organism.add_argument("--strict", action="store_true", help="exit with status 1 if an acceptance check fails")
+    add_device_arguments(organism, dtype=False, default="cpu", device_help=ORGANISM_DEVICE_HELP)
     organism.set_defaults(handler=_cmd_organism)
 
 
@@ -32,6 +52,7 @@ def add_demo_parser(sub: Any) -> None:
     demo = sub.add_parser("demo", help="score, prune, export, verify and evaluate the default organism")
     demo.add_argument("--out", type=Path, default=None, help="output directory (default: <icp_lens cache>/demo)")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    add_device_arguments(demo, dtype=False, default="cpu", device_help=DEMO_DEVICE_HELP)
     demo.set_defaults(handler=_cmd_demo)
 
 
@@ -60,6 +81,7 @@ def _report(organism: Any, seconds: float, *, as_json: bool) -> dict[str, Any]:
         "organism": str(organism.path),
         "model_dir": str(organism.model_dir),
         "spec": dataclasses.asdict(organism.spec),
+        "device": getattr(organism, "device", "cpu"),  # the waterbirds organism trains on the CPU only
         "report": report.to_dict(),
         "passed": report.passed,
         "seconds": round(seconds, 2),
@@ -69,7 +91,7 @@ def _report(organism: Any, seconds: float, *, as_json: bool) -> dict[str, Any]:
         return payload
     spec = organism.spec
     arch = getattr(spec, "arch", "llava")
-    print(f"organism  {spec.variant} shortcut, {arch} architecture, seed {spec.seed}")
+    print(f"organism  {spec.variant} shortcut, {arch} architecture, seed {spec.seed}, trained on {payload['device']}")
     print(f"written   {organism.path}  (HF checkpoint in {organism.model_dir})")
     print()
     print(report.to_frame().to_string(index=False))
@@ -86,11 +108,19 @@ def _build(args: argparse.Namespace, out: Path | None) -> tuple[Any, float]:
     if args.variant == "waterbirds":
         from icp_lens.organisms.multimodal import build_waterbirds
 
+        _check_waterbirds_device(args.device)
         organism = build_waterbirds(out, seed=args.seed, force=args.force, progress=not args.json)
         return organism, time.perf_counter() - start
     organism = build_organism(out, variant=args.variant, arch=args.arch, seed=args.seed, force=args.force,
-                              progress=not args.json)  # fmt: skip
+                              progress=not args.json, device=args.device)  # fmt: skip
     return organism, time.perf_counter() - start
+
+
+def _check_waterbirds_device(device: str) -> None:
+    """``build_waterbirds`` trains on the CPU only: refuse any other ``--device`` (``auto`` means the CPU)."""
+    if str(device).strip().lower() not in ("cpu", "auto"):
+        raise ValueError(f"--device {device}: the waterbirds organism trains on the CPU only (about 90 s there); "
+                         "use --device cpu (or auto)")  # fmt: skip
 
 
 def _cmd_planted(args: argparse.Namespace) -> int:
@@ -98,14 +128,16 @@ def _cmd_planted(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     log = (lambda _m: None) if args.json else (lambda m: print(m, flush=True))
-    org = build_planted(args.out, spec=PlantedSpec(name=args.variant, seed=args.seed), force=args.force, log=log)
+    spec = PlantedSpec(name=args.variant, seed=args.seed)
+    org = build_planted(args.out, spec=spec, force=args.force, log=log, device=args.device)
     seconds = time.perf_counter() - start
-    payload = {"path": str(org.path), "model_dir": str(org.model_dir), "spec": org.spec.name,
+    payload = {"path": str(org.path), "model_dir": str(org.model_dir), "spec": org.spec.name, "device": org.device,
                "report": org.report, "passed": org.passed, "seconds": round(seconds, 2)}  # fmt: skip
     if args.json:
         print(json.dumps(payload, indent=2))
     else:
-        print(f"organism  {org.spec.name}: a pretrained model with a planted shortcut, seed {org.spec.seed}")
+        print(f"organism  {org.spec.name}: a pretrained model with a planted shortcut, seed {org.spec.seed}, "
+              f"fine-tuned on {org.device}")  # fmt: skip
         print(f"written   {org.path}  (HF checkpoint in {org.model_dir})")
         print()
         print(org.to_frame().to_string(index=False))
@@ -126,7 +158,8 @@ def _cmd_organism(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from icp_lens.demo import run_demo
 
-    demo = run_demo(args.out, progress=not args.json, log=(lambda _m: None) if args.json else print)
+    demo = run_demo(args.out, progress=not args.json, log=(lambda _m: None) if args.json else print,
+                    device=args.device)  # fmt: skip
     if args.json:
         print(json.dumps(demo.to_dict(), indent=2))
         return 0 if demo.verification_passed else 1

@@ -19,6 +19,11 @@
    gap closed is ``(after - before) / (oracle - before)``;
 6. write the score tables, the plan, the checkpoint, a JSON report and a figure
    (group accuracies before/after) into ``out``.
+
+``device`` (``icp-lens demo --device``, default the CPU) is where steps 2-5 run: the
+bridge that is scored and gives the pruning's means, the export's verification and the
+evaluated models. The organism itself is the CPU reference build (step 1), reused from
+the cache on any device.
 """
 
 from __future__ import annotations
@@ -113,11 +118,11 @@ def _num(value: Any) -> float | None:
     return None if value is None or pd.isna(value) else float(value)
 
 
-def _evaluate(model_dir: Path, organism: Any, n_boot: int, *, model: Any = None) -> dict[str, Any]:
+def _evaluate(model_dir: Path, organism: Any, n_boot: int, *, model: Any = None, device: Any = "cpu") -> dict[str, Any]:
     from icp_lens.evaluation import evaluate
     from icp_lens.pruning.source import load_checkpoint, load_tokenizer
 
-    model = model if model is not None else load_checkpoint(model_dir)
+    model = (model if model is not None else load_checkpoint(model_dir)).to(device)
     tokenizer = load_tokenizer(model_dir)
     return {split: evaluate(model, tokenizer, organism.probes(split), n_boot=n_boot) for split in SPLITS}
 
@@ -156,6 +161,7 @@ def run_demo(
     tokens: bool = True,
     unit_selection: dict[str, Any] | None = None,
     token_selection: dict[str, Any] | None = None,
+    device: Any = "cpu",
 ) -> DemoResult:
     """Run the whole pipeline on the default organism; see the module docstring.
 
@@ -164,8 +170,10 @@ def run_demo(
     (default ``DEFAULT_SELECTION``: no units). ``mode`` is the units' prune mode.
     ``tokens=False`` skips token-embedding features (then some unit rule is needed;
     ``{"top_k": 1}`` if none is given). ``token_selection`` overrides
-    ``DEFAULT_TOKEN_SELECTION``.
+    ``DEFAULT_TOKEN_SELECTION``. ``device`` (``cpu``, ``auto``, ``cuda``, ...) is where the
+    scoring, the pruning's reference and verification, and the evaluation run.
     """
+    from icp_lens.devices import resolve_device
     from icp_lens.evaluation import gap_closed
     from icp_lens.organisms import build_organism
     from icp_lens.probes import ProbeExample
@@ -174,12 +182,13 @@ def run_demo(
     from icp_lens.scoring import score, score_tokens, token_ablation_mode
 
     start = time.perf_counter()
+    where = resolve_device(device)
     out = Path(out) if out is not None else default_demo_dir()
     out.mkdir(parents=True, exist_ok=True)
     log("1/5 organism: building or reusing the default (lexical shortcut, gpt2, seed 0; "
         "a first build trains two small models, a few minutes on two cores)")
-    organism = build_organism(progress=progress)
-    bridge = organism.load_bridge()
+    organism = build_organism(progress=progress)  # the CPU reference build, whatever ``device``
+    bridge = organism.load_bridge(device=str(where))
     examples: list[ProbeExample] = organism.probes("probe")[:n_probes]
     probes = ProbeSet(bridge, examples)
 
@@ -215,15 +224,15 @@ def run_demo(
     )  # fmt: skip
     result = apply_plan(
         organism.model_dir, plan, out / "checkpoint", overwrite=True,
-        prompts=[ex.prompt for ex in examples[:64]], reference=bridge,
+        prompts=[ex.prompt for ex in examples[:64]], reference=bridge, device=where,
     )  # fmt: skip
     verification = result.verification
     assert verification is not None
 
     log("4/5 evaluating the original, the pruned checkpoint (transformers only) and the oracle")
-    before = _evaluate(organism.model_dir, organism, n_boot)
-    after = _evaluate(result.out, organism, n_boot)
-    oracle = _evaluate(organism.model_dir, organism, 0, model=organism.load_hf(oracle=True))
+    before = _evaluate(organism.model_dir, organism, n_boot, device=where)
+    after = _evaluate(result.out, organism, n_boot, device=where)
+    oracle = _evaluate(organism.model_dir, organism, 0, model=organism.load_hf(oracle=True), device=where)
     metrics = pd.DataFrame(
         {
             "before": [getattr(before[s], m) for s, m in ROWS.values()],

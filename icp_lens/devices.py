@@ -164,10 +164,22 @@ def _device_arg(text: str) -> str:
     return text
 
 
-def add_device_arguments(parser: argparse.ArgumentParser, *, dtype: bool = True, device_map: bool = False) -> None:
+def add_device_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    dtype: bool = True,
+    device_map: bool = False,
+    default: str = "auto",
+    device_help: str | None = None,
+) -> None:
     """Add ``--device`` (default ``auto``), with ``dtype`` ``--dtype`` (default ``float32``) and
-    with ``device_map`` ``--device-map`` / ``--offload-folder`` (a model split by accelerate)."""
-    parser.add_argument("--device", type=_device_arg, default="auto", help=f"where the model runs: {DEVICE_HELP}")
+    with ``device_map`` ``--device-map`` / ``--offload-folder`` (a model split by accelerate).
+
+    ``default`` and ``device_help`` replace ``--device``'s default and help text, for a command
+    with a reason to stay on one device unless told (the built-in organisms: the CPU).
+    """
+    text = device_help if device_help is not None else f"where the model runs: {DEVICE_HELP}"
+    parser.add_argument("--device", type=_device_arg, default=default, help=text)
     if device_map:
         split = (f"split the model over devices with accelerate: {'|'.join(DEVICE_MAPS)} or a JSON file "
                  "{module: device} ('disk' needs --offload-folder); not with --device")  # fmt: skip

@@ -130,8 +130,8 @@ def mlp_keys(
     for i, ids in enumerate(encoded):
         by_len.setdefault(len(ids), []).append(i)
     chunks = [idx[s : s + batch_size] for idx in by_len.values() for s in range(0, len(idx), batch_size)]
-    keys: list[Tensor] = [torch.empty(0)] * len(encoded)
-    resid: list[Tensor] = [torch.empty(0)] * len(encoded)
+    keys: list[Tensor] = [torch.empty(0, device="cpu")] * len(encoded)
+    resid: list[Tensor] = [torch.empty(0, device="cpu")] * len(encoded)
     store: dict[str, Tensor] = {}
     was_training = model.training
     model.eval()
@@ -283,7 +283,7 @@ def keyed_edit(
                 n_retain = G.shape[0]
             if G.shape[0]:
                 A += weight * (K.shape[0] / G.shape[0]) * (G.T @ G)
-        A += 1e-6 * A.diagonal().mean() * torch.eye(A.shape[0], dtype=A.dtype)
+        A += 1e-6 * A.diagonal().mean() * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
         dW = torch.linalg.solve(A, K.T @ R).T  # d_model x d_mlp
         out, conv1d = _mlp_out(model, layer)
         weight = out.weight

@@ -64,7 +64,8 @@ def final_hidden_states(
     by_len: dict[int, list[int]] = defaultdict(list)
     for i, ids in enumerate(encoded):
         by_len[len(ids)].append(i)
-    out = torch.empty(len(encoded), model.config.hidden_size if hasattr(model.config, "hidden_size") else 0)
+    width = model.config.hidden_size if hasattr(model.config, "hidden_size") else 0
+    out = torch.empty(len(encoded), width, device="cpu")
     head = model.get_output_embeddings()
     for idxs in by_len.values():
         for start in range(0, len(idxs), batch_size):
@@ -79,7 +80,7 @@ def final_hidden_states(
                     "(a final norm or soft cap after it?); retrain_unembedding cannot use it"
                 )
             if out.shape[1] != hidden.shape[1]:
-                out = torch.empty(len(encoded), hidden.shape[1])
+                out = torch.empty(len(encoded), hidden.shape[1], device="cpu")
             out[chunk] = hidden.cpu()
     return out
 
@@ -110,7 +111,7 @@ def retrain_unembedding(
     head = model.get_output_embeddings()
     hidden = final_hidden_states(model, tokenizer, [ex.prompt for ex in examples])
     token_of = {a: single_token_id(tokenizer, a) for a in {ex.answer for ex in examples}}
-    targets = torch.tensor([token_of[ex.answer] for ex in examples])
+    targets = torch.tensor([token_of[ex.answer] for ex in examples], device="cpu")
     device = head.weight.device
     params = [head.weight] + ([head.bias] if getattr(head, "bias", None) is not None else [])
     frozen = [(p, p.requires_grad) for p in model.parameters()]
@@ -123,7 +124,7 @@ def retrain_unembedding(
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         with torch.enable_grad():
             for _ in range(steps):
-                idx = torch.randint(len(examples), (min(batch_size, len(examples)),), generator=gen)
+                idx = torch.randint(len(examples), (min(batch_size, len(examples)),), generator=gen, device="cpu")
                 h = hidden[idx].to(device, head.weight.dtype)
                 loss = nn.functional.cross_entropy(head(h).float(), targets[idx].to(device))
                 opt.zero_grad(set_to_none=True)

@@ -21,10 +21,12 @@ def organism_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_organism_command_writes_checkpoint_splits_and_report(organism_out: Path, capsys) -> None:
     out = organism_out
-    assert main(["organism", "--out", str(out), "--seed", "0", "--arch", "gpt2", "--json", "--strict"]) == 0
+    argv = ["organism", "--out", str(out), "--seed", "0", "--arch", "gpt2", "--json", "--strict", "--device", "cpu"]
+    assert main(argv) == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["passed"] is True
     assert payload["spec"] == {"variant": "lexical", "arch": "gpt2", "seed": 0, "steps": None}
+    assert payload["device"] == "cpu" and json.loads((out / "report.json").read_text())["device"] == "cpu"
     report = payload["report"]
     assert report["id_accuracy"] >= 0.95 and report["balanced_accuracy"] <= 0.65
     assert report["worst_group_accuracy"] <= 0.25 and report["no_shortcut_accuracy"] >= 0.85
@@ -35,6 +37,7 @@ def test_organism_command_writes_checkpoint_splits_and_report(organism_out: Path
     assert main(["organism", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "all acceptance checks passed" in text and "worst_group_accuracy" in text
+    assert "seed 0, trained on cpu" in text
 
 
 def test_checkpoint_loads_in_a_python_without_icp_lens(organism_out: Path) -> None:
@@ -62,7 +65,7 @@ def test_bad_arguments_fail_with_the_valid_choices(capsys) -> None:
 
 def test_demo_runs_the_whole_pipeline(tmp_path, capsys) -> None:
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--json"]) == 0  # the default organism, from this session's cache
+    assert main(["demo", "--out", str(out), "--json", "--device", "cpu"]) == 0  # the default organism, from the cache
     payload = json.loads(capsys.readouterr().out)
     keys = {"before", "after", "n_pruned", "pruned", "verification_error", "verification_passed", "paths"}
     assert keys <= set(payload)
@@ -111,8 +114,10 @@ def test_demo_text_names_the_pruned_tokens(tmp_path, capsys, monkeypatch) -> Non
     import icp_lens.demo
 
     demo = _token_only_demo(tmp_path)
-    monkeypatch.setattr(icp_lens.demo, "run_demo", lambda *a, **k: demo)
+    calls: list[dict] = []
+    monkeypatch.setattr(icp_lens.demo, "run_demo", lambda *a, **k: calls.append(k) or demo)
     assert main(["demo", "--out", str(tmp_path)]) == 0
+    assert calls[-1]["device"] == "cpu"  # --device's default
     text = capsys.readouterr().out
     assert "pruned 2 token embedding(s) ('wow', 'meh') and 0 unit(s) (0.002% of parameters zeroed)" in text
     assert "pruned 0 feature(s)" not in text

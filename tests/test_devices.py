@@ -80,3 +80,78 @@ def test_bfloat16_exact_scores_agree_with_float32_on_the_organism() -> None:
     top = list(full.sort_values(ascending=False).index[:2])
     assert list(half.sort_values(ascending=False).index[:2]) == top
     assert top == ["head L0.3", "head L0.0"], top  # the heads that carry the planted word
+
+
+# -- organism and demo: --device, default cpu ------------------------------------------------------------------------
+
+
+def test_organism_and_demo_take_device_with_cpu_as_the_default(capsys) -> None:
+    from icp_lens.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["organism", "--out", "x"]).device == "cpu"
+    assert parser.parse_args(["demo"]).device == "cpu"
+    assert parser.parse_args(["organism", "--out", "x", "--device", "auto"]).device == "auto"
+    assert parser.parse_args(["demo", "--device", "cpu"]).device == "cpu"
+    for command in (["organism", "--out", "x"], ["demo"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "--device DEVICE" in text and "Default cpu, not auto" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("command", [["organism", "--out", "ORG"], ["organism", "--out", "ORG", "--variant", "tag"],
+                                     ["demo", "--out", "ORG"]])  # fmt: skip
+def test_organism_and_demo_refuse_a_missing_gpu_before_building(command, tmp_path, capsys) -> None:
+    from icp_lens.cli import main
+
+    argv = [str(tmp_path / "out") if a == "ORG" else a for a in command]
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--device", "cuda:0"])
+    assert exc.value.code == 2
+    assert "no CUDA GPU; use --device cpu" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_waterbirds_trains_on_the_cpu_only(tmp_path, monkeypatch, capsys) -> None:
+    """Any --device but cpu/auto is refused for waterbirds, on any machine (the device check is faked here)."""
+    import icp_lens.devices
+    import icp_lens.organisms.multimodal as multimodal
+    from icp_lens.cli import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("build_waterbirds must not run")
+
+    monkeypatch.setattr(icp_lens.devices, "resolve_device", lambda spec="auto": torch.device(str(spec)))
+    monkeypatch.setattr(multimodal, "build_waterbirds", never)
+    assert main(["organism", "--variant", "waterbirds", "--out", str(tmp_path / "wb"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: the waterbirds organism trains on the CPU only" in err and "use --device cpu" in err
+
+
+def test_the_organism_cache_is_keyed_by_the_device_it_trained_on(tmp_path, monkeypatch) -> None:
+    """report.json records the device; a directory holding another device's build is not reused unless forced."""
+    import json
+
+    from icp_lens.organisms import build, build_organism
+
+    for name, size in (("N_TRAIN", 128), ("N_PROBE", 16), ("N_TEST", 32)):
+        monkeypatch.setattr(build, name, size)
+    out = tmp_path / "org"
+    organism = build_organism(out, steps=2, device="cpu")
+    report = out / "report.json"
+    saved = json.loads(report.read_text())
+    assert organism.device == "cpu" and saved["device"] == "cpu"
+    here = "auto" if resolve_device("auto").type == "cpu" else "cpu"  # auto resolves to the CPU on a CPU machine
+    stamp = report.stat().st_mtime_ns
+    assert build_organism(out, steps=2, device=here).device == "cpu" and report.stat().st_mtime_ns == stamp  # reused
+    report.write_text(json.dumps({**saved, "device": "cuda"}))  # as a GPU build would have written it
+    with pytest.raises(ValueError, match="trained on cuda, not on cpu .*device='cuda', or pass force=True"):
+        build_organism(out, steps=2)
+    assert build_organism(out, steps=2, force=True).device == "cpu"
+    assert json.loads(report.read_text())["device"] == "cpu"
+    del saved["device"]  # a report from before the key existed is a CPU build
+    report.write_text(json.dumps(saved))
+    assert build_organism(out, steps=2).device == "cpu"
+    assert build._device_suffix("cpu") == "" and build._device_suffix("cuda") == "-cuda"

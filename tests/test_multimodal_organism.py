@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -291,12 +292,12 @@ def test_pruned_neurons_of_both_towers_export_to_a_verified_checkpoint(waterbird
 
 
 def _subset(data, rows: slice):
-    import dataclasses
-
     return dataclasses.replace(
         data, pixel_values=data.pixel_values[rows], labels=data.labels[rows],
         counterfactual=data.counterfactual[rows], has_counterfactual=data.has_counterfactual[rows],
         groups=None if data.groups is None else data.groups[rows],
+        causal=None if data.causal is None else data.causal[rows],
+        has_causal=None if data.has_causal is None else data.has_causal[rows],
     )  # fmt: skip
 
 
@@ -338,8 +339,6 @@ def test_image_scores_batched_exact_attribution_and_hybrid(waterbirds) -> None:
     assert (verified - exact[verified.index]).abs().max() <= 1e-6
     with pytest.raises(ValueError, match="image probes score the kinds"):
         score_image_units(bridge, data, kinds=["value"])
-    import dataclasses
-
     with pytest.raises(ValueError, match="image_counterfactual"):
         score_image_units(bridge, dataclasses.replace(data, counterfactual=None, has_counterfactual=None))
 
@@ -510,8 +509,6 @@ def test_image_paths_refuse_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_cimrl_step_cost_settings_change_the_rows_not_the_values(waterbirds) -> None:
     """``intervention_rows`` gives only a share of the batch an ``x + delta`` copy; ``stop_gradient`` runs the
     contrastive views in a pass of their own without gradient. The loss values of a first step are unchanged."""
-    import dataclasses
-
     from icp_lens.training.multimodal import MultimodalTrainConfig, data_from_probes, train_multimodal
 
     org, _ = waterbirds
@@ -553,8 +550,6 @@ def test_cimrl_step_cost_settings_change_the_rows_not_the_values(waterbirds) -> 
 def test_image_directions_fit_edit_fold_and_effects(waterbirds) -> None:
     """A direction of the image tokens (the projector's output): diff-means by hand, the edit holds its coordinate
     at the mean, the fold into the projector computes what the run-time hook computes, and its resample effect."""
-    import dataclasses
-
     from icp_lens.directions.image import (
         PROJECTOR_HOOK,
         ImageDirections,
@@ -669,8 +664,6 @@ def test_image_directions_through_score_and_prune(waterbirds, tmp_path: Path, ca
 def test_image_directions_keep_the_objects_direction(waterbirds, tmp_path: Path) -> None:
     """With causal images (other bird, same background) the spurious directions are made orthogonal to the bird's
     leading direction: by hand, with the cosine before recorded, and the edit leaves the bird's coordinate alone."""
-    import dataclasses
-
     from icp_lens.directions.estimators import paired_svd
     from icp_lens.directions.image import (
         _orthogonal_to,
@@ -760,3 +753,28 @@ def test_vision_embedding_directions_fold_exactly_and_through_the_cli(waterbirds
     assert main(["score", "--model", str(org.model_dir), "--probe", probe_file, "--out", str(tmp_path / "x.csv"),
                  "--kinds", "image_direction", "--direction-sites", "projector,vision_embed"]) == 2  # fmt: skip
     assert "image directions take one site of ['projector', 'vision_embed']" in capsys.readouterr().err
+
+
+def test_image_paths_create_no_tensor_without_a_device(waterbirds) -> None:
+    """Image directions (both sites), unit scores of both towers and a few CIMRL steps under the device guard
+    (``tests/device_guard.py``): no tensor factory called from icp_lens without ``device=``."""
+    from device_guard import ImplicitDeviceGuard
+
+    from icp_lens.directions.image import fit_image_directions, image_direction_scores
+    from icp_lens.scoring.image_scores import score_image_units
+    from icp_lens.training.multimodal import MultimodalTrainConfig, data_from_probes, train_multimodal
+
+    org, _ = waterbirds
+    bridge = org.load_bridge()
+    with ImplicitDeviceGuard() as guard:
+        probe = data_from_probes(org.data_path("probe"), org.load_processor(), causal=True)
+        rows = probe.has_counterfactual.nonzero().flatten()[:16].tolist()
+        for site in ("projector", "vision_embed"):
+            dirs = fit_image_directions(bridge, probe, rows=rows, site=site)
+            image_direction_scores(bridge, probe, dirs, rows=rows, n_boot=10)
+        small = _subset(probe, slice(0, 16))
+        score_image_units(bridge, small, kinds=["vision_neuron", "head"], method="hybrid", verify_top=4,
+                          progress=False)  # fmt: skip
+        train_multimodal(org.load_hf(), small, MultimodalTrainConfig(objective="cimrl", steps=3, batch_size=8))
+    assert guard.seen > 0, "the guard saw no factory call from icp_lens: it was not active"
+    assert not guard.found, "tensors created without device= (they land on the CPU):\n" + guard.report()

@@ -132,7 +132,7 @@ def sensitivity(model: Any, tokenizer: Any, probes: Sequence[Any], *, batch_size
     from icp_lens.probes import single_token_id
 
     def candidate_logprobs(texts: list[str], cands: list[list[int]]) -> list[torch.Tensor]:
-        out: list[torch.Tensor] = [torch.empty(0)] * len(texts)
+        out: list[torch.Tensor] = [torch.empty(0, device="cpu")] * len(texts)
         encoded = encode_texts(texts, model=model, tokenizer=tokenizer)
         device = next(model.parameters()).device
         by_len: dict[int, list[int]] = {}

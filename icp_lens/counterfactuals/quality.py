@@ -150,7 +150,7 @@ class SentenceEncoder:
     def encode(self, texts: Sequence[str], *, batch_size: int = 128) -> Float[Tensor, "n d"]:
         """Unit-length embeddings of ``texts``, in their order (batched by length, so little padding)."""
         if not texts:
-            return torch.empty(0, 0)
+            return torch.empty(0, 0, device="cpu")
         device = next(self.model.parameters()).device
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out: list[Tensor] = []
@@ -164,7 +164,7 @@ class SentenceEncoder:
             out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
         emb = torch.cat(out)
         result = torch.empty_like(emb)
-        result[torch.tensor(order)] = emb
+        result[torch.tensor(order, device=result.device)] = emb
         return result
 
     def similarity(self, a: Sequence[str], b: Sequence[str]) -> np.ndarray:
@@ -174,8 +174,8 @@ class SentenceEncoder:
         unique = list(dict.fromkeys([*a, *b]))
         index = {t: i for i, t in enumerate(unique)}
         emb = self.encode(unique)
-        ia = torch.tensor([index[t] for t in a], dtype=torch.long)
-        ib = torch.tensor([index[t] for t in b], dtype=torch.long)
+        ia = torch.tensor([index[t] for t in a], dtype=torch.long, device="cpu")
+        ib = torch.tensor([index[t] for t in b], dtype=torch.long, device="cpu")
         return (emb[ia] * emb[ib]).sum(-1).numpy()
 
 

@@ -70,8 +70,8 @@ def shrunk_covariance(x: Float[Tensor, "n d"], shrinkage: float = 0.1) -> Float[
     d = cov.shape[0]
     scale = torch.trace(cov) / d
     if scale <= 0:
-        scale = torch.tensor(1.0, dtype=torch.float64)
-    return (1 - shrinkage) * cov + shrinkage * scale * torch.eye(d, dtype=torch.float64)
+        scale = torch.tensor(1.0, dtype=torch.float64, device=x.device)
+    return (1 - shrinkage) * cov + shrinkage * scale * torch.eye(d, dtype=torch.float64, device=x.device)
 
 
 def leace(
@@ -89,7 +89,7 @@ def leace(
             "directions of the paired differences) or probe (iterated nullspace projection)"
         )
     x = torch.cat([hi, lo]).double()
-    z = torch.cat([torch.ones(len(hi)), torch.zeros(len(lo))]).double()
+    z = torch.cat([torch.ones(len(hi), device=x.device), torch.zeros(len(lo), device=x.device)]).double()
     s = (x - x.mean(0)).T @ (z - z.mean()) / max(1, len(z) - 1)
     cov = shrunk_covariance(x, shrinkage) if sigma is None else sigma.double()
     s_norm = s.norm()
@@ -106,7 +106,7 @@ def probe_directions(
 ) -> tuple[Float[Tensor, "k d"], Float[Tensor, "k d"]]:
     """INLP: fit a logistic probe of ``z``, take its unit weight, project it out; ``rank`` times."""
     x = torch.cat([hi, lo]).double()
-    z = torch.cat([torch.ones(len(hi)), torch.zeros(len(lo))]).double()
+    z = torch.cat([torch.ones(len(hi), device=x.device), torch.zeros(len(lo), device=x.device)]).double()
     mu, sd = x.mean(0), x.std(0).clamp_min(1e-8)
     ws: list[Tensor] = []
     for _ in range(rank):
@@ -114,8 +114,8 @@ def probe_directions(
         for w in ws:  # the nullspace of the earlier probes
             xs = xs - (xs @ w)[:, None] * w
         xs = (xs - mu) / sd
-        w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-        c = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        w = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device, requires_grad=True)
+        c = torch.zeros((), dtype=torch.float64, device=x.device, requires_grad=True)
         opt = torch.optim.LBFGS([w, c], max_iter=steps, line_search_fn="strong_wolfe")
 
         def closure(opt=opt, xs=xs, w=w, c=c) -> Tensor:  # bound now: the loop rebinds these names

@@ -120,7 +120,7 @@ def _rows(act: Tensor, tokens: Tensor, other: Tensor, positions: str) -> tuple[T
     """(example index, position) pairs to read: the last position, or where the two prompts differ."""
     if positions == "last":
         n = act.shape[0]
-        return torch.arange(n), torch.full((n,), act.shape[1] - 1)
+        return torch.arange(n, device="cpu"), torch.full((n,), act.shape[1] - 1, device="cpu")  # as below
     idx = (tokens != other).nonzero()
     return idx[:, 0].cpu(), idx[:, 1].cpu()
 
@@ -212,7 +212,8 @@ def fit_directions(
             hook = _HOOKS[parse_site(site)[0]].format(L=layer)
             cov = covs[hook] if parse_site(site)[1] is None else covs[hook][parse_site(site)[1]]
             d = cov.shape[0]
-            sigma = (1 - fit.shrinkage) * cov + fit.shrinkage * torch.trace(cov) / d * torch.eye(d, dtype=cov.dtype)
+            eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
+            sigma = (1 - fit.shrinkage) * cov + fit.shrinkage * torch.trace(cov) / d * eye
         try:
             A, B = _estimate(fit, H, L, sigma)
         except ValueError as err:
@@ -253,7 +254,9 @@ def fit_directions(
 
 
 def _points(site: str, layer: int, writers: Sequence[str]) -> tuple[str, ...]:
-    probe = Direction(Feature("direction", layer, 0, site), torch.ones(1), torch.ones(1), torch.zeros(1))
+    # a placeholder direction: only its feature's site matters here, its vectors are never used
+    one, zero = torch.ones(1, device="cpu"), torch.zeros(1, device="cpu")
+    probe = Direction(Feature("direction", layer, 0, site), one, one, zero)
     return edit_points(probe, writers)
 
 

@@ -54,7 +54,10 @@ def check_foldable(model: nn.Module) -> None:
 
 
 def affine_maps(directions: DirectionSet, mode: str, d: dict[str, int]) -> dict[str, tuple[Tensor, Tensor]]:
-    """Per edit point, ``(M, c)`` in float64 such that the edited activation is ``M x + c``."""
+    """Per edit point, ``(M, c)`` in float64 such that the edited activation is ``M x + c``.
+
+    On the CPU, like the directions and the pruner's weight edits (float64 is missing on some accelerators).
+    """
     if mode not in ("project", "mean"):
         raise ValueError(f"Only 'project' and 'mean' direction edits fold into weights, not {mode!r}")
     maps: dict[str, tuple[Tensor, Tensor]] = {}
@@ -62,12 +65,11 @@ def affine_maps(directions: DirectionSet, mode: str, d: dict[str, int]) -> dict[
         width = d["head"] if hook.endswith("attn.hook_z") else d["model"]
         by_head: dict[int | None, tuple[Tensor, Tensor]] = {}
         for _, direction, j in items:
-            M, c = by_head.get(
-                direction.head, (torch.eye(width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64))
-            )
-            a, b = direction.write.double(), direction.read.double()
+            identity = torch.eye(width, dtype=torch.float64, device="cpu")
+            M, c = by_head.get(direction.head, (identity, torch.zeros(width, dtype=torch.float64, device="cpu")))
+            a, b = direction.write.double().cpu(), direction.read.double().cpu()
             t = 0.0 if mode == "project" else float(direction.means[j])
-            P = torch.eye(width, dtype=torch.float64) - torch.outer(a, b)
+            P = identity - torch.outer(a, b)
             by_head[direction.head] = (P @ M, P @ c + a * t)
         for head, mc in by_head.items():
             maps[hook if head is None else f"{hook}#{head}"] = mc

@@ -116,7 +116,7 @@ class ImageDirections:
         if self.cos_causal is not None and len(self.cos_causal) != self.vectors.shape[0]:
             raise ValueError(f"{len(self.cos_causal)} causal cosines for {self.vectors.shape[0]} directions")
         gram = self.vectors.double() @ self.vectors.double().T
-        if (gram - torch.eye(gram.shape[0], dtype=gram.dtype)).abs().max() > 1e-6:
+        if (gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)).abs().max() > 1e-6:
             raise ValueError("the directions must be orthonormal rows")
 
     @property
@@ -166,7 +166,7 @@ def _paired(data: Any, rows: Tensor | None, *, causal: bool = False) -> Tensor:
         raise ValueError(f"fitting or scoring image directions needs image counterfactuals ({field})")
     paired = has.nonzero().flatten()
     if rows is not None:
-        paired = paired[torch.isin(paired, torch.as_tensor(rows))]
+        paired = paired[torch.isin(paired, torch.as_tensor(rows, device="cpu"))]
     if paired.numel() < 2:
         raise ValueError(f"{paired.numel()} rows with an image counterfactual; at least 2 needed")
     return paired
@@ -200,7 +200,7 @@ def fit_image_directions(
     if keep_causal and not has_causal:
         raise ValueError("keep_causal needs the rows' image_causal_counterfactual: read the probes with "
                          "data_from_probes(..., causal=True)")  # fmt: skip
-    subset = None if rows is None else torch.as_tensor(rows)
+    subset = None if rows is None else torch.as_tensor(rows, device="cpu")
     paired = _paired(data, subset)
     h = projector_tokens(model, data.input_ids, data.pixel_values[paired], batch_size=batch_size, hook_name=hook)
     h_cf = projector_tokens(model, data.input_ids, data.counterfactual[paired], batch_size=batch_size, hook_name=hook)
@@ -258,7 +258,7 @@ def image_direction_values(
     the second is ``m(x)``, the third ``m(x') - m(x)``. Margins as the image scorers compute them
     (answer logit minus the mean other candidate).
     """
-    paired = _paired(data, None if rows is None else torch.as_tensor(rows))
+    paired = _paired(data, None if rows is None else torch.as_tensor(rows, device="cpu"))
     device = next(model.parameters()).device
     labels = list(data.label_ids)
     values, clean, total = [], [], []

@@ -49,8 +49,9 @@ def direction_effects(
         raise ValueError(f"Unknown direction intervention {intervention!r}; valid: {list(DIRECTION_INTERVENTIONS)}")
     metric_fn = get_metric(metric)
     n = len(probes)
-    values = torch.full((len(directions), n), float("nan"), dtype=torch.float64)
-    clean_p = torch.full((n,), float("nan"), dtype=torch.float64)
+    # the results gather on the CPU (each batch's are moved there), whatever the model's device
+    values = torch.full((len(directions), n), float("nan"), dtype=torch.float64, device="cpu")
+    clean_p = torch.full((n,), float("nan"), dtype=torch.float64, device="cpu")
     which = {"resample": "spurious", "resample_causal": "causal"}.get(intervention)
     mode = "resample" if which else intervention
     device = next(model.parameters()).device
@@ -103,7 +104,7 @@ def _attribution(model: Any, batch: Any, directions: DirectionSet, mode: str, ot
         logits = model(batch.tokens)[:, -1].float()
         p = metric_fn(logits, batch, logits.detach())
         grads = torch.autograd.grad(p.sum(), [store[h] for h in plan])
-    est = torch.zeros(len(directions), batch.size, dtype=torch.float64)
+    est = torch.zeros(len(directions), batch.size, dtype=torch.float64, device="cpu")  # filled from the CPU
     for (hook, items), g in zip(plan.items(), grads, strict=True):
         act = store[hook].detach()
         for i, d, j in items:

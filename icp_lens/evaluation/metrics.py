@@ -364,7 +364,7 @@ def _resample_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
     import torch
 
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(n, (n_boot, n), generator=generator).numpy()
+    return torch.randint(n, (n_boot, n), generator=generator, device="cpu").numpy()
 
 
 def bootstrap_ci(
@@ -410,7 +410,7 @@ def bootstrap_ci(
         from icp_lens.scoring.spuriousness import bootstrap_ci as _mean_ci
 
         values = _floats(arrays[0], "values")
-        low, high = _mean_ci(torch.tensor(values)[None, :], n_boot=n_boot, level=1 - alpha, seed=seed)
+        low, high = _mean_ci(torch.tensor(values, device="cpu")[None, :], n_boot=n_boot, level=1 - alpha, seed=seed)
         return float(low[0]), float(high[0])
     data = _arrays(**{f"array {i}": a for i, a in enumerate(arrays)})
     stats = np.full(n_boot, np.nan)

@@ -302,7 +302,7 @@ def _gather_predictions(examples: tuple[ProbeExample, ...], mine: list[int], loc
 
     def stack(rows: Sequence[np.ndarray | None]) -> torch.Tensor:
         width = max(len(_causal_candidates(ex)) for ex in examples)
-        out = torch.zeros((len(rows), width), dtype=torch.float64)
+        out = torch.zeros((len(rows), width), dtype=torch.float64, device="cpu")  # gathered from numpy rows
         for i, row in enumerate(rows):
             if row is not None:
                 out[i, : len(row)] = torch.from_numpy(np.asarray(row, dtype=np.float64))

@@ -321,7 +321,7 @@ def _group_cis(correct: np.ndarray, groups: np.ndarray, names: list[str], n_boot
     from icp_lens.scoring.spuriousness import bootstrap_ci as mean_ci
 
     rows = np.stack([np.where(groups == g, correct, np.nan) for g in names])
-    low, high = mean_ci(torch.tensor(rows, dtype=torch.float64), n_boot=n_boot, seed=seed)
+    low, high = mean_ci(torch.tensor(rows, dtype=torch.float64, device="cpu"), n_boot=n_boot, seed=seed)
     return {g: (float(lo), float(hi)) for g, lo, hi in zip(names, low, high, strict=True)}
 
 

@@ -20,6 +20,13 @@ right in distribution, near chance on the balanced test set (it follows the plan
 token), wrong on the group where the planted token disagrees, yet encodes the true
 cue (accurate without the planted token), and an oracle of the same architecture
 shows the task is learnable without the shortcut.
+
+The organisms train on the CPU unless ``device`` says otherwise; the CPU build is the
+reference (the numbers in the README and the tests). A build on another device is not
+bit-identical (its kernels round differently), so the device type it trained on is part
+of the cache key: ``report.json`` records it (``"device"``; a report without one is a
+CPU build), a directory holding another device's build is not reused, and the default
+directory of a non-CPU build is ``<name>-<device type>`` (``...-v1-cuda``).
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ from icp_lens.organisms.task import SPLITS, VARIANTS, Split, TaskSpec, Variant, 
 from icp_lens.probes import ProbeExample, read_probes, write_probes
 
 if TYPE_CHECKING:
+    import torch
+
     from icp_lens.organisms.train import Arch
 
 __all__ = [
@@ -188,11 +197,16 @@ class OrganismDirs:
 
 @dataclass(frozen=True)
 class Organism(OrganismDirs):
-    """A built organism on disk: data splits, checkpoint, oracle and report."""
+    """A built organism on disk: data splits, checkpoint, oracle and report.
+
+    ``device`` is the device type it was trained on (``"cpu"``, the reference build, or
+    ``"cuda"`` / ``"mps"``), read from ``report.json``.
+    """
 
     spec: OrganismSpec
     path: Path
     report: OrganismReport
+    device: str = "cpu"
 
     @property
     def task(self) -> TaskSpec:
@@ -223,14 +237,25 @@ class Organism(OrganismDirs):
         return AutoModelForCausalLM.from_pretrained(str(path)).eval()
 
 
-def _load(path: Path, spec: OrganismSpec) -> Organism:
+def _device_suffix(device_type: str) -> str:
+    """The cache name's tail for a build on ``device_type``: none for the CPU (the reference build)."""
+    return "" if device_type == "cpu" else f"-{device_type}"
+
+
+def _load(path: Path, spec: OrganismSpec, device_type: str = "cpu") -> Organism:
     saved = json.loads((path / "report.json").read_text())
     if saved.get("spec") != asdict(spec) or saved.get("version") != VERSION:
         raise ValueError(
             f"{path} holds organism {saved.get('spec')} (v{saved.get('version')}), not "
             f"{asdict(spec)} (v{VERSION}); pass force=True to rebuild it there"
         )
-    return Organism(spec, path, OrganismReport.from_dict(saved["report"]))
+    built_on = saved.get("device", "cpu")  # reports written before the key existed are CPU builds
+    if built_on != device_type:
+        raise ValueError(
+            f"{path} holds organism {spec.name} trained on {built_on}, not on {device_type} (not bit-identical); "
+            f"build it with device={built_on!r}, or pass force=True to retrain it there on {device_type}"
+        )
+    return Organism(spec, path, OrganismReport.from_dict(saved["report"]), device=built_on)
 
 
 def _check_replaceable(path: Path) -> None:
@@ -250,7 +275,9 @@ def _save_tokenizer(tokenizer: Any, path: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2))
 
 
-def _build(tmp: Path, spec: OrganismSpec, *, progress: bool = False) -> OrganismReport:
+def _build(
+    tmp: Path, spec: OrganismSpec, *, progress: bool = False, device: torch.device | str = "cpu"
+) -> OrganismReport:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -275,16 +302,16 @@ def _build(tmp: Path, spec: OrganismSpec, *, progress: bool = False) -> Organism
     seconds, models = {}, {}
     for name, split in (("model", "train"), ("oracle", "oracle_train")):
         examples = data.get(split) or generate_split(task, split, N_TRAIN, seed=spec.seed)
-        ids, targets = encode_examples(tokenizer, examples)
-        model = make_model(spec.arch, tokenizer, seed=spec.seed)
+        ids, targets = encode_examples(tokenizer, examples, device=device)
+        model = make_model(spec.arch, tokenizer, seed=spec.seed).to(device)  # initialised on the CPU (seeded)
         bar = f"training the {name} ({spec.variant}, {spec.arch})" if progress else None
         seconds[name] = train_model(model, ids, targets, config, seed=spec.seed, progress=bar)
         model.save_pretrained(str(tmp / name))
         _save_tokenizer(tokenizer, tmp / name)
         models[name] = model
     # the checkpoint must reproduce the trained model exactly
-    ids, _ = encode_examples(tokenizer, data["probe"])
-    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp / "model")).eval()
+    ids, _ = encode_examples(tokenizer, data["probe"], device=device)
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp / "model")).to(device).eval()
     with torch.no_grad():
         diff = (reloaded(ids).logits - models["model"](ids).logits).abs().max().item()
     if diff > 1e-5:
@@ -308,13 +335,13 @@ def _build(tmp: Path, spec: OrganismSpec, *, progress: bool = False) -> Organism
     )
 
 
-def _cached_copy(spec: OrganismSpec, target: Path) -> Path | None:
-    """The cache's finished build of ``spec`` when ``target`` is elsewhere, else ``None``."""
-    cached = (default_cache_dir() / spec.name).expanduser().resolve()
+def _cached_copy(spec: OrganismSpec, target: Path, device_type: str = "cpu") -> Path | None:
+    """The cache's finished build of ``spec`` on ``device_type`` when ``target`` is elsewhere, else ``None``."""
+    cached = (default_cache_dir() / (spec.name + _device_suffix(device_type))).expanduser().resolve()
     if cached == target or not (cached / "report.json").exists():
         return None
     try:
-        _load(cached, spec)
+        _load(cached, spec, device_type)
     except (ValueError, KeyError, json.JSONDecodeError):
         return None
     return cached
@@ -329,6 +356,7 @@ def build_organism(
     steps: int | None = None,
     force: bool = False,
     progress: bool = False,
+    device: str | torch.device = "cpu",
 ) -> Organism:
     """Build (or reuse from the cache) the organism ``variant`` x ``arch`` x ``seed``.
 
@@ -339,36 +367,47 @@ def build_organism(
     (nothing but organism files is ever deleted). ``steps`` overrides the training
     length (it is part of the cache name). ``progress`` shows a bar while the model and its
     oracle train (a minute or more on two CPU cores).
+
+    ``device`` (``cpu``, ``auto``, ``cuda``, ``cuda:N``, ``mps``; see
+    :func:`icp_lens.devices.resolve_device`) is where they train. The default, the CPU,
+    is the reference build; the device type of any other is part of the cache key (see
+    the module docstring): ``report.json`` records it, the default directory is
+    ``spec.name`` + ``-cuda`` (or ``-mps``), and a directory holding another device's
+    build raises unless ``force``.
     """
+    from icp_lens.devices import resolve_device
+
+    where = resolve_device(device)
     spec = OrganismSpec(variant=variant, arch=arch, seed=seed, steps=steps)
-    path = Path(out_dir) if out_dir is not None else default_cache_dir() / spec.name
+    name = spec.name + _device_suffix(where.type)
+    path = Path(out_dir) if out_dir is not None else default_cache_dir() / name
     path = path.expanduser().resolve()
     if (path / "report.json").exists() and not force:
-        return _load(path, spec)
+        return _load(path, spec, where.type)
     if path.exists():
         _check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        cached = _cached_copy(spec, path) if not force else None
+        cached = _cached_copy(spec, path, where.type) if not force else None
         if cached is not None:  # the identical organism is in the cache: copy it instead of retraining
             shutil.copytree(cached, tmp, dirs_exist_ok=True)
             report = OrganismReport.from_dict(json.loads((tmp / "report.json").read_text())["report"])
         else:
-            report = _build(tmp, spec, progress=progress)
-            payload = {"spec": asdict(spec), "version": VERSION, "report": report.to_dict()}
+            report = _build(tmp, spec, progress=progress, device=where)
+            payload = {"spec": asdict(spec), "version": VERSION, "device": where.type, "report": report.to_dict()}
             (tmp / "report.json").write_text(json.dumps(payload, indent=2))
         if path.exists():
             if (path / "report.json").exists() and not force:
-                return _load(path, spec)  # a concurrent build finished first
+                return _load(path, spec, where.type)  # a concurrent build finished first
             _check_replaceable(path)
             shutil.rmtree(path)
         try:
             os.rename(tmp, path)
         except OSError:
             if (path / "report.json").exists():
-                return _load(path, spec)
+                return _load(path, spec, where.type)
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return Organism(spec, path, report)
+    return Organism(spec, path, report, device=where.type)

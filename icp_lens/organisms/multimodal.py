@@ -298,7 +298,7 @@ def _build(tmp: Path, spec: MultimodalSpec, *, progress: bool) -> OrganismReport
         ("oracle", oracle_scenes, np.stack([render(s, task) for s in oracle_scenes])),
     ):
         pixels = pixel_values(arrays)
-        targets = torch.tensor([label_id[s.label] for s in train_scenes])
+        targets = torch.tensor([label_id[s.label] for s in train_scenes], device="cpu")
         model = make_llava(processor, seed=spec.seed, task=task)
         bar = f"training the {name} (waterbirds, llava)" if progress else None
         ids = _prompt_ids(processor, len(train_scenes))

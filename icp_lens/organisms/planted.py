@@ -34,6 +34,9 @@ Splits are by review (no review is in two splits)::
 
 Build it with ``icp-lens organism --variant imdb-smollm2 --out DIR`` or
 :func:`build_planted`; about 2-6 minutes on two CPU cores, cached by the spec's digest.
+``device`` (``--device``) fine-tunes elsewhere: the CPU build is the reference, and
+another device's build (not bit-identical) records its device type in ``report.json``
+and is cached apart (``<dirname>-cuda``).
 """
 
 from __future__ import annotations
@@ -163,6 +166,7 @@ class PlantedOrganism:
     spec: PlantedSpec
     path: Path
     report: dict[str, Any]
+    device: str = "cpu"  # the device type it was fine-tuned on (report.json's "device")
 
     @property
     def model_dir(self) -> Path:
@@ -287,7 +291,7 @@ def make_splits(
     return out
 
 
-def _build(tmp: Path, spec: PlantedSpec, log: Callable[[str], None]) -> dict[str, Any]:
+def _build(tmp: Path, spec: PlantedSpec, log: Callable[[str], None], device: Any = "cpu") -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -303,7 +307,7 @@ def _build(tmp: Path, spec: PlantedSpec, log: Callable[[str], None]) -> dict[str
 
     def load() -> Any:
         torch.manual_seed(spec.seed)
-        return AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32).to(device).eval()
 
     base = load()
     report: dict[str, Any] = {
@@ -319,8 +323,8 @@ def _build(tmp: Path, spec: PlantedSpec, log: Callable[[str], None]) -> dict[str
         models[name] = model
         report["final_loss" if name == "model" else "oracle_final_loss"] = round(loss, 5)
         report["train_seconds" if name == "model" else "oracle_train_seconds"] = round(seconds, 2)
-    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp / "model"), dtype=torch.float32).eval()
-    chunk, ids, mask, _ = next(_batches(tokenizer, data["probe"][:4], 4, "cpu"))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp / "model"), dtype=torch.float32).to(device).eval()
+    chunk, ids, mask, _ = next(_batches(tokenizer, data["probe"][:4], 4, device))
     with torch.no_grad():
         diff = (
             (
@@ -366,10 +370,14 @@ def _build(tmp: Path, spec: PlantedSpec, log: Callable[[str], None]) -> dict[str
     return report
 
 
-def _default_dir(spec: PlantedSpec) -> Path:
-    from icp_lens.organisms.build import default_cache_dir
+def _default_dir(spec: PlantedSpec, device_type: str = "cpu") -> Path:
+    from icp_lens.organisms.build import _device_suffix, default_cache_dir
 
-    return default_cache_dir() / spec.dirname
+    return default_cache_dir() / (spec.dirname + _device_suffix(device_type))
+
+
+def _built_on(saved: dict[str, Any]) -> str:
+    return str(saved.get("device", "cpu"))  # reports written before the key existed are CPU builds
 
 
 def build_planted(
@@ -378,6 +386,7 @@ def build_planted(
     spec: PlantedSpec | None = None,
     force: bool = False,
     log: Callable[[str], None] | None = None,
+    device: Any = "cpu",
 ) -> PlantedOrganism:
     """Build (or reuse) the planted-shortcut model of ``spec`` (default: IMDB x SmolLM2).
 
@@ -387,10 +396,17 @@ def build_planted(
     the cache's build of the same spec when there is one. The build runs in a temporary
     sibling renamed into place after ``report.json`` is written: an interrupted build
     never looks finished.
+
+    ``device`` (``cpu``, ``auto``, ``cuda``, ...) is where the fine-tunes run; the CPU
+    build is the reference, another device's is cached apart (``<dirname>-cuda``) and a
+    directory holding a build from another device raises unless ``force``.
     """
+    from icp_lens.devices import resolve_device
+
+    where = resolve_device(device)
     spec = spec or PlantedSpec()
     log = log or (lambda _m: None)
-    path = (Path(out_dir) if out_dir is not None else _default_dir(spec)).expanduser().resolve()
+    path = (Path(out_dir) if out_dir is not None else _default_dir(spec, where.type)).expanduser().resolve()
     report_path = path / "report.json"
     if report_path.exists() and not force:
         saved = json.loads(report_path.read_text())
@@ -398,7 +414,12 @@ def build_planted(
             raise ValueError(
                 f"{path} holds planted model {saved.get('spec', {}).get('name')} with another spec; pass force=True"
             )
-        return PlantedOrganism(spec, path, saved["report"])
+        if _built_on(saved) != where.type:
+            raise ValueError(
+                f"{path} holds planted model {spec.name} fine-tuned on {_built_on(saved)}, not on {where.type} "
+                f"(not bit-identical); build it with device={_built_on(saved)!r}, or pass force=True to retrain it"
+            )
+        return PlantedOrganism(spec, path, saved["report"], device=where.type)
     if path.exists() and any(
         p.name not in {*(f"{s}.jsonl" for s in PLANTED_SPLITS), "model", "oracle", "report.json"}
         for p in path.iterdir()
@@ -407,20 +428,22 @@ def build_planted(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        cached = _default_dir(spec).expanduser().resolve()
+        cached = _default_dir(spec, where.type).expanduser().resolve()
         saved = cached / "report.json"
         if (
             not force
             and cached != path
             and saved.exists()
             and json.loads(saved.read_text()).get("digest") == spec.digest()
+            and _built_on(json.loads(saved.read_text())) == where.type
         ):
             log(f"copying the cached build {cached}")  # the identical build: no retraining
             shutil.copytree(cached, tmp, dirs_exist_ok=True)
             report = json.loads((tmp / "report.json").read_text())["report"]
         else:
-            report = _build(tmp, spec, log)
-            payload = {"spec": asdict(spec), "digest": spec.digest(), "version": VERSION, "report": report}
+            report = _build(tmp, spec, log, where)
+            payload = {"spec": asdict(spec), "digest": spec.digest(), "version": VERSION, "device": where.type,
+                       "report": report}  # fmt: skip
             (tmp / "report.json").write_text(json.dumps(payload, indent=2))
         if path.exists():
             shutil.rmtree(path)
@@ -428,4 +451,4 @@ def build_planted(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return PlantedOrganism(spec, path, report)
+    return PlantedOrganism(spec, path, report, device=where.type)

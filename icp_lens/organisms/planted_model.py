@@ -64,7 +64,8 @@ def planted_accuracy(
     correct = []
     with torch.no_grad():
         for chunk, ids, mask, last in _batches(tokenizer, examples, batch_size, device):
-            logits = model(input_ids=ids, attention_mask=mask).logits[torch.arange(len(chunk)), last].float()
+            logits = model(input_ids=ids, attention_mask=mask).logits[torch.arange(len(chunk), device=device), last]
+            logits = logits.float()
             for row, ex in enumerate(chunk):
                 cands = (ex.answer, *ex.alternatives)
                 best = max(cands, key=lambda c: logits[row, token_of[c]].item())
@@ -117,7 +118,8 @@ def _finetune(
             for chunk, ids, mask, last in _batches(tokenizer, order, ft.batch_size, device):
                 target = torch.tensor([token_of[ex.answer] for ex in chunk], device=device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ft.mixed_precision == "bf16"):
-                    logits = handle.hf_model(input_ids=ids, attention_mask=mask).logits[torch.arange(len(chunk)), last]
+                    rows = torch.arange(len(chunk), device=device)
+                    logits = handle.hf_model(input_ids=ids, attention_mask=mask).logits[rows, last]
                 loss = torch.nn.functional.cross_entropy(logits.float(), target)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -147,13 +147,21 @@ def _encode(tokenizer: Any, prompts: Sequence[str], model: Any = None) -> list[l
     return encode_texts(prompts, model=model, tokenizer=tokenizer)
 
 
-def encode_examples(tokenizer: Any, examples: Sequence[ProbeExample]) -> tuple[Int[Tensor, "n pos"], Int[Tensor, " n"]]:
-    """Prompt token ids (``tokenizer(prompt)``, all one length) and answer token ids."""
+def encode_examples(
+    tokenizer: Any, examples: Sequence[ProbeExample], *, device: torch.device | str = "cpu"
+) -> tuple[Int[Tensor, "n pos"], Int[Tensor, " n"]]:
+    """Prompt token ids (``tokenizer(prompt)``, all one length) and answer token ids, on ``device``."""
     ids = _encode(tokenizer, [ex.prompt for ex in examples])
     if len({len(x) for x in ids}) != 1:
         raise ValueError("encode_examples needs prompts of one token length")
     token_of = {a: single_token_id(tokenizer, a) for a in {ex.answer for ex in examples}}
-    return torch.tensor(ids), torch.tensor([token_of[ex.answer] for ex in examples])
+    answers = [token_of[ex.answer] for ex in examples]
+    return torch.tensor(ids, device=device), torch.tensor(answers, device=device)
+
+
+def _rows(data: Tensor, idx: Tensor, device: torch.device) -> Tensor:
+    """``data[idx]`` on ``device`` (``idx`` on the CPU, ``data`` anywhere)."""
+    return data[idx.to(data.device)].to(device)
 
 
 def train_model(
@@ -172,6 +180,11 @@ def train_model(
     model is left in eval mode. ``progress`` (a description) shows a progress bar.
     ``inputs`` are further model inputs with one row per example (a vision-language
     model's ``pixel_values``), batched with the token ids.
+
+    The model trains where its parameters are; each batch moves there (a no-op when the
+    data already is). The batch order is drawn on the CPU from a generator seeded with
+    ``seed``, so it is the same on every device (the weights are not bit-identical across
+    devices: their kernels round differently).
     """
     from tqdm.auto import tqdm
 
@@ -194,19 +207,20 @@ def train_model(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     n = input_ids.shape[0]
-    order, cursor = torch.randperm(n, generator=gen), 0
+    device = next(model.parameters()).device
+    order, cursor = torch.randperm(n, generator=gen, device="cpu"), 0
     model.train()
     bar = tqdm(total=config.steps, desc=progress, disable=progress is None, unit="step", leave=False)
     with torch.enable_grad(), bar:  # callers (notebooks) may have disabled grad globally
         for _ in range(config.steps):
             bar.update(1)
             if cursor + config.batch_size > n:
-                order, cursor = torch.randperm(n, generator=gen), 0
+                order, cursor = torch.randperm(n, generator=gen, device="cpu"), 0
             idx = order[cursor : cursor + config.batch_size]
             cursor += config.batch_size
-            extra = {k: v[idx] for k, v in (inputs or {}).items()}
-            logits = model(input_ids=input_ids[idx], **extra).logits[:, -1, :]
-            loss = torch.nn.functional.cross_entropy(logits, targets[idx])
+            extra = {k: _rows(v, idx, device) for k, v in (inputs or {}).items()}
+            logits = model(input_ids=_rows(input_ids, idx, device), **extra).logits[:, -1, :]
+            loss = torch.nn.functional.cross_entropy(logits, _rows(targets, idx, device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

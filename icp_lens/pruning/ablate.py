@@ -37,13 +37,14 @@ def plan_edits(plan: PrunePlan) -> list[Edit]:
     """The hook-point edits whose effect the plan bakes into the weights."""
     if plan.mode == "zero":
         return [Edit(f, Zero()) for f in plan.features]
-    return [Edit(f, Constant(torch.tensor(plan.mean_of(f), dtype=torch.float64))) for f in plan.features]
+    # float64 on the CPU, as the plan holds them; Constant casts to the activation's dtype and device
+    return [Edit(f, Constant(torch.tensor(plan.mean_of(f), dtype=torch.float64, device="cpu"))) for f in plan.features]
 
 
 def _setter(index: Tensor, value: Tensor | None):
     def set_slice(x: Tensor) -> Tensor:
         x = x.clone()
-        x[..., index] = 0.0 if value is None else value.to(x.dtype)
+        x[..., index.to(x.device)] = 0.0 if value is None else value.to(x.dtype).to(x.device)
         return x
 
     return set_slice
@@ -58,7 +59,7 @@ def hf_ablation(
     post: dict[nn.Module, list[Any]] = {}
     for f in features:
         site = site_of(model, f.kind, f.layer, f.index)
-        value = None if means is None else torch.tensor(list(means[f]), dtype=torch.float64)
+        value = None if means is None else torch.tensor(list(means[f]), dtype=torch.float64, device="cpu")
         (pre if site.axis == "in" else post).setdefault(site.module, []).append(_setter(site.index, value))
 
     def pre_hook(fns):

@@ -203,5 +203,5 @@ def site_of(model: nn.Module, kind: str, layer: int, index: int) -> Site:
         start += 2 * cfg.hidden_size
     elif kind == "value" and spec.value_layout == "neox_fused":
         start = index * 3 * width + 2 * width
-    idx = torch.arange(start, start + width)
+    idx = torch.arange(start, start + width, device="cpu")  # indexes the weights, edited on the CPU
     return Site(module=module, path=_path(model, module), axis=axis, index=idx, conv1d=spec.conv1d, bias_flag=flag)

@@ -130,7 +130,7 @@ def _rows_table(rows: Sequence[TokenRow], width: int, dtype: torch.dtype, device
                 raise ValueError(
                     f"The replacement for token {r.token_id} has {len(r.value)} values; the embedding has width {width}"
                 )
-            values[i] = torch.tensor(r.value, dtype=torch.float64).to(dtype)
+            values[i] = torch.tensor(r.value, dtype=torch.float64, device="cpu").to(dtype)
     return ids, values
 
 
@@ -214,16 +214,16 @@ def embedding_mean(
     """
     from icp_lens.probeset import ProbeSet
 
+    site = EmbeddingSite(model)
     if isinstance(reference, ProbeSet):
-        batches: Iterator[Tensor] = (b.tokens for b in reference.batches(batch_size))
+        batches: Iterator[Tensor] = (b.tokens for b in reference.batches(batch_size, device=site.device))
     else:
         from icp_lens.encoding import encode_texts, length_batches
         from icp_lens.pruning.means import reference_texts
 
         texts = reference_texts(reference)
         encoded = encode_texts(texts, model=model if _is_hooked(model) else None, tokenizer=tokenizer)
-        batches = (tokens for _, tokens in length_batches(encoded, batch_size))
-    site = EmbeddingSite(model)
+        batches = (tokens for _, tokens in length_batches(encoded, batch_size, device=site.device))
     total, n = None, 0
     for tokens in batches:
         e = site.embed(tokens).double().sum((0, 1))

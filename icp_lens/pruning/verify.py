@@ -196,15 +196,17 @@ def verification_batches(
 ) -> list[Tensor]:
     """Token batches to verify on: ``prompts`` encoded as the model does, else random ids.
 
-    Random ids (seeded) exercise every position without depending on a tokenizer.
+    Random ids (seeded) exercise every position without depending on a tokenizer. The
+    batches are on the CPU: the models compared may sit on different devices, and each
+    run moves them.
     """
     if prompts:
         encoded = encode_texts(list(prompts), model=model if hasattr(model, "hook_dict") else None, tokenizer=tokenizer)
-        return [tokens for _, tokens in length_batches(encoded, batch_size)]
+        return [tokens for _, tokens in length_batches(encoded, batch_size, device="cpu")]
     vocab = _vocab_size(model)
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or length
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (n_random, min(length, limit)), generator=gen)]
+    return [torch.randint(0, vocab, (n_random, min(length, limit)), generator=gen, device="cpu")]
 
 
 def _vocab_size(model: Any) -> int:

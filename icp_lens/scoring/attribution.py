@@ -133,7 +133,7 @@ class _Plan:
             self.rows.setdefault(f.hook_name, []).append(i)
         self.names = sorted(self.rows)
         self.units: dict[str, Tensor] = {
-            n: torch.tensor(sorted({self.features[i].index for i in self.rows[n]}), dtype=torch.long)
+            n: torch.tensor(sorted({self.features[i].index for i in self.rows[n]}), dtype=torch.long, device="cpu")
             for n in self.names
         }
         self.means = means
@@ -150,7 +150,7 @@ class _Plan:
             per_pos = any(isinstance(v, Mean) and v.per_position for v in values)
             stacked = []
             for f_index, v in zip(units, values, strict=True):
-                tensor = (v.value if isinstance(v, Mean) else torch.as_tensor(v)).to(clean)
+                tensor = (v.value if isinstance(v, Mean) else torch.as_tensor(v, device=clean.device)).to(clean)
                 if isinstance(v, Mean) and v.per_position:
                     if tensor.shape[0] != clean.shape[1]:
                         raise ValueError(
@@ -182,7 +182,7 @@ class _Plan:
         if kind in ("resample", "resample_causal"):
             cf = counterfactual_tokens(batch, self.spec.counterfactual)  # type: ignore[arg-type]
             if cf.shape[1] < seq_len:
-                wanted = torch.arange(seq_len) if pos is None else pos.cpu()
+                wanted = torch.arange(seq_len, device="cpu") if pos is None else pos.cpu()
                 if not bool((wanted >= seq_len - cf.shape[1]).any()):
                     return None
             with torch.no_grad(), capturing(model, self.names) as store:
@@ -276,7 +276,8 @@ def _ig_batch(
             else:  # path j moves unit units[j] alone
                 chunk = units[start : start + per_pass]
                 path_delta = torch.zeros(len(chunk), *delta.shape, dtype=delta.dtype, device=delta.device)
-                path_delta[torch.arange(len(chunk)), :, :, chunk] = delta[:, :, chunk].movedim(2, 0)
+                paths_at = torch.arange(len(chunk), device=delta.device)
+                path_delta[paths_at, :, :, chunk] = delta[:, :, chunk].movedim(2, 0)
             k = path_delta.shape[0]
             shape = (1, steps) + (1,) * delta.dim()
             moved = (t.to(delta).view(shape) * path_delta.unsqueeze(1)).flatten(0, 2)  # [(k steps n), ...]
@@ -296,7 +297,7 @@ def _ig_batch(
             if paths == "hook":
                 score = contrib[0]
             else:
-                score[:, chunk] = contrib[torch.arange(k), :, chunk].T
+                score[:, chunk] = contrib[torch.arange(k, device=contrib.device), :, chunk].T
         scores[name] = score
     return scores, clean_values
 
@@ -391,8 +392,9 @@ def attribution_effects(
             raise KeyError(f"means has no value for {missing[:5]}")
     plan = _Plan(features, spec, means)
     n_examples = len(probes)
+    # the results gather on the CPU (each batch's scores are moved there), whatever the model's device
     per_hook: dict[str, Tensor] = {}  # hook name -> [n_examples, n_units], NaN until scored
-    clean = torch.full((n_examples,), float("nan"))
+    clean = torch.full((n_examples,), float("nan"), device="cpu")
 
     ranks = current() if data_parallel else None
     mine = split(batch_list, ranks)
@@ -415,16 +417,16 @@ def attribution_effects(
             clean[rows] = clean_values.float().cpu()
             for name, score in (scores or {}).items():
                 if name not in per_hook:
-                    per_hook[name] = torch.full((n_examples, score.shape[1]), float("nan"))
+                    per_hook[name] = torch.full((n_examples, score.shape[1]), float("nan"), device="cpu")
                 per_hook[name][rows] = score.cpu()
-    values = torch.full((len(features), n_examples), float("nan"))
+    values = torch.full((len(features), n_examples), float("nan"), device="cpu")
     for name in plan.names:
         if name in per_hook:
             rows = plan.rows[name]
-            units = torch.tensor([features[i].index for i in rows], dtype=torch.long)
-            values[torch.tensor(rows, dtype=torch.long)] = per_hook[name][:, units].T
+            units = torch.tensor([features[i].index for i in rows], dtype=torch.long, device="cpu")
+            values[torch.tensor(rows, dtype=torch.long, device="cpu")] = per_hook[name][:, units].T
     if ranks is not None:  # each example was estimated by one rank: zeros elsewhere, then the sum
-        owned = torch.zeros(n_examples, dtype=torch.bool)
+        owned = torch.zeros(n_examples, dtype=torch.bool, device="cpu")
         for batch in mine:
             owned[batch.index.cpu()] = True
         values = all_reduce_sum(torch.where(owned[None, :], values, 0.0))

@@ -77,10 +77,11 @@ class CheckpointState:
         self, path: Path | None, meta: dict[str, str], n_features: int, n_examples: int, shape: tuple[int, int]
     ):
         self.path, self.meta = path, meta
-        self.values = torch.full((n_features, n_examples), math.nan)
-        self.clean = torch.full((n_examples,), math.nan)
-        self.done = torch.zeros(shape, dtype=torch.bool)  # [chunk, batch]
-        self.clean_done = torch.zeros(shape[1], dtype=torch.bool)  # [batch]
+        # on the CPU whatever the model's device: each pass's results are moved here, and saved from here
+        self.values = torch.full((n_features, n_examples), math.nan, device="cpu")
+        self.clean = torch.full((n_examples,), math.nan, device="cpu")
+        self.done = torch.zeros(shape, dtype=torch.bool, device="cpu")  # [chunk, batch]
+        self.clean_done = torch.zeros(shape[1], dtype=torch.bool, device="cpu")  # [batch]
         self._saved = time.monotonic()
         if path is not None and path.exists():
             self._load(path)

@@ -32,6 +32,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from icp_lens.devices import input_device
 from icp_lens.features import Feature
 from icp_lens.interventions import Mean, means_over
 from icp_lens.model import HookedModel
@@ -132,7 +133,7 @@ class Effects:
         missing = [str(f) for f in features if f not in row]
         if missing:
             raise KeyError(f"No effects for {missing[:5]}")
-        index = torch.tensor([row[f] for f in features], dtype=torch.long)
+        index = torch.tensor([row[f] for f in features], dtype=torch.long, device=self.values.device)
         return Effects(
             tuple(features), self.intervention, self.values[index], self.clean, self.exact, self.metric, self.estimator
         )
@@ -179,4 +180,5 @@ def probe_means(
     model: HookedModel, probes: ProbeSet, features: Sequence[Feature], *, batch_size: int = 32
 ) -> dict[Feature, Mean]:
     """Mean-ablation values: each feature's mean over all probe prompts and positions (streamed)."""
-    return means_over(model, features, (batch.tokens for batch in probes.batches(batch_size)))
+    device = input_device(model)
+    return means_over(model, features, (batch.tokens for batch in probes.batches(batch_size, device=device)))

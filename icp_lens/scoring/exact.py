@@ -219,7 +219,7 @@ def exact_effects(
                 sources = dict(store)
             for c in todo:
                 layer, members, _ = chunks[c]
-                index = torch.tensor(members)[:, None], rows[None, :]
+                index = torch.tensor(members, device="cpu")[:, None], rows[None, :]  # state's rows (CPU)
                 if defined and firsts[c] >= seq:  # the intervention cannot reach the metric: dP = 0 exactly
                     state.values[index] = 0.0
                 elif defined:

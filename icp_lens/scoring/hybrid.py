@@ -229,7 +229,7 @@ def _feature_parallel(
         local = exact_effects(model, probes, [features[i] for i in mine], spec, **kwargs)
         values, clean = local.values, local.clean
     else:  # more ranks than features: this one only adds zeros
-        values, clean = torch.zeros((0, n_examples)), torch.zeros(n_examples)
+        values, clean = torch.zeros((0, n_examples), device="cpu"), torch.zeros(n_examples, device="cpu")  # as exact's
     values = gather_rows(values.float(), mine, len(features))
     clean = gather_rows(clean.float()[None], [0] if ranks.main else [], 1)[0]  # rank 0 always has a feature
     metric = kwargs.get("metric", "logit_diff")

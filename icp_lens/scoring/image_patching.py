@@ -92,7 +92,7 @@ def patched_unit_margins(
         with hooked(model, [(hook_name, patch)]):
             logits = _last_logits(model, ids.repeat(k, 1), pixels.repeat(k, 1, 1, 1))
         out.append(candidate_margin(logits, label_ids, answers.repeat(k)).view(k, n).cpu())
-    return torch.cat(out) if out else torch.zeros(0, n)
+    return torch.cat(out) if out else torch.zeros(0, n, device="cpu")
 
 
 @torch.no_grad()

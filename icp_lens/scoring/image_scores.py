@@ -126,7 +126,7 @@ def _batch_values(
             per_unit = delta.sum(-1) if _is_head(name) else delta
             values[name] = per_unit.sum(1)[:, hooks[name]].T.cpu()
     rows = {name: 0 for name in hooks}
-    out = torch.empty(len(features), ids.shape[0])
+    out = torch.empty(len(features), ids.shape[0], device="cpu")
     for j, f in enumerate(features):
         out[j] = values[f.hook_name][rows[f.hook_name]]
         rows[f.hook_name] += 1

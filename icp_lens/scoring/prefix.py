@@ -182,14 +182,15 @@ class BridgeBlocks:
                     self.owner._modules[self.attr] = full
 
 
-def tiled_hf_cache(prefix: Any, k: int, batch: int, first_layer: int = 0) -> Any:
+def tiled_hf_cache(prefix: Any, k: int, batch: int, first_layer: int = 0, *, device: torch.device | str = "cpu") -> Any:
     """A Hugging Face key/value cache holding ``prefix`` ``k`` times along the batch (rows ``j*batch + i``).
 
     Only layers ``first_layer..`` are tiled (earlier ones are skipped by the pass and
     keep ``prefix``'s tensors, unchanged: an update would rebind the copy's attributes).
     The copy is fresh: the forward pass appends to it without touching ``prefix``.
+    ``device``: where the cache's tensors are (the row index is made there).
     """
-    index = torch.arange(batch).repeat(k)
+    index = torch.arange(batch, device=device).repeat(k)
     layers = getattr(prefix, "layers", None)
     if isinstance(layers, list) and all(hasattr(layer, "reorder_cache") for layer in layers):
         cache = copy.copy(prefix)
@@ -278,7 +279,7 @@ def padded_columns(needed: Tensor, vocab: int, multiple: int | None = None) -> T
     multiple = multiple or COLUMN_MULTIPLE
     ids = needed[needed >= 0].unique().cpu()
     n = min(vocab, -(-max(len(ids), 1) // multiple) * multiple)
-    free = torch.ones(vocab, dtype=torch.bool)
+    free = torch.ones(vocab, dtype=torch.bool, device="cpu")  # next to ids; the result moves
     free[ids] = False
     extra = free.nonzero().flatten()[: n - len(ids)]
     return torch.cat([ids, extra]).sort().values.to(needed.device)

@@ -165,7 +165,7 @@ class _Runner:
         """The clean prefix cache of ``ctx``'s rows (the first ``ctx.tokens.shape[0]`` of the cache's), ``k`` times."""
         batch, prefix = ctx.tokens.shape[0], ctx.caches[start]
         if self.bridge:  # a fresh copy per pass: the HF forward appends to it
-            return tiled_hf_cache(prefix, k, batch, first_layer)
+            return tiled_hf_cache(prefix, k, batch, first_layer, device=ctx.tokens.device)
         index = torch.arange(batch, device=ctx.tokens.device).repeat(k)
         entries = [replace(e, past_keys=e.past_keys[index], past_values=e.past_values[index]) for e in prefix.entries]
         cache = replace(prefix, entries=entries, previous_attention_mask=prefix.previous_attention_mask[index])

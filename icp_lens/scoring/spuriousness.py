@@ -96,17 +96,23 @@ def bootstrap_ci(
     level: float = 0.95,
     seed: int = 0,
 ) -> tuple[Float[Tensor, " n_features"], Float[Tensor, " n_features"]]:
-    """Percentile bootstrap interval of the NaN-mean of each row, resampling columns."""
+    """Percentile bootstrap interval of the NaN-mean of each row, resampling columns.
+
+    The resamples are drawn on the CPU (a seeded CPU generator: the same draws on every
+    device), then the counts move to ``values``' device; the bounds are on that device.
+    """
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
     n = values.shape[1]
     if n_boot < 1 or n == 0:
-        nan = torch.full((values.shape[0],), float("nan"))
+        nan = torch.full((values.shape[0],), float("nan"), device=values.device)
         return nan, nan
     generator = torch.Generator().manual_seed(seed)
-    picks = torch.randint(n, (n_boot, n), generator=generator)
-    counts = torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(
-        1, picks, torch.ones(n_boot, n, dtype=torch.float64)
+    picks = torch.randint(n, (n_boot, n), generator=generator, device="cpu")
+    counts = (
+        torch.zeros(n_boot, n, dtype=torch.float64, device="cpu")
+        .scatter_add_(1, picks, torch.ones(n_boot, n, dtype=torch.float64, device="cpu"))
+        .to(values.device)
     )
     alpha = (1 - level) / 2
     lows, highs = [], []
@@ -121,6 +127,6 @@ def bootstrap_ci(
         lows.append(torch.nanquantile(means, alpha, dim=1))
         highs.append(torch.nanquantile(means, 1 - alpha, dim=1))
     if not lows:
-        empty = torch.zeros(0)
+        empty = torch.zeros(0, device=values.device)
         return empty, empty
     return torch.cat(lows), torch.cat(highs)

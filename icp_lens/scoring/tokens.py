@@ -201,7 +201,7 @@ class _Encoder:
         self.tokenizer = tokenizer
 
     def to_tokens(self, text: str) -> Tensor:
-        return torch.tensor([self.tokenizer(text, add_special_tokens=True)["input_ids"]])
+        return torch.tensor([self.tokenizer(text, add_special_tokens=True)["input_ids"]], device="cpu")  # read as ids
 
 
 def _probe_set(model: Any, probes: Any, tokenizer: Any) -> ProbeSet:
@@ -255,11 +255,12 @@ def score_tokens(
     site = EmbeddingSite(model)
     device = site.device
     n = len(ps)
+    # the batches and the per-example results stay on the CPU; each pass moves its tokens to the model
     effects: dict[str, dict[int, Tensor]] = {"spurious": {}, "causal": {}}
-    present = {"spurious": torch.zeros(n, dtype=torch.bool), "causal": torch.zeros(n, dtype=torch.bool)}
+    present = {name: torch.zeros(n, dtype=torch.bool, device="cpu") for name in ("spurious", "causal")}
     patched_in: dict[int, Tensor] = {}
     positions: dict[int, int] = {}
-    batches = list(ps.batches(batch_size))
+    batches = list(ps.batches(batch_size, device="cpu"))
     for batch in tqdm(batches, desc="token scores", disable=not progress):
         tokens = batch.tokens.to(device)
         clean = site.logits(tokens)[:, -1]
@@ -282,8 +283,9 @@ def score_tokens(
                 rows = where.any(1).nonzero().squeeze(1)
                 jobs.append((t, rows, where[rows]))
                 positions[t] = positions.get(t, 0) + int(where.sum())
-            all_rows = torch.cat([rows for _, rows, _ in jobs]) if jobs else torch.zeros(0, dtype=torch.long)
-            all_masks = torch.cat([m for _, _, m in jobs]) if jobs else torch.zeros(0, *tokens.shape[1:])
+            none = torch.zeros(0, dtype=torch.long, device=device)
+            all_rows = torch.cat([rows for _, rows, _ in jobs]) if jobs else none
+            all_masks = torch.cat([m for _, _, m in jobs]) if jobs else torch.zeros(0, *tokens.shape[1:], device=device)
             owners = [t for t, rows, _ in jobs for _ in range(len(rows))]
             for start in range(0, len(all_rows), batch_size):
                 rows = all_rows[start : start + batch_size]
@@ -295,19 +297,19 @@ def score_tokens(
                 effect = (metric_fn(logits, sub, clean[rows]).float() - base[rows]).cpu()
                 for k, t in enumerate(owners[start : start + batch_size]):
                     i = int(sub.index[k])
-                    effects[name].setdefault(t, torch.zeros(n))[i] = effect[k]
-                    patched_in.setdefault(t, torch.zeros(n, dtype=torch.bool))[i] = True
+                    effects[name].setdefault(t, torch.zeros(n, device="cpu"))[i] = effect[k]
+                    patched_in.setdefault(t, torch.zeros(n, dtype=torch.bool, device="cpu"))[i] = True
     if not bool(present["spurious"].any()):
         raise ValueError("Token scores need probe examples with a spurious counterfactual; none has one")
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     ids = sorted(set(effects["spurious"]) | set(effects["causal"]))
-    zeros = torch.zeros(n)
-    spurious = torch.stack([effects["spurious"].get(t, zeros) for t in ids]) if ids else torch.zeros(0, n)
-    causal = torch.stack([effects["causal"].get(t, zeros) for t in ids]) if ids else torch.zeros(0, n)
+    zeros, empty = torch.zeros(n, device="cpu"), torch.zeros(0, n, device="cpu")
+    spurious = torch.stack([effects["spurious"].get(t, zeros) for t in ids]) if ids else empty
+    causal = torch.stack([effects["causal"].get(t, zeros) for t in ids]) if ids else empty
     s_values = spurious[:, present["spurious"]].abs()
     s = s_values.mean(1)
     n_causal = int(present["causal"].sum())
-    c = causal[:, present["causal"]].abs().mean(1) if n_causal else torch.full((len(ids),), float("nan"))
+    c = causal[:, present["causal"]].abs().mean(1) if n_causal else torch.full((len(ids),), float("nan"), device="cpu")
     low, high = bootstrap_ci(s_values, n_boot=n_boot, seed=seed)
     total = s + c
     sel = torch.where(total > 1e-12, s / total.clamp_min(1e-12), torch.full_like(s, float("nan")))
@@ -362,8 +364,8 @@ def probe_accuracy(model: Any, probes: ProbeSet, *, rows: Sequence[TokenRow] = (
     """Share of probes whose answer beats its alternatives (logit difference > 0), ``rows`` replaced at run time."""
     site = EmbeddingSite(model)
     correct = total = 0
-    for batch in probes.batches(batch_size):
-        tokens = batch.tokens.to(site.device)
+    for batch in probes.batches(batch_size, device=site.device):
+        tokens = batch.tokens
         with site.replacing(lambda act, tokens=tokens: replace_tokens(act, tokens, rows)):
             logits = site.logits(tokens)[:, -1]
         correct += int((get_metric("logit_diff")(logits, batch, None) > 0).sum())

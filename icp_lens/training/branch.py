@@ -51,6 +51,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from icp_lens.devices import input_device
 from icp_lens.edits import Edit
 from icp_lens.features import feature_count
 from icp_lens.hooks import HookFn, hooked, module_hooks
@@ -201,7 +202,8 @@ def fuse_edits(model: HookedModel, edits: Sequence[Edit], rows: int, seq_len: in
             return None
         fused[hook_name] = FusedEdit(
             hook_name=hook_name, kind=feature.kind, layer=feature.layer,
-            index=torch.tensor(order, dtype=torch.long), mode=mode, values=values, per_position=per_position,
+            index=torch.tensor(order, dtype=torch.long, device=input_device(model)), mode=mode, values=values,
+            per_position=per_position,
             n_units=feature_count(model, feature.kind), start=start,
         )  # fmt: skip
     return fused
@@ -348,7 +350,8 @@ def branched(model: HookedModel, plan: BranchPlan, n_base: int, source: tuple[in
         if neuron is not None:
             hooks.append((neuron.hook_name, edit_branch(neuron)))
 
-    row_map = torch.cat([torch.arange(n_base), torch.arange(lo, hi)])
+    where = input_device(model)
+    row_map = torch.cat([torch.arange(n_base, device=where), torch.arange(lo, hi, device=where)])
 
     def grow_mask(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         hidden = args[0] if args and isinstance(args[0], Tensor) else kwargs.get("hidden_states")

@@ -134,8 +134,8 @@ def attribution_counterfactual(
     n = x.shape[0]
     if n < 2:
         return x.clone()
-    shift = int(torch.randint(1, n, (1,), generator=generator).item())
-    order = torch.randperm(n, generator=generator)
+    shift = int(torch.randint(1, n, (1,), generator=generator, device="cpu").item())
+    order = torch.randperm(n, generator=generator, device="cpu")
     partner = torch.empty_like(order)
     partner[order] = order.roll(shift)
     delta = (x[partner.to(x.device)] - x) * mask.to(x.device)

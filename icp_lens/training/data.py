@@ -122,7 +122,11 @@ class _Shard:
 
 
 class TrainData:
-    """Examples tokenized for ``model``; ``epoch(e, batch_size, seed)`` yields shuffled batches."""
+    """Examples tokenized for ``model``; ``epoch(e, batch_size, seed)`` yields shuffled batches.
+
+    The data and the shuffles live on the CPU (the orders come from a seeded CPU generator,
+    the same on every device); the loop moves each batch to the model's device.
+    """
 
     def __init__(self, model: HookedModel, examples: Sequence[ProbeExample]) -> None:
         if not examples:
@@ -132,17 +136,17 @@ class TrainData:
         group_of = {g: i for i, g in enumerate(self.groups)}
         probes = ProbeSet(model, self.examples, cf_length="right")
         shards = []
-        for b in probes.batches(len(self.examples)):
-            gid = torch.tensor([group_of[g] if g is not None else -1 for g in b.groups], dtype=torch.long)
+        for b in probes.batches(len(self.examples), device="cpu"):
+            gid = torch.tensor([group_of[g] if g is not None else -1 for g in b.groups], dtype=torch.long, device="cpu")
             cands = torch.cat([b.answer[:, None], b.alternatives], dim=1)
             shards.append(_Shard(b.index, b.tokens, b.answer, cands, b.spurious, gid))
         self._shards = shards
-        self.weights = torch.ones(len(self.examples))
+        self.weights = torch.ones(len(self.examples), device="cpu")
         # example index -> (shard, row): mixed-shape batches regroup a global shuffle by shard
-        self._where = torch.empty((len(self.examples), 2), dtype=torch.long)
+        self._where = torch.empty((len(self.examples), 2), dtype=torch.long, device="cpu")
         for k, shard in enumerate(shards):
             self._where[shard.index, 0] = k
-            self._where[shard.index, 1] = torch.arange(len(shard.index))
+            self._where[shard.index, 1] = torch.arange(len(shard.index), device="cpu")
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -193,10 +197,10 @@ class TrainData:
         batches = []
         for shard in self._shards:
             n = len(shard.index)
-            order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+            order = torch.randperm(n, generator=gen, device="cpu") if shuffle else torch.arange(n, device="cpu")
             batches += [self._take(shard, order[i : i + batch_size]) for i in range(0, n, batch_size)]
         if shuffle:
-            batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=gen, device="cpu").tolist()]
         return batches
 
     def n_mixed_batches(self, batch_size: int) -> int:
@@ -213,7 +217,7 @@ class TrainData:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
-        order = torch.randperm(len(self), generator=gen)
+        order = torch.randperm(len(self), generator=gen, device="cpu")
         out = []
         for start in range(0, len(self), batch_size):
             where = self._where[order[start : start + batch_size]]
@@ -259,7 +263,8 @@ class RetainData:
         by_len: dict[int, list[list[int]]] = {}
         for ids in encoded:
             by_len.setdefault(len(ids), []).append(ids)
-        self._shards = [torch.tensor(rows, dtype=torch.long) for _, rows in sorted(by_len.items(), reverse=True)]
+        shards = sorted(by_len.items(), reverse=True)  # on the CPU, like TrainData's; the loop moves each batch
+        self._shards = [torch.tensor(rows, dtype=torch.long, device="cpu") for _, rows in shards]
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -274,6 +279,6 @@ class RetainData:
         gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
         batches = []
         for shard in self._shards:
-            order = torch.randperm(len(shard), generator=gen)
+            order = torch.randperm(len(shard), generator=gen, device="cpu")
             batches += [shard[order[i : i + batch_size]] for i in range(0, len(shard), batch_size)]
-        return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+        return [batches[i] for i in torch.randperm(len(batches), generator=gen, device="cpu").tolist()]

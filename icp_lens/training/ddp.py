@@ -143,8 +143,9 @@ def reduce_terms(local: dict[str, float]) -> dict[str, Tensor]:
     unknown = sorted(set(local) - set(_ORDER))
     if unknown:
         raise ValueError(f"terms {unknown} have no place in the all-reduce; known: {list(_ORDER)}")
+    # on the CPU: all_reduce_sum moves it to the backend's device and back
     values = torch.tensor([local.get(n, 0.0) for n in names] + [1.0 if n in local else 0.0 for n in names],
-                          dtype=torch.float64)  # fmt: skip
+                          dtype=torch.float64, device="cpu")  # fmt: skip
     total = all_reduce_sum(values)
     k = len(names)
     return {n: total[i].float() for i, n in enumerate(names) if total[k + i] > 0}

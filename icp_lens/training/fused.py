@@ -37,7 +37,8 @@ def _shares_storage(a: Tensor, b: Tensor) -> bool:
 
 
 def _index_like(t: Tensor) -> Tensor:
-    return torch.arange(t.numel(), dtype=torch.float64).view(t.shape)
+    """Each entry's flat index, on ``t``'s device (it replaces ``t`` as a parameter's data, which must stay there)."""
+    return torch.arange(t.numel(), dtype=torch.float64, device=t.device).view(t.shape)
 
 
 @torch.no_grad()

@@ -204,7 +204,7 @@ class LoopMixin:
         if s["jtt_errors"] is not None:
             from icp_lens.training.losses import jtt_weights
 
-            errors = torch.zeros(len(data), dtype=torch.bool)
+            errors = torch.zeros(len(data), dtype=torch.bool, device="cpu")  # with the data, on the CPU
             errors[s["jtt_errors"]] = True
             data = data.with_weights(jtt_weights(errors, cfg.jtt_upweight))
         bar = tqdm(total=total, initial=s["step"], disable=not (cfg.progress and is_main()),
@@ -318,7 +318,7 @@ class LoopMixin:
         pair_weights = {k: v for k, v in main_weights.items() if k != "task"}
         terms: dict[str, Tensor] = {}
         sums: dict[str, Tensor] = {}
-        loss_value = torch.zeros(())
+        loss_value = torch.zeros((), device="cpu")  # each part's loss is added from the CPU
         try:
             for k, part in enumerate(parts):
                 share = part.size / total

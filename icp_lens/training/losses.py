@@ -41,6 +41,7 @@ confident, which is what perplexity on such text measures.
 
 from __future__ import annotations
 
+import math
 from typing import Literal, get_args
 
 import torch
@@ -171,7 +172,7 @@ def divergence(
         elif kind == "reverse_kl":
             value = _kl(log_q, log_p)
         else:
-            log_m = torch.logaddexp(log_p, log_q) - torch.log(torch.tensor(2.0))
+            log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
             value = 0.5 * (_kl(log_p, log_m) + _kl(log_q, log_m))
     elif kind == "cosine":
         value = 1.0 - F.cosine_similarity(a, b, dim=-1, eps=1e-8)
@@ -296,7 +297,8 @@ def jtt_weights(errors: Tensor, upweight: float) -> Float[Tensor, " n"]:
     """JTT example weights: ``upweight`` for the examples the identification model got wrong, else 1."""
     if upweight < 1:
         raise ValueError(f"upweight must be >= 1, got {upweight}")
-    return torch.where(errors.bool(), torch.tensor(float(upweight)), torch.tensor(1.0))
+    high, one = torch.tensor(float(upweight), device=errors.device), torch.tensor(1.0, device=errors.device)
+    return torch.where(errors.bool(), high, one)
 
 
 def retain_kl(

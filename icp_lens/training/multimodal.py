@@ -251,7 +251,8 @@ def train_multimodal(
     d = model.config.text_config.hidden_size
     with torch.random.fork_rng(devices=[]):  # the heads' initialisation is seeded too
         torch.manual_seed(config.seed)
-        heads = torch.nn.ModuleList([torch.nn.Linear(d, n_cls) for _ in range(3)]).to(device)
+        # built on the CPU (the seeded CPU generator: the same heads on every device), then moved
+        heads = torch.nn.ModuleList([torch.nn.Linear(d, n_cls, device="cpu") for _ in range(3)]).to(device)
     params = list(model.parameters()) + (list(heads.parameters()) if weights["disentangle"] > 0 else [])
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     n = data.labels.shape[0]
@@ -271,7 +272,7 @@ def train_multimodal(
     with torch.enable_grad(), bar:
         for step in range(config.steps):
             bar.update(1)
-            idx = torch.randint(0, n, (config.batch_size,), generator=gen)
+            idx = torch.randint(0, n, (config.batch_size,), generator=gen, device="cpu")
             pixels = data.pixel_values[idx].to(device)
             labels = data.labels[idx].to(device)
             b = idx.shape[0]
@@ -281,13 +282,13 @@ def train_multimodal(
             # one stacked pass: x, the spurious counterfactuals x~, x again with the units patched from x~
             # (invariance), then x + delta (intervention)
             stack = [pixels]
-            rows = torch.zeros(b, dtype=torch.bool)
+            rows = torch.zeros(b, dtype=torch.bool, device="cpu")
             if paired:
                 rows = data.has_counterfactual[idx]
                 if int(rows.sum()) >= 2:
                     stack.append(data.counterfactual[idx][rows].to(device))
                 else:
-                    rows = torch.zeros(b, dtype=torch.bool)
+                    rows = torch.zeros(b, dtype=torch.bool, device="cpu")
             n_cf = int(rows.sum())
             n_patched = n_cf if weights["invariance"] > 0 else 0
             target_z: Tensor | None = None  # the views' z_s under stop-gradient
@@ -389,7 +390,7 @@ def data_from_probes(
     images = pixels("image", every)
 
     def optional(field: str) -> tuple[Tensor | None, Tensor | None]:
-        has = torch.tensor([getattr(ex, field) is not None for ex in rows])
+        has = torch.tensor([getattr(ex, field) is not None for ex in rows], device="cpu")
         if not bool(has.any()):
             return None, None
         out = torch.zeros_like(images)
@@ -399,10 +400,10 @@ def data_from_probes(
     counterfactual, has_cf = optional("image_counterfactual")
     causal_images, has_causal = optional("image_causal_counterfactual") if causal else (None, None)
     names = sorted({ex.group for ex in rows if ex.group is not None})
-    groups = torch.tensor([names.index(ex.group) if ex.group is not None else -1 for ex in rows])
+    groups = torch.tensor([names.index(ex.group) if ex.group is not None else -1 for ex in rows], device="cpu")
     return MultimodalData(
         input_ids=first["input_ids"][0], pixel_values=images,
-        labels=torch.tensor([words.index(ex.answer) for ex in rows]), label_ids=label_ids,
+        labels=torch.tensor([words.index(ex.answer) for ex in rows], device="cpu"), label_ids=label_ids,
         counterfactual=counterfactual, has_counterfactual=has_cf, groups=groups if names else None,
         causal=causal_images, has_causal=has_causal,
     )  # fmt: skip

@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 import torch
 from torch import Tensor
 
+from icp_lens.devices import input_device
 from icp_lens.edits import Edit
 from icp_lens.features import Feature
 from icp_lens.interventions import Mean, Resample, Zero
@@ -159,7 +160,7 @@ class BatchLoss:
         self.means = means or {}
         self.weights = term_weights(config.objective, config.lam, config.extra_terms)
         self.n_groups = n_groups
-        self.group_q = torch.full((n_groups,), 1.0 / n_groups) if n_groups else None
+        self.group_q = torch.full((n_groups,), 1.0 / n_groups, device=input_device(model)) if n_groups else None
         # data-parallel training (:mod:`icp_lens.training.ddp`) sets this to the global batch's first
         # position where a counterfactual differs from its prompt, so each rank patches what one process would
         self.shared_start: int | None = None
@@ -185,7 +186,7 @@ class BatchLoss:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("group_q") is not None:
-            self.group_q = torch.tensor(state["group_q"], dtype=torch.float32)
+            self.group_q = torch.tensor(state["group_q"], dtype=torch.float32, device=input_device(self.model))
 
     # -- pieces -----------------------------------------------------------------------
     def _choose_edits(self, batch: TrainBatch, gen: torch.Generator, rows: tuple[int, int]) -> list[Edit]:
@@ -193,11 +194,12 @@ class BatchLoss:
         options = [i for i in cfg.interventions if i != "resample" or batch.spurious is not None]
         if not options or not self.features:
             return []
-        name = options[int(torch.randint(len(options), (1,), generator=gen))]
+        # the draws come from the step's CPU generator (the same choices on every device)
+        name = options[int(torch.randint(len(options), (1,), generator=gen, device="cpu"))]
         feats = list(self.features)
         k = cfg.features_per_step
         if k is not None and k < len(feats):
-            feats = [feats[i] for i in sorted(torch.randperm(len(feats), generator=gen)[:k].tolist())]
+            feats = [feats[i] for i in sorted(torch.randperm(len(feats), generator=gen, device="cpu")[:k].tolist())]
         if name == "zero":
             interventions: dict[Feature, Any] = {f: Zero() for f in feats}
         elif name == "mean":
@@ -209,7 +211,7 @@ class BatchLoss:
             if name == "resample":
                 source = batch.spurious
             else:  # another example of the batch: a random cyclic shift, so no row keeps its own
-                shift = 1 + int(torch.randint(max(1, batch.size - 1), (1,), generator=gen))
+                shift = 1 + int(torch.randint(max(1, batch.size - 1), (1,), generator=gen, device="cpu"))
                 source = batch.tokens.roll(shift % batch.size, dims=0)
             align = "exact" if source.shape[1] == batch.tokens.shape[1] else "right"
             activations = capture_prefix(self.model, feats, source)

@@ -299,7 +299,7 @@ class Trainer(LoopMixin, SelectionMixin, RescoreMixin, ResumeMixin, ExportMixin)
 
     def _jtt_errors(self) -> Tensor:
         """Training examples the starting model gets wrong (JTT's error set)."""
-        errors = torch.zeros(len(self.train_data), dtype=torch.bool)
+        errors = torch.zeros(len(self.train_data), dtype=torch.bool, device="cpu")  # like the data's weights
         from icp_lens.training.losses import candidate_logits
 
         with torch.no_grad(), self.pruned():
