@@ -17,6 +17,15 @@ Methods (``uses``: what each needs beyond labelled images):
   image-counterfactual effect on 64 probe images (``image_patch_effects``, no group
   labels) set to their mean over those images at run time on the bridge (no training,
   no export: pruning and export for this architecture are not built yet);
+- ``icp direction SITE``: ICP by a direction instead of units, no training: one direction of
+  the image tokens at ``SITE`` (``projector``: the projector's output; ``vision_embed``: the
+  vision tower's embeddings) fitted from the probe split's background swaps, made orthogonal
+  to the bird's direction (the probe split's causal images), its coordinate held at the mean
+  and folded into the weights (``fit_image_directions`` / ``fold_image_directions`` with the
+  defaults of ``icp-lens score --kinds image_direction`` and ``prune --kinds image_direction
+  --top-k 1``: rank 1, one kept causal direction); no group labels. Every site, rank and
+  number of kept directions, chosen per seed on validation, is in
+  ``multimodal_directions.py``;
 - ``invariance top-K``: ICP's invariance objective (``MultimodalTrainConfig(objective=
   "invariance")``, what ``icp-lens train --objective invariance --scores`` runs): CE plus
   the KL between the answer on x and on x with the K top-scored units resampled from its
@@ -68,7 +77,8 @@ SELECT_OMEGA2 = (1.0, 0.3, 0.1, 0.0)
 COST_SETTINGS = {"full": (False, 1.0), "stop-gradient views": (True, 1.0), "x + delta on half the rows": (False, 0.5),
                  "x + delta on a quarter of the rows": (False, 0.25)}  # fmt: skip
 COST_TOLERANCE = 0.01  # the cheapest setting within this much of the best validation score is chosen
-METHODS = ("erm", "jtt", "groupdro", "icp ablate top-8", "icp ablate top-32", "invariance top-16",
+DIRECTION_METHODS = {"icp direction projector": "projector", "icp direction vision_embed": "vision_embed"}
+METHODS = ("erm", "jtt", "groupdro", "icp ablate top-8", "icp ablate top-32", *DIRECTION_METHODS, "invariance top-16",
            "invariance top-64", "contrastive", "disentangle", "intervention", "cimrl", *ABLATIONS)
 UNIT_HOOKS = ("vision_encoder.encoder_layers.0.mlp.hook_post", "vision_encoder.encoder_layers.1.mlp.hook_post",
               "blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post")
@@ -119,6 +129,18 @@ def _ablated_scores(org, processor, test, test_id, k: int) -> dict[str, float]:
         return _scores(bridge, test, test_id)
 
 
+def _direction_scores(org, processor, test, test_id, site: str) -> dict[str, float]:
+    """Fit one image direction at ``site`` on the probe split (the bird's kept), fold it into the weights, score."""
+    from icp_lens.directions.image import fit_image_directions, fold_image_directions
+    from icp_lens.training.multimodal import data_from_probes
+
+    probe = data_from_probes(org.data_path("probe"), processor, causal=True)
+    directions = fit_image_directions(org.load_bridge(), probe, rank=1, site=site)
+    model = org.load_hf()
+    fold_image_directions(model, directions)
+    return _scores(model, test, test_id)
+
+
 def _scored_units(org, processor, k: int) -> tuple:
     """The top-k MLP neurons of both towers by ``score_image_units`` (hybrid) on the probe split."""
     from icp_lens.scoring.image_scores import score_image_units
@@ -151,6 +173,15 @@ def run_seed(seed: int, methods: list[str], steps: int, log=print) -> list[dict]
             start = time.perf_counter()
             row = {"seed": seed, "method": method, "uses": "image counterfactuals (64 probe images)",
                    **_ablated_scores(org, processor, test, test_id, int(method.rsplit("-", 1)[1]))}  # fmt: skip
+            row["gap_closed"] = gap_closed(row["worst_group_accuracy"], base, top)
+            rows.append(row)
+            log(f"seed {seed} {method:>22}: worst group {row['worst_group_accuracy']:.3f}, "
+                f"{time.perf_counter() - start:.1f} s")  # fmt: skip
+            continue
+        if method in DIRECTION_METHODS:
+            start = time.perf_counter()
+            row = {"seed": seed, "method": method, "uses": "image counterfactuals, causal images (probe split)",
+                   **_direction_scores(org, processor, test, test_id, DIRECTION_METHODS[method])}  # fmt: skip
             row["gap_closed"] = gap_closed(row["worst_group_accuracy"], base, top)
             rows.append(row)
             log(f"seed {seed} {method:>22}: worst group {row['worst_group_accuracy']:.3f}, "
