@@ -64,6 +64,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -154,6 +155,17 @@ def _scored_units(org, processor, k: int) -> tuple:
     return tuple((hook, tuple(idx)) for hook, idx in units.items())
 
 
+def _edit(method: str) -> tuple[str, Callable[..., dict[str, float]]] | None:
+    """A no-training method's ``uses`` and its scorer ``(org, processor, test, test_id) -> scores``, else None."""
+    if method.startswith("icp ablate top-"):
+        k = int(method.rsplit("-", 1)[1])
+        return "image counterfactuals (64 probe images)", lambda *split: _ablated_scores(*split, k)
+    if method in DIRECTION_METHODS:
+        site = DIRECTION_METHODS[method]
+        return "image counterfactuals, causal images (probe split)", lambda *split: _direction_scores(*split, site)
+    return None
+
+
 def run_seed(seed: int, methods: list[str], steps: int, log=print) -> list[dict]:
     from icp_lens.evaluation.metrics import gap_closed
     from icp_lens.organisms.multimodal import build_waterbirds
@@ -169,19 +181,11 @@ def run_seed(seed: int, methods: list[str], steps: int, log=print) -> list[dict]
         rows.append({"seed": seed, "method": name, "uses": "", **_scores(org.load_hf(oracle=oracle), test, test_id)})
     base, top = rows[0]["worst_group_accuracy"], rows[1]["worst_group_accuracy"]
     for method in methods:
-        if method.startswith("icp ablate top-"):
+        edit = _edit(method)
+        if edit is not None:  # no training: an edit of the original model, scored as it is
+            uses, scores_of = edit
             start = time.perf_counter()
-            row = {"seed": seed, "method": method, "uses": "image counterfactuals (64 probe images)",
-                   **_ablated_scores(org, processor, test, test_id, int(method.rsplit("-", 1)[1]))}  # fmt: skip
-            row["gap_closed"] = gap_closed(row["worst_group_accuracy"], base, top)
-            rows.append(row)
-            log(f"seed {seed} {method:>22}: worst group {row['worst_group_accuracy']:.3f}, "
-                f"{time.perf_counter() - start:.1f} s")  # fmt: skip
-            continue
-        if method in DIRECTION_METHODS:
-            start = time.perf_counter()
-            row = {"seed": seed, "method": method, "uses": "image counterfactuals, causal images (probe split)",
-                   **_direction_scores(org, processor, test, test_id, DIRECTION_METHODS[method])}  # fmt: skip
+            row = {"seed": seed, "method": method, "uses": uses, **scores_of(org, processor, test, test_id)}
             row["gap_closed"] = gap_closed(row["worst_group_accuracy"], base, top)
             rows.append(row)
             log(f"seed {seed} {method:>22}: worst group {row['worst_group_accuracy']:.3f}, "
