@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument(
         "--kinds", type=_csv_list, default=None,
         help="e.g. neuron,head,resid,value,query,key; direction (fitted directions) and token (embedding rows); "
-        "default neuron,head (image probes: vision_neuron,vision_head,neuron,head, both towers' neurons and heads; "
+        "default neuron,head (image probes: vision_neuron,vision_head,projector_neuron,neuron,head, both towers' "
+        "neurons and heads and the projector's hidden neurons; "
         "image_direction: directions of the image tokens at the projector's output)",
     )  # fmt: skip
     score.add_argument(

@@ -5,7 +5,8 @@
     ``image_counterfactual`` are scored), the MLP neurons and attention heads of both towers
     of a LLaVA-style checkpoint are scored on a ``TransformerBridge`` by
     :func:`icp_lens.scoring.image_scores.score_image_units`: ``--kinds
-    vision_neuron,vision_head,neuron,head`` (the default for images), ``--method hybrid|attribution|exact``,
+    vision_neuron,vision_head,projector_neuron,neuron,head`` (the default for images: the
+    projector's hidden neurons too), ``--method hybrid|attribution|exact``,
     ``--verify-top``, ``--layers`` (of each tower), ``--batch-size``, ``--device``,
     ``--dtype``. ``--kinds image_direction`` (alone or beside the units) fits
     ``--direction-rank`` directions of the image tokens at the projector's output from the
@@ -20,8 +21,8 @@
     When ``--model`` is a vision-language checkpoint (its config has ``vision_config``),
     the selected neurons and heads are pruned with
     :func:`icp_lens.pruning.multimodal.export_pruned_llava` (zero ablation; ``--mode mean``
-    fixes vision units at their mean over the ``--probe`` images, folded into ``fc2``'s or
-    ``out_proj``'s bias; the language model's ``down_proj`` and ``o_proj`` have no bias, so
+    fixes vision and projector units at their mean over the ``--probe`` images, folded into
+    ``fc2``'s, ``out_proj``'s or the projector's ``linear_2``'s bias; the language model's ``down_proj`` and ``o_proj`` have no bias, so
     mean mode refuses its units). The checkpoint (model + processor + ``plan.json``) is
     reloaded with ``transformers`` alone and compared with the same ablation done by hooks
     on the bridge, on the ``--probe`` images (or seeded random pixels). Selected
@@ -176,7 +177,7 @@ def run_image_prune(args: argparse.Namespace) -> int:
     from transformers import AutoProcessor
 
     from icp_lens.pruning.export import check_target
-    from icp_lens.pruning.multimodal import export_pruned_llava
+    from icp_lens.pruning.multimodal import MEAN_FOLDABLE_PREFIXES, export_pruned_llava
     from icp_lens.pruning.select import select_features
     from icp_lens.scoring.image_scores import IMAGE_KINDS
     from icp_lens.scoring.table import ScoreTable
@@ -208,10 +209,10 @@ def run_image_prune(args: argparse.Namespace) -> int:
     units: dict[str, list[int]] = {}
     for f in features:
         units.setdefault(f.hook_name, []).append(f.index)
-    if args.mode == "mean" and any(not name.startswith("vision_encoder.") for name in units):
+    if args.mode == "mean" and any(not name.startswith(MEAN_FOLDABLE_PREFIXES) for name in units):
         raise ValueError("--mode mean folds each unit's mean into its projection's bias, and the language "
                          "model's down_proj and o_proj have none: prune its units with --mode zero, or keep to "
-                         "--kinds vision_neuron,vision_head")  # fmt: skip
+                         "--kinds vision_neuron,vision_head,projector_neuron")  # fmt: skip
     processor = AutoProcessor.from_pretrained(str(args.model))
     data = data_from_probes(args.probe, processor) if args.probe is not None else None
     ids, pixels = _verification_inputs(data, processor)
@@ -317,17 +318,18 @@ def _verification_inputs(data: Any, processor: Any) -> tuple[Any, Any]:
 
 
 def _vision_means(model_dir: Path, units: dict[str, list[int]], data: Any) -> dict[str, Any]:
-    """Each pruned vision hook's mean activation over the ``--probe`` images and their patches (fp32):
-    ``[d_mlp]`` for neurons, ``[n_heads, d_head]`` for heads' ``hook_z``."""
+    """Each pruned vision or projector hook's mean activation over the ``--probe`` images and their patches
+    (fp32): ``[d_mlp]`` for neurons, ``[n_heads, d_head]`` for heads' ``hook_z``."""
     import torch
 
     from icp_lens.hooks import capturing
     from icp_lens.model import boot_bridge
+    from icp_lens.pruning.multimodal import MEAN_FOLDABLE_PREFIXES
 
     bridge = boot_bridge(model_dir, device="cpu")
-    vision = [name for name in units if name.startswith("vision_encoder.")]
+    vision = [name for name in units if name.startswith(MEAN_FOLDABLE_PREFIXES)]
     sums = {name: torch.zeros((), device="cpu") for name in vision}
-    count = 0
+    counts = dict.fromkeys(vision, 0)  # tokens per image differ: the tower has a class token, the projector not
     with torch.no_grad():
         for start in range(0, data.pixel_values.shape[0], 128):
             batch = data.pixel_values[start : start + 128]
@@ -335,5 +337,5 @@ def _vision_means(model_dir: Path, units: dict[str, list[int]], data: Any) -> di
                 bridge(data.input_ids.expand(batch.shape[0], -1), pixel_values=batch)
             for name in vision:
                 sums[name] = sums[name] + cache[name].float().sum(dim=(0, 1))
-            count += batch.shape[0] * cache[vision[0]].shape[1]
-    return {name: sums[name] / count for name in vision}
+                counts[name] += cache[name].shape[0] * cache[name].shape[1]
+    return {name: sums[name] / counts[name] for name in vision}

@@ -57,7 +57,7 @@ def add_prune_parsers(sub: Any) -> None:
     prune.add_argument(
         "--kinds", type=_kinds, default=None,
         help="which rows compete (default: every prunable kind in the table): neuron,head,value,direction,token; "
-        "vision_neuron,vision_head,neuron,head,image_direction for a vision-language model",
+        "vision_neuron,vision_head,projector_neuron,neuron,head,image_direction for a vision-language model",
     )  # fmt: skip
     prune.add_argument("--min-selectivity", type=float, default=None, help="only rows with selectivity >= F")
     prune.add_argument("--token-mode", choices=["zero", "mean"], default="zero", help="token rows: zero or mean row")

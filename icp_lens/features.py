@@ -20,7 +20,11 @@ head's output at ``vision_encoder.encoder_layers.L.attn.hook_z`` (``[batch, patc
 d]``), scored by :mod:`icp_lens.scoring.image_scores` and pruned by
 :mod:`icp_lens.pruning.multimodal`; and ``image_direction``, ``Feature("image_direction", 0,
 k)``, the ``k``-th direction of the image tokens at the projector's output
-(``vision_projector.hook_out``) fitted by :mod:`icp_lens.directions.image`.
+(``vision_projector.hook_out``) fitted by :mod:`icp_lens.directions.image`; and
+``projector_neuron``, ``Feature("projector_neuron", 0, j)``, hidden neuron ``j`` of the
+projector (``act(linear_1(x))``, the input of ``linear_2``; ``[batch, image tokens, d]``) at
+``vision_projector.hook_hidden``, a hook point the bridge lacks and :mod:`icp_lens.hooks`
+makes.
 
 In every case the feature is a slice along dimension 2 of the activation: a scalar per
 position for neurons and residual dimensions, a ``d_head`` vector per position for heads,
@@ -72,7 +76,7 @@ __all__ = [
 
 FeatureKind = Literal[
     "neuron", "head", "resid", "value", "query", "key", "direction", "token", "vision_neuron", "vision_head",
-    "image_direction",
+    "image_direction", "projector_neuron",
 ]
 #: the kinds that are a slice of a hook's activation (enumerable per layer)
 FEATURE_KINDS: tuple[str, ...] = ("neuron", "head", "resid", "value", "query", "key")
@@ -96,6 +100,8 @@ _HOOK_TEMPLATES: dict[str, str] = {
     "vision_head": "vision_encoder.encoder_layers.{layer}.attn.hook_z",
     # a fitted direction of the image tokens the projector writes (icp_lens.directions.image), layer 0
     "image_direction": "vision_projector.hook_out",
+    # a hidden neuron of the projector (input of its linear_2; icp_lens.hooks makes this hook point), layer 0
+    "projector_neuron": "vision_projector.hook_hidden",
 }
 _LABEL = re.compile(r"^\s*(?P<kind>[a-z_]+)\s+L(?P<layer>\d+)\.(?P<index>\d+)(@(?P<site>[a-z_]+(\.\d+)?))?\s*$")
 _TOKEN_LABEL = re.compile(r"^\s*token\s+(?P<index>\d+)\s*$")
@@ -171,7 +177,7 @@ class Feature:
 
     def select(self, activation: Float[Tensor, "batch pos n ..."]) -> Float[Tensor, "batch pos ..."]:
         """This feature's slice of its hook's activation (a view, dimension 2 removed)."""
-        if self.kind not in (*FEATURE_KINDS, "vision_neuron", "vision_head"):
+        if self.kind not in (*FEATURE_KINDS, "vision_neuron", "vision_head", "projector_neuron"):
             raise TypeError(f"{self} is not a slice of an activation; see icp_lens.directions / scoring.tokens")
         return activation.select(2, self.index)
 

@@ -15,6 +15,16 @@ which works on TransformerLens 3.x (``add_hook`` returns nothing) and 4.x alike.
 
 A hook function takes ``(activation, hook)`` and returns a replacement activation or
 ``None`` (read only), exactly as in TransformerLens.
+
+**Hook points a bridge lacks** (:data:`EXTRA_HOOK_POINTS`). TransformerLens's LLaVA bridge
+hooks the projector's input and output only: its hidden neurons (``act(linear_1(x))``, the
+input of ``linear_2``) have no hook point. ``hooked`` and ``capturing`` accept
+``vision_projector.hook_hidden`` all the same: a plain PyTorch forward hook on the Hugging
+Face module that computes those activations (the projector's ``act``) calls the hook
+function as a hook point would (``fn(activation, hook)``, ``hook.name`` set; a returned
+tensor replaces the output) and is removed with the block's other hooks. Forward hooks
+only: a backward hook there is refused (gradients reach the activation through autograd,
+as the attribution scorers take them).
 """
 
 from __future__ import annotations
@@ -22,16 +32,54 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from torch import Tensor
 
 from icp_lens.model import HookedModel, resolve_hook_point
 
-__all__ = ["HookFn", "hooked", "capturing", "active_hook_count", "module_hooks"]
+__all__ = ["HookFn", "hooked", "capturing", "active_hook_count", "module_hooks", "EXTRA_HOOK_POINTS", "extra_module"]
 
 HookFn = Callable[..., "Tensor | None"]
 Direction = Literal["fwd", "bwd"]
+
+
+#: hook names a bridge lacks -> the paths (in the bridge's HF model, either LLaVA layout) of the module
+#: whose forward output they carry
+EXTRA_HOOK_POINTS: dict[str, tuple[str, ...]] = {
+    "vision_projector.hook_hidden": ("model.multi_modal_projector.act", "multi_modal_projector.act"),
+}
+
+
+@dataclass(frozen=True)
+class _ExtraHook:
+    """What a hook function gets as ``hook`` at an extra hook point (its ``name``, as a ``HookPoint`` has)."""
+
+    name: str
+
+
+def extra_module(model: HookedModel, name: str) -> Any:
+    """The HF module whose output the extra hook point ``name`` carries (``None`` when ``model`` has it as a
+    real hook point or ``name`` is not an extra one); a bridge without that module raises."""
+    if name not in EXTRA_HOOK_POINTS or name in model.hook_dict:
+        return None
+    hf = getattr(model, "original_model", None)
+    for path in EXTRA_HOOK_POINTS[name] if hf is not None else ():
+        try:
+            return hf.get_submodule(path)
+        except AttributeError:
+            continue
+    raise ValueError(f"{name} is made from a LLaVA-style projector's act module ({' or '.join(EXTRA_HOOK_POINTS[name])} "
+                     f"of the bridge's original_model), which {type(model).__name__} does not have")  # fmt: skip
+
+
+def _add_extra(module: Any, name: str, fn: HookFn, direction: Direction) -> Any:
+    """A PyTorch forward hook on ``module`` that calls ``fn(output, hook)``; returns its removable handle."""
+    if direction != "fwd":
+        raise ValueError(f"{name} takes forward hooks only (it is a PyTorch forward hook on the projector's act)")
+    hook = _ExtraHook(name)
+    return module.register_forward_hook(lambda _module, _args, output: fn(output, hook))
 
 
 def _handles(point: Any, direction: Direction) -> list[Any]:
@@ -76,16 +124,20 @@ def hooked(
     >>> with hooked(model, [("blocks.0.mlp.hook_post", lambda act, hook: act * 0)]):
     ...     logits = model(tokens)
     """
-    added: list[tuple[Any, Direction, Any]] = []
+    removers: list[Callable[[], None]] = []
     try:
-        for name, fn in fwd_hooks:
-            added.append(_add(model, name, fn, "fwd"))
-        for name, fn in bwd_hooks:
-            added.append(_add(model, name, fn, "bwd"))
+        for hooks, direction in ((fwd_hooks, "fwd"), (bwd_hooks, "bwd")):
+            for name, fn in hooks:
+                module = extra_module(model, name)
+                if module is not None:
+                    removers.append(_add_extra(module, name, fn, direction).remove)  # type: ignore[arg-type]
+                    continue
+                point, way, handle = _add(model, name, fn, direction)  # type: ignore[arg-type]
+                removers.append(lambda point=point, way=way, handle=handle: _remove(point, way, handle))
         yield model
     finally:
-        for point, direction, handle in reversed(added):
-            _remove(point, direction, handle)
+        for remove in reversed(removers):
+            remove()
 
 
 @contextmanager
@@ -144,9 +196,17 @@ def active_hook_count(model: HookedModel) -> int:
     """How many hook functions are attached to the model's hook points (for hygiene checks).
 
     Counts both TransformerLens's handle lists and PyTorch's own hook registries, so a
-    handle that was dropped from one but not the other is still counted.
+    handle that was dropped from one but not the other is still counted, and the forward
+    hooks on the modules behind :data:`EXTRA_HOOK_POINTS` where the model has them.
     """
     points = {id(p): p for p in model.hook_dict.values()}.values()
-    return sum(
+    extra = 0
+    for name in EXTRA_HOOK_POINTS:
+        try:
+            module = extra_module(model, name)
+        except ValueError:
+            continue
+        extra += 0 if module is None else len(module._forward_hooks)
+    return extra + sum(
         max(len(p.fwd_hooks), len(p._forward_hooks)) + max(len(p.bwd_hooks), len(p._backward_hooks)) for p in points
     )

@@ -310,8 +310,11 @@ def test_image_scores_batched_exact_attribution_and_hybrid(waterbirds) -> None:
     data = _subset(data_from_probes(org.data_path("probe"), org.load_processor()), slice(0, 80))
     n_cf = int(data.has_counterfactual.sum())
     assert 40 <= n_cf < 80  # a quarter of the probe images are grey: no background to swap
-    sizes = [len(image_units(bridge, [k])) for k in ("vision_neuron", "vision_head", "neuron", "head")]
-    assert sizes == [2 * 128, 2 * 2, 2 * 256, 2 * 4]
+    sizes = [len(image_units(bridge, [k])) for k in ("vision_neuron", "vision_head", "projector_neuron", "neuron",
+                                                     "head")]  # fmt: skip
+    assert sizes == [2 * 128, 2 * 2, 64, 2 * 256, 2 * 4]
+    with pytest.raises(ValueError, match="no units in layers \\[1\\]"):  # the projector's one hidden layer is 0
+        image_units(bridge, ["projector_neuron"], layers=[1])
     # exact patching of the vision tower: batched and many units per pass = one row and one unit at a time
     kw = {"kinds": ["vision_neuron"], "layers": [1], "method": "exact"}
     one = score_image_units(bridge, data, batch_size=7, units_per_pass=1, **kw).frame.set_index("feature")
@@ -324,6 +327,13 @@ def test_image_scores_batched_exact_attribution_and_hybrid(waterbirds) -> None:
     many = score_image_units(bridge, data, batch_size=80, units_per_pass=8, **kw).frame.set_index("feature")
     assert len(one) == 12 and (one["score"] - many.loc[one.index, "score"]).abs().max() <= 1e-6
     assert one.index[0].startswith("head L0.")  # the language model's first heads carry the image most
+    kw = {"kinds": ["projector_neuron"], "method": "exact"}  # the projector's hidden neurons, at the made hook point
+    one = score_image_units(bridge, data, batch_size=7, units_per_pass=1, **kw).frame.set_index("feature")
+    many = score_image_units(bridge, data, batch_size=80, units_per_pass=64, **kw).frame.set_index("feature")
+    assert len(one) == 64 and (one["score"] - many.loc[one.index, "score"]).abs().max() <= 1e-6
+    assert one["score"].max() > 1e-3 and one["hook_name"].eq("vision_projector.hook_hidden").all()
+    atp = score_image_units(bridge, data, kinds=["projector_neuron"], method="attribution").frame
+    assert atp.set_index("feature")["score"][one.index].rank().corr(one["score"].rank()) > 0.8
     # attribution patching ranks the units of both towers as exact patching does (this model is near-linear)
     neurons = {"kinds": ["vision_neuron", "neuron"], "layers": [0]}
     exact = score_image_units(bridge, data, method="exact", **neurons).frame.set_index("feature")["score"]
@@ -353,9 +363,9 @@ def test_score_and_prune_image_probes_through_the_cli(waterbirds, tmp_path: Path
     assert main(["score", "--model", str(org.model_dir), "--probe", probe, "--out", str(scores),
                  "--verify-top", "16", "--quiet"]) == 0  # fmt: skip
     out = capsys.readouterr().out
-    assert "scored 780 units of both towers (16 exact)" in out  # 768 neurons and 12 heads
+    assert "scored 844 units of both towers (16 exact)" in out  # 768 neurons, 12 heads, 64 projector neurons
     meta = json.loads(scores.with_name("scores.meta.json").read_text())
-    kinds = ["vision_neuron", "vision_head", "neuron", "head"]
+    kinds = ["vision_neuron", "vision_head", "projector_neuron", "neuron", "head"]
     assert meta["settings"]["modality"] == "image" and meta["settings"]["kinds"] == kinds
     table = __import__("pandas").read_csv(scores)
     assert set(table["kind"]) == set(kinds) and int(table["exact"].sum()) == 16
@@ -374,6 +384,19 @@ def test_score_and_prune_image_probes_through_the_cli(waterbirds, tmp_path: Path
                          str(tmp_path / "mean"), "--top-k", "3", "--kinds", "vision_neuron", "--mode", "mean",
                          "--probe", probe, "--json"], capsys)  # fmt: skip
     assert code == 0 and report["verification"]["passed"] and len(report["means"]) == 1
+    # the projector's hidden neurons: mean ablation folds into linear_2's bias
+    code, report = _run(["prune", "--model", str(org.model_dir), "--scores", str(scores), "--out",
+                         str(tmp_path / "projector"), "--top-k", "5", "--kinds", "projector_neuron", "--mode", "mean",
+                         "--probe", probe, "--json"], capsys)  # fmt: skip
+    assert code == 0 and report["verification"]["passed"] and report["verification"]["max_abs_logit_diff"] <= 1e-5
+    assert list(report["units"]) == ["vision_projector.hook_hidden"] and len(report["features"]) == 5
+    hidden = report["units"]["vision_projector.hook_hidden"]
+    edited = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "projector")).model.multi_modal_projector
+    source = AutoModelForImageTextToText.from_pretrained(str(org.model_dir)).model.multi_modal_projector
+    assert (edited.linear_2.weight[:, hidden] == 0).all() and not torch.equal(edited.linear_2.bias, source.linear_2.bias)
+    torch.testing.assert_close(edited.linear_2.bias - source.linear_2.bias,
+                               source.linear_2.weight[:, hidden] @ torch.tensor(report["means"][
+                                   "vision_projector.hook_hidden"]), atol=1e-5, rtol=0)  # fmt: skip
     assert main(["prune", "--model", str(org.model_dir), "--scores", str(scores), "--out", str(tmp_path / "x"),
                  "--top-k", "3", "--mode", "mean", "--probe", probe]) == 2  # fmt: skip
     assert "down_proj and o_proj have none" in capsys.readouterr().err
@@ -439,6 +462,29 @@ def test_hook_contexts_on_a_multimodal_bridge(tmp_path: Path) -> None:
         n_pos = ids.shape[1]
         assert {k: tuple(v.shape) for k, v in store.items()} == {
             vision: (3, 17, 128), text: (3, n_pos, 4, 16), "vision_projector.hook_out": (3, 16, 64)}  # fmt: skip
+        assert active_hook_count(bridge) == 0
+        # the projector's hidden neurons: a hook point the bridge lacks, made by icp_lens.hooks from its act module
+        hidden, inp, out = "vision_projector.hook_hidden", "vision_projector.hook_in", "vision_projector.hook_out"
+        projector = bridge.original_model.model.multi_modal_projector
+        with capturing(bridge, [hidden, inp, out]) as store:
+            bridge(ids, pixel_values=pixels)
+        torch.testing.assert_close(store[hidden], projector.act(projector.linear_1(store[inp])), rtol=0, atol=0)
+        assert tuple(store[hidden].shape) == (3, 16, 64) and active_hook_count(bridge) == 0
+        with pytest.raises(RuntimeError, match="boom"):
+            with hooked(bridge, [(hidden, lambda a, hook: a * 0), (vision, lambda a, hook: a)]):
+                assert active_hook_count(bridge) == 2
+                with capturing(bridge, [out]) as store:
+                    bridge(ids, pixel_values=pixels)
+                assert (store[out] == projector.linear_2.bias).all()  # every hidden neuron zeroed
+                raise RuntimeError("boom")
+        assert active_hook_count(bridge) == 0
+        torch.testing.assert_close(bridge(ids, pixel_values=pixels), clean, rtol=0, atol=0)
+        names = []
+        with hooked(bridge, [(hidden, lambda a, hook: names.append(hook.name))]):
+            bridge(ids, pixel_values=pixels)
+        assert names == [hidden]
+        with pytest.raises(ValueError, match="forward hooks only"), hooked(bridge, bwd_hooks=[(hidden, print)]):
+            pass
         assert active_hook_count(bridge) == 0
 
 

@@ -7,13 +7,15 @@ of its attention's output projection (``...attn.hook_z[..., h, :]``, ``d = d_hea
 - *zero* ablation is zeroing those columns of that projection;
 - *mean* ablation (the unit fixed at a constant ``m``, e.g. its mean over probe images)
   is that plus ``bias += W[:, cols] @ m``, which needs a bias: the CLIP vision tower's
-  ``fc2`` and ``out_proj`` have one, the Llama language model's ``down_proj`` and
+  ``fc2`` and ``out_proj`` have one, and so has the projector's ``linear_2`` (whose inputs
+  are the projector's hidden neurons), the Llama language model's ``down_proj`` and
   ``o_proj`` do not (mean mode is refused there with the reason; zero mode works).
 
 Units are named by the bridge's hook points, as
 :func:`icp_lens.scoring.image_scores.score_image_units` reports them:
 ``vision_encoder.encoder_layers.L.mlp.hook_post`` / ``...attn.hook_z`` (vision tower) and
-``blocks.L.mlp.hook_post`` / ``blocks.L.attn.hook_z`` (language model). :func:`export_pruned_llava` edits a copy,
+``vision_projector.hook_hidden`` (the projector's hidden neurons, a hook point
+:mod:`icp_lens.hooks` adds) and ``blocks.L.mlp.hook_post`` / ``blocks.L.attn.hook_z`` (language model). :func:`export_pruned_llava` edits a copy,
 writes it with its processor all at once, reloads it with ``transformers`` alone and
 checks its logits against the same ablation done at run time with hooks on the bridge.
 """
@@ -34,7 +36,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 __all__ = [
-    "LlavaPruneReport", "llava_mlp_out", "llava_out_proj", "unit_columns", "prune_llava_neurons",
+    "LlavaPruneReport", "MEAN_FOLDABLE_PREFIXES", "llava_mlp_out", "llava_out_proj", "unit_columns", "prune_llava_neurons",
     "prune_llava_units", "export_pruned_llava", "compare_with_bridge",
 ]  # fmt: skip
 
@@ -49,9 +51,14 @@ _PATHS = {
                                         "model.language_model.model.layers.{}.mlp.down_proj"),
     re.compile(_T + r"attn\.hook_z"): ("model.language_model.layers.{}.self_attn.o_proj",
                                       "model.language_model.model.layers.{}.self_attn.o_proj"),
+    re.compile(r"vision_projector\.hook_hidden"): ("model.multi_modal_projector.linear_2",
+                                                  "multi_modal_projector.linear_2"),
 }  # fmt: skip
 PRUNABLE_HOOKS = ("vision_encoder.encoder_layers.L.mlp.hook_post", "vision_encoder.encoder_layers.L.attn.hook_z",
-                  "blocks.L.mlp.hook_post", "blocks.L.attn.hook_z")  # fmt: skip
+                  "vision_projector.hook_hidden", "blocks.L.mlp.hook_post", "blocks.L.attn.hook_z")  # fmt: skip
+#: hook points whose output projection has a bias (the vision tower's fc2 / out_proj, the projector's linear_2):
+#: mean ablation folds into that bias; the language model's units have none
+MEAN_FOLDABLE_PREFIXES = ("vision_encoder.", "vision_projector.")
 
 
 def llava_out_proj(model: nn.Module, hook_name: str) -> nn.Linear:
@@ -62,10 +69,11 @@ def llava_out_proj(model: nn.Module, hook_name: str) -> nn.Linear:
             continue
         for template in templates:
             try:
-                return model.get_submodule(template.format(match.group(1)))
+                return model.get_submodule(template.format(*match.groups()))
             except AttributeError:
                 continue
-        raise ValueError(f"{hook_name}: no layer {match.group(1)} in this model")
+        where = f"no layer {match.group(1)}" if match.groups() else "no LLaVA-style projector"
+        raise ValueError(f"{hook_name}: {where} in this model")
     raise ValueError(f"cannot prune units of {hook_name!r}; prunable hook points: {', '.join(PRUNABLE_HOOKS)}")
 
 

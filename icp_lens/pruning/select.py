@@ -25,10 +25,10 @@ from icp_lens.pruning.arch import PRUNABLE_KINDS, unprunable_reason
 __all__ = ["select_features", "HybridSplit", "hybrid_split", "score_frame", "SELECTABLE_KINDS"]
 
 #: kinds a prune may select: the prunable units, fitted directions and token-embedding rows, and a
-#: vision-language model's vision-tower neurons and heads (``icp_lens.pruning.multimodal``) and
+#: vision-language model's vision-tower neurons and heads, its projector's hidden neurons (``icp_lens.pruning.multimodal``) and
 #: directions of its image tokens (``icp_lens.directions.image``)
 SELECTABLE_KINDS: tuple[str, ...] = (*PRUNABLE_KINDS, "direction", "token", "vision_neuron", "vision_head",
-                                     "image_direction")  # fmt: skip
+                                     "image_direction", "projector_neuron")  # fmt: skip
 
 
 def score_frame(scores: Any) -> pd.DataFrame:

@@ -3,8 +3,10 @@
 :func:`score_image_units` is ``icp_lens.scoring.score`` for image probes: the MLP
 neurons and attention heads of a LLaVA-style model's vision tower (kinds ``vision_neuron``,
 ``vision_head``; hooks ``vision_encoder.encoder_layers.L.mlp.hook_post`` and
-``...attn.hook_z``) and of its language model (``neuron``, ``head``: ``blocks.L.mlp.hook_post``,
-``blocks.L.attn.hook_z``), run through a ``TransformerBridge``, each get
+``...attn.hook_z``), the projector's hidden neurons (``projector_neuron``, layer 0:
+``vision_projector.hook_hidden``, the input of its ``linear_2``, a hook point
+:mod:`icp_lens.hooks` adds) and the language model's (``neuron``, ``head``:
+``blocks.L.mlp.hook_post``, ``blocks.L.attn.hook_z``), run through a ``TransformerBridge``, each get
 the spuriousness ``S(u) = mean_i |dP_i(u)|`` with a bootstrap interval, in a
 :class:`~icp_lens.scoring.table.ScoreTable` that ``icp-lens prune`` reads. ``dP_i(u)``
 is how far example ``i``'s answer margin (answer logit minus the mean other candidate,
@@ -44,7 +46,7 @@ from icp_lens.scoring.table import ScoreTable
 __all__ = ["IMAGE_KINDS", "ImageMethod", "IMAGE_METHODS", "image_units", "score_image_units"]
 
 #: the feature kinds of a LLaVA-style model that image probes score (and the pruner edits)
-IMAGE_KINDS: tuple[str, ...] = ("vision_neuron", "vision_head", "neuron", "head")
+IMAGE_KINDS: tuple[str, ...] = ("vision_neuron", "vision_head", "projector_neuron", "neuron", "head")
 ImageMethod = Literal["hybrid", "attribution", "exact"]
 IMAGE_METHODS: tuple[str, ...] = get_args(ImageMethod)
 
@@ -65,6 +67,10 @@ def image_units(model: Any, kinds: Sequence[str] = IMAGE_KINDS, layers: Sequence
     config = _hf_config(model)
     out = []
     for kind in kinds:
+        if kind == "projector_neuron":  # one hidden layer, numbered 0: the input width of linear_2
+            if layers is None or 0 in layers:
+                out += [Feature(kind, 0, i) for i in range(_projector_width(model))]
+            continue
         tower = config.vision_config if kind.startswith("vision_") else config.text_config
         n_layers = tower.num_hidden_layers
         width = tower.num_attention_heads if kind.endswith("head") else tower.intermediate_size
@@ -73,6 +79,12 @@ def image_units(model: Any, kinds: Sequence[str] = IMAGE_KINDS, layers: Sequence
     if not out:
         raise ValueError(f"no units in layers {list(layers or [])} of kinds {list(kinds)}")
     return out
+
+
+def _projector_width(model: Any) -> int:
+    from icp_lens.pruning.multimodal import llava_out_proj
+
+    return int(llava_out_proj(getattr(model, "original_model", model), "vision_projector.hook_hidden").in_features)
 
 
 def _is_head(hook_name: str) -> bool:
