@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument(
         "--direction-sites", type=_csv_list, default=["resid_pre"],
         help="resid_pre (whole residual stream), attn_out, mlp_out, z (every head's output) or z.H; on image "
-             "probes one of projector (default) or vision_embed",
+             "probes one of projector (default), vision_embed, or vision_attn_out / vision_mlp_out of the one "
+             "vision layer given by --layers",
     )  # fmt: skip
     score.add_argument("--direction-rank", type=int, default=1, help="directions per site and layer (default 1)")
     score.add_argument(

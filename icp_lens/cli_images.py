@@ -11,8 +11,9 @@
     ``--dtype``. ``--kinds image_direction`` (alone or beside the units) fits
     ``--direction-rank`` directions of the image tokens at the projector's output from the
     image counterfactual pairs (:mod:`icp_lens.directions.image`) and scores each by its
-    resample effect (``--direction-sites projector``, the default, or ``vision_embed``: the
-    vision tower's embeddings); where the rows carry ``image_causal_counterfactual`` (other object,
+    resample effect (``--direction-sites projector``, the default, ``vision_embed``: the
+    vision tower's embeddings, or ``vision_attn_out`` / ``vision_mlp_out`` with ``--layers L``:
+    what that vision layer's attention or MLP writes); where the rows carry ``image_causal_counterfactual`` (other object,
     same background) the directions are made orthogonal to the object's leading direction
     first (``--keep-causal none`` turns that off); their vectors are written beside the table as
     ``<stem>.image_directions.safetensors``. The table and its provenance (``.meta.json``:
@@ -27,7 +28,7 @@
     reloaded with ``transformers`` alone and compared with the same ablation done by hooks
     on the bridge, on the ``--probe`` images (or seeded random pixels). Selected
     ``image_direction`` rows are folded into the projector's last linear layer (or the
-    vision embeddings, where they were fitted) instead
+    vision embeddings, or the vision layer's ``out_proj`` / ``fc2``, where they were fitted) instead
     (``--mode mean``: coordinates held at their fitted means; ``zero``: projected out), read
     from the table's ``.image_directions.safetensors`` and verified against the same edit
     as a hook; ``plan.json`` records their digest. Units and directions are pruned in
@@ -76,18 +77,24 @@ def is_vision_language(model_dir: str | Path) -> bool:
         return False
 
 
-def _image_direction_site(sites: list[str] | None, wanted: bool) -> str:
-    """The one ``--direction-sites`` value of image directions (``resid_pre``, the text default: ``projector``)."""
-    from icp_lens.directions.image import IMAGE_DIRECTION_SITES
+def _image_direction_site(sites: list[str] | None, wanted: bool, layers: list[int] | None) -> tuple[str, int | None]:
+    """The one ``--direction-sites`` value of image directions (``resid_pre``, the text default: ``projector``)
+    and its layer (``--layers``, one layer, for the vision tower's module outputs)."""
+    from icp_lens.directions.image import IMAGE_DIRECTION_SITES, VISION_OUT_HOOKS
 
     if sites is None or list(sites) == ["resid_pre"]:
-        return "projector"
+        return "projector", None
     if not wanted:
         raise ValueError("--direction-sites applies to --kinds image_direction on image probes")
     if len(sites) != 1 or sites[0] not in IMAGE_DIRECTION_SITES:
         raise ValueError(f"--direction-sites {','.join(sites)}: image directions take one site of "
                          f"{list(IMAGE_DIRECTION_SITES)}")  # fmt: skip
-    return sites[0]
+    if sites[0] not in VISION_OUT_HOOKS:
+        return sites[0], None
+    if layers is None or len(layers) != 1:
+        raise ValueError(f"--direction-sites {sites[0]} is one vision layer's output: give that layer with "
+                         f"--layers L (one layer), got {'none' if layers is None else ','.join(map(str, layers))}")
+    return sites[0], layers[0]
 
 
 def run_image_scoring(args: argparse.Namespace) -> int:
@@ -112,7 +119,8 @@ def run_image_scoring(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     processor = AutoProcessor.from_pretrained(str(args.model))
     keep_causal = getattr(args, "keep_causal", None)
-    site = _image_direction_site(getattr(args, "direction_sites", None), IMAGE_DIRECTION in kinds)
+    site, site_layer = _image_direction_site(getattr(args, "direction_sites", None), IMAGE_DIRECTION in kinds,
+                                             args.layers)  # fmt: skip
     data = data_from_probes(args.probe, processor, causal=IMAGE_DIRECTION in kinds and keep_causal != "none")
     if keep_causal == "write" and data.causal is None:
         raise ValueError("--keep-causal write on image probes needs rows with an image_causal_counterfactual")
@@ -130,13 +138,14 @@ def run_image_scoring(args: argparse.Namespace) -> int:
         # the object's direction is kept (one causal direction) whenever the rows carry causal images
         keep = 0 if data.causal is None else 1
         directions = fit_image_directions(bridge, data, rank=args.direction_rank, batch_size=args.batch_size,
-                                          keep_causal=keep, site=site)  # fmt: skip
+                                          keep_causal=keep, site=site, layer=site_layer)  # fmt: skip
         frames.append(image_direction_scores(bridge, data, directions, batch_size=args.batch_size).frame)
     settings = {"method": args.method or "hybrid", "kinds": kinds, "layers": args.layers,
                 "verify_top": args.verify_top, "intervention": ["resample"], "metric": "candidate_margin",
                 "dtype": args.dtype, "modality": "image"}  # fmt: skip
     if directions is not None:
         settings.update(direction_rank=args.direction_rank, image_directions=directions.source, direction_site=site,
+                        direction_hook=directions.hook_name,
                         cos_causal=None if directions.cos_causal is None else list(directions.cos_causal))  # fmt: skip
     n = int(data.has_counterfactual.sum())
     meta = table_provenance(args.model, args.probe, n_examples=n, settings=settings)
@@ -257,6 +266,7 @@ def _prune_image_directions(args: argparse.Namespace, features: list[Any]) -> in
     from transformers import AutoProcessor
 
     from icp_lens.directions.image import (
+        PROJECTOR_HOOK,
         VISION_EMBED_HOOK,
         ImageDirections,
         export_image_directions,
@@ -283,7 +293,8 @@ def _prune_image_directions(args: argparse.Namespace, features: list[Any]) -> in
                                      plan=plan)  # fmt: skip
     seconds = time.perf_counter() - start
     what = "held at their means" if args.mode == "mean" else "projected out"
-    into = "the vision embeddings" if chosen.hook_name == VISION_EMBED_HOOK else "the projector"
+    into = {VISION_EMBED_HOOK: "the vision embeddings", PROJECTOR_HOOK: "the projector"}.get(
+        chosen.hook_name, f"the linear layer that writes {chosen.hook_name}")
     summary = [f"folded {len(idx)} image-token direction(s), {what}, into {into} -> {args.out}",
                f"export took {seconds:.2f} s; plan (with the directions' digest) written to {args.out / 'plan.json'}"]
     return _print_export(args, plan, {"digest": report.digest, "changed_weights": report.changed_weights}, seconds,

@@ -798,7 +798,75 @@ def test_vision_embedding_directions_fold_exactly_and_through_the_cli(waterbirds
     AutoModelForImageTextToText.from_pretrained(str(out))  # plain transformers reads it
     assert main(["score", "--model", str(org.model_dir), "--probe", probe_file, "--out", str(tmp_path / "x.csv"),
                  "--kinds", "image_direction", "--direction-sites", "projector,vision_embed"]) == 2  # fmt: skip
-    assert "image directions take one site of ['projector', 'vision_embed']" in capsys.readouterr().err
+    sites = "['projector', 'vision_embed', 'vision_attn_out', 'vision_mlp_out']"
+    assert f"image directions take one site of {sites}" in capsys.readouterr().err
+
+
+def test_vision_layer_output_directions_fold_exactly_and_through_the_cli(waterbirds, tmp_path: Path, capsys) -> None:
+    """Directions of what one vision layer's attention or MLP writes: the fold into its out_proj / fc2 equals
+    the hook at run time and touches nothing else; ``score --direction-sites vision_mlp_out --layers L`` ->
+    ``prune`` writes it; the site needs exactly one layer."""
+    from transformers import AutoModelForImageTextToText
+
+    from icp_lens.directions.image import (
+        applying_image_directions,
+        fit_image_directions,
+        fold_image_directions,
+        image_direction_hook,
+        load_image_directions,
+        sidecar_path,
+    )  # fmt: skip
+    from icp_lens.training.multimodal import data_from_probes
+
+    org, _ = waterbirds
+    bridge = org.load_bridge()
+    probe = data_from_probes(org.data_path("probe"), org.load_processor(), causal=True)
+    rows = probe.has_counterfactual.nonzero().flatten()[:24]
+    pixels, ids = org.pixel_values("test_balanced")[:8], probe.input_ids.expand(8, -1)
+    with torch.no_grad():
+        plain = org.load_hf()(input_ids=ids, pixel_values=pixels).logits
+    source = dict(org.load_hf().named_parameters())
+    tower = "model.vision_tower.encoder.layers"
+    for site, layer, module in (("vision_attn_out", 0, f"{tower}.0.self_attn.out_proj"),
+                                ("vision_mlp_out", 1, f"{tower}.1.mlp.fc2")):  # fmt: skip
+        dirs = fit_image_directions(bridge, probe, rows=rows, rank=2, site=site, layer=layer)
+        assert dirs.hook_name == f"vision_encoder.encoder_layers.{layer}.hook_{site[7:]}"
+        assert dirs.vectors.shape == (2, 32) and dirs.cos_causal is not None  # the tower's width; the bird kept
+        with torch.no_grad(), applying_image_directions(bridge, dirs):
+            hooked_logits = bridge(ids, pixel_values=pixels)
+        hf = org.load_hf()
+        assert fold_image_directions(hf, dirs) is hf.get_submodule(module)
+        with torch.no_grad():
+            folded = hf(input_ids=ids, pixel_values=pixels).logits
+        assert (folded - hooked_logits).abs().max() <= 1e-4 < (folded - plain).abs().max()
+        changed = {n for n, p in hf.named_parameters() if not torch.equal(p, source[n])}
+        assert changed == {f"{module}.weight", f"{module}.bias"}
+        v = dirs.vectors.double()  # W <- (I - V^T V) W: the folded writer writes nothing along V but the mean
+        w = hf.get_submodule(module).weight.double()
+        assert (v @ w).abs().max() <= 1e-5
+    for site, layer, message in (("vision_mlp_out", None, "takes one layer of the vision tower"),
+                                 ("projector", 0, "takes no layer"), ("vision_attn_out", -1, "layer must be >= 0")):
+        with pytest.raises(ValueError, match=message):
+            image_direction_hook(site, layer)
+    probe_file, scores = str(org.data_path("probe")), tmp_path / "mlp1.csv"
+    assert main(["score", "--model", str(org.model_dir), "--probe", probe_file, "--out", str(scores), "--kinds",
+                 "image_direction", "--direction-sites", "vision_mlp_out", "--layers", "1", "--quiet"]) == 0
+    hook = "vision_encoder.encoder_layers.1.hook_mlp_out"
+    assert f"at {hook}" in capsys.readouterr().out
+    assert load_image_directions(sidecar_path(scores)).hook_name == hook
+    table = __import__("pandas").read_csv(scores)
+    assert table["hook_name"].eq(hook).all()
+    assert json.loads(scores.with_name("mlp1.meta.json").read_text())["settings"]["direction_hook"] == hook
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(org.model_dir), "--scores", str(scores), "--top-k", "1", "--mode", "mean",
+                 "--probe", probe_file, "--out", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert f"into the linear layer that writes {hook}" in printed and "PASS" in printed
+    AutoModelForImageTextToText.from_pretrained(str(out))  # plain transformers reads it
+    for layers in ([], ["--layers", "0,1"]):
+        assert main(["score", "--model", str(org.model_dir), "--probe", probe_file, "--out", str(tmp_path / "x.csv"),
+                     "--kinds", "image_direction", "--direction-sites", "vision_mlp_out", *layers]) == 2
+        assert "give that layer with --layers L (one layer)" in capsys.readouterr().err
 
 
 def test_image_paths_create_no_tensor_without_a_device(waterbirds) -> None:

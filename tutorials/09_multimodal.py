@@ -99,10 +99,11 @@ print(units.groupby("hook_name")["share"].agg(["max", "min", "sum"]))
 units.sort_values("abs_effect", ascending=False).head(5)
 
 # %% [markdown]
-# The same measurement for every neuron and attention head of both towers, as the
-# `ScoreTable` that `icp-lens score` writes for image probes (and `icp-lens prune` reads):
-# attribution patching ranks all 780 units with one backward pass per batch, and the top
-# 50 are then patched exactly (`exact` column).
+# The same measurement for every neuron and attention head of both towers and the
+# projector's 64 hidden neurons (`vision_projector.hook_hidden`: the bridge has no hook
+# there, so `icp_lens.hooks` makes one), as the `ScoreTable` that `icp-lens score` writes
+# for image probes (and `icp-lens prune` reads): attribution patching ranks all 844 units
+# with one backward pass per batch, and the top 50 are then patched exactly (`exact` column).
 
 # %%
 probe = data_from_probes(org.data_path("probe"), processor, causal=True)  # with the causal images too

@@ -42,6 +42,16 @@ its own pixels (``W x_i + pos_i``), so a background colour and an object's shape
 share a direction yet, where after the tower they may. That edit folds into the
 embeddings exactly: ``W <- (I - P) W`` (the patch convolution, per output channel),
 ``class <- (I - P) class``, ``pos_i <- (I - P) pos_i + V^T m`` with ``P = V^T V``.
+``site="vision_attn_out"`` / ``"vision_mlp_out"`` with ``layer=L`` fit them on what vision
+layer ``L``'s attention or MLP writes into the tower's residual stream
+(``vision_encoder.encoder_layers.L.hook_attn_out`` / ``hook_mlp_out``, every patch and the
+class token): one writer's output, which folds into that writer (``out_proj`` or ``fc2``)
+exactly as at the projector. It removes the attribute from that writer only; what earlier
+writers (the embeddings) put in the residual stream passes by it, so a background that
+enters with the pixels is not removed there (compare the sites on your model: the
+benchmark ``benchmarks/multimodal_directions.py`` does on the organism). The tower's
+residual stream itself has no such site: its first writer is the pre-layer norm, whose
+elementwise scale cannot hold a projection, so no weight edit is exact there.
 
 **Score**: :func:`image_direction_effects` takes, for each direction alone, its
 coordinate from ``x'`` and the rest from ``x`` (``h + v (v . (h' - h))``) and reports the
@@ -53,6 +63,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -72,6 +83,8 @@ __all__ = [
     "PROJECTOR_HOOK",
     "VISION_EMBED_HOOK",
     "IMAGE_DIRECTION_SITES",
+    "VISION_OUT_HOOKS",
+    "image_direction_hook",
     "ImageDirections",
     "projector_tokens",
     "fit_image_directions",
@@ -93,8 +106,28 @@ __all__ = [
 PROJECTOR_HOOK = "vision_projector.hook_out"
 #: the bridge's hook on the vision tower's embeddings (patch + class tokens with positions, before any layer)
 VISION_EMBED_HOOK = "vision_encoder.embeddings.hook_out"
-#: where image directions can be fitted and folded: site name -> bridge hook
-IMAGE_DIRECTION_SITES: dict[str, str] = {"projector": PROJECTOR_HOOK, "vision_embed": VISION_EMBED_HOOK}
+#: the vision tower's attention and MLP outputs of one layer (what out_proj and fc2 write into its residual stream)
+VISION_OUT_HOOKS: dict[str, str] = {
+    "vision_attn_out": "vision_encoder.encoder_layers.{layer}.hook_attn_out",
+    "vision_mlp_out": "vision_encoder.encoder_layers.{layer}.hook_mlp_out",
+}
+#: where image directions can be fitted and folded: site name -> bridge hook (``{layer}``: a site of one layer)
+IMAGE_DIRECTION_SITES: dict[str, str] = {"projector": PROJECTOR_HOOK, "vision_embed": VISION_EMBED_HOOK,
+                                         **VISION_OUT_HOOKS}  # fmt: skip
+_VISION_OUT = re.compile(r"vision_encoder\.encoder_layers\.(\d+)\.hook_(attn|mlp)_out")
+
+
+def image_direction_hook(site: str, layer: int | None = None) -> str:
+    """The bridge hook of an image direction ``site`` (:data:`IMAGE_DIRECTION_SITES`); the vision tower's
+    module outputs (``vision_attn_out``, ``vision_mlp_out``) need their ``layer``, the others take none."""
+    if site not in IMAGE_DIRECTION_SITES:
+        raise ValueError(f"unknown image direction site {site!r}; valid: {list(IMAGE_DIRECTION_SITES)}")
+    if (site in VISION_OUT_HOOKS) != (layer is not None):
+        need = f"one layer of the vision tower (layer=L)" if site in VISION_OUT_HOOKS else "no layer"
+        raise ValueError(f"image direction site {site!r} takes {need}, got layer={layer}")
+    if layer is not None and layer < 0:
+        raise ValueError(f"layer must be >= 0, got {layer}")
+    return IMAGE_DIRECTION_SITES[site].format(layer=layer)
 _FORMAT = "icp_lens.image_directions/1"
 
 
@@ -174,7 +207,7 @@ def _paired(data: Any, rows: Tensor | None, *, causal: bool = False) -> Tensor:
 
 def fit_image_directions(
     model: Any, data: Any, *, rank: int = 1, rows: Sequence[int] | Tensor | None = None, batch_size: int = 64,
-    keep_causal: int | None = None, site: str = "projector",
+    keep_causal: int | None = None, site: str = "projector", layer: int | None = None,
 ) -> ImageDirections:  # fmt: skip
     """Fit ``rank`` directions of the projector's output from image counterfactual pairs (see the module doc).
 
@@ -184,14 +217,13 @@ def fit_image_directions(
     ``keep_causal``: how many causal directions (from ``image_causal_counterfactual``, read
     with ``data_from_probes(..., causal=True)``) the spurious ones are made orthogonal to;
     ``None`` is 1 when ``data`` has causal images and 0 otherwise, 0 turns it off.
-    ``site``: ``projector`` (the image tokens as the language model receives them) or
-    ``vision_embed`` (the vision tower's embeddings; see the module doc).
+    ``site``: ``projector`` (the image tokens as the language model receives them),
+    ``vision_embed`` (the vision tower's embeddings), or ``vision_attn_out`` / ``vision_mlp_out``
+    of vision ``layer`` (what that layer's attention or MLP writes; see the module doc).
     """
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
-    if site not in IMAGE_DIRECTION_SITES:
-        raise ValueError(f"unknown image direction site {site!r}; valid: {list(IMAGE_DIRECTION_SITES)}")
-    hook = IMAGE_DIRECTION_SITES[site]
+    hook = image_direction_hook(site, layer)
     has_causal = getattr(data, "causal", None) is not None
     if keep_causal is None:
         keep_causal = 1 if has_causal else 0
@@ -323,7 +355,9 @@ def image_direction_scores(
     values, clean, _ = image_direction_values(model, data, directions, rows=rows, batch_size=batch_size)
     features = tuple(Feature("image_direction", 0, i) for i in range(directions.rank))
     effects = Effects(features, "resample", values, clean, exact=True, metric="candidate_margin")
-    return ScoreTable.from_effects([effects], n_boot=n_boot, seed=seed)
+    table = ScoreTable.from_effects([effects], n_boot=n_boot, seed=seed)
+    table.frame["hook_name"] = directions.hook_name  # where they were fitted (the kind's template names the projector)
+    return table
 
 
 def sidecar_path(table_path: str | Path) -> Path:
@@ -397,20 +431,34 @@ def vision_embeddings(model: nn.Module) -> nn.Module:
                      "position_embedding): vision_embed directions fold into those")  # fmt: skip
 
 
+def _writing_linear(model: nn.Module, hook_name: str) -> nn.Linear:
+    """The linear layer whose output is ``hook_name``: the projector's ``linear_2``, or a vision layer's
+    ``out_proj`` (``hook_attn_out``) or ``fc2`` (``hook_mlp_out``)."""
+    if hook_name == PROJECTOR_HOOK:
+        return projector_linear(model)
+    match = _VISION_OUT.fullmatch(hook_name)
+    if match is None:
+        sites = [IMAGE_DIRECTION_SITES[s].format(layer="L") for s in IMAGE_DIRECTION_SITES]
+        raise ValueError(f"image directions fold at {sites}, got {hook_name}")
+    from icp_lens.pruning.multimodal import llava_out_proj
+
+    unit = "attn.hook_z" if match.group(2) == "attn" else "mlp.hook_post"  # the units that projection reads
+    return llava_out_proj(model, f"vision_encoder.encoder_layers.{match.group(1)}.{unit}")
+
+
 @torch.no_grad()
 def fold_image_directions(model: nn.Module, directions: ImageDirections) -> nn.Module:
     """Fold the mean-mode edit into the HF ``model``, in place; returns the edited module.
 
-    At the projector's output (:data:`PROJECTOR_HOOK`) into its last linear layer:
+    At the projector's output (:data:`PROJECTOR_HOOK`) into its last linear layer, and at a
+    vision layer's attention or MLP output into its ``out_proj`` or ``fc2``:
     ``W <- (I - V^T V) W``, ``b <- (I - V^T V) b + V^T m``; the layer must have a bias (LLaVA's
-    has). At the vision embeddings (:data:`VISION_EMBED_HOOK`) into the patch convolution, the
+    and CLIP's have). At the vision embeddings (:data:`VISION_EMBED_HOOK`) into the patch convolution, the
     class embedding and the position embeddings (see the module doc). Computed in float64,
     stored in each weight's dtype.
     """
-    if directions.hook_name not in IMAGE_DIRECTION_SITES.values():
-        raise ValueError(f"image directions fold at {list(IMAGE_DIRECTION_SITES.values())}, got {directions.hook_name}")
     embed = directions.hook_name == VISION_EMBED_HOOK
-    module = vision_embeddings(model) if embed else projector_linear(model)
+    module = vision_embeddings(model) if embed else _writing_linear(model, directions.hook_name)
     weight = module.patch_embedding.weight if embed else module.weight
     v = directions.vectors.double().to(weight.device)
     mean = v.T @ directions.means.double().to(v.device)
@@ -429,7 +477,7 @@ def fold_image_directions(model: nn.Module, directions: ImageDirections) -> nn.M
         put(pos, pos.double() @ keep.T + mean)
         return module
     if module.bias is None:
-        raise ValueError("the projector's last linear layer has no bias; the mean cannot be folded")
+        raise ValueError(f"the linear layer that writes {directions.hook_name} has no bias; the mean cannot be folded")
     put(module.weight, keep @ module.weight.double())
     put(module.bias, keep @ module.bias.double() + mean)
     return module
