@@ -13,19 +13,19 @@
     image counterfactual pairs (:mod:`icp_lens.directions.image`) and scores each by its
     resample effect (``--direction-sites projector``, the default, ``vision_embed``: the
     vision tower's embeddings, or ``vision_attn_out`` / ``vision_mlp_out`` with ``--layers L``:
-    what that vision layer's attention or MLP writes); where the rows carry ``image_causal_counterfactual`` (other object,
-    same background) the directions are made orthogonal to the object's leading direction
-    first (``--keep-causal none`` turns that off); their vectors are written beside the table as
-    ``<stem>.image_directions.safetensors``. The table and its provenance (``.meta.json``:
+    what that vision layer's attention or MLP writes); where the rows carry
+    ``image_causal_counterfactual`` (other object, same background) the directions are made
+    orthogonal to the object's leading direction first (``--keep-causal none`` turns that off);
+    their vectors are written beside the table as ``<stem>.image_directions.safetensors``. The table and its provenance (``.meta.json``:
     model fingerprint, probe digest, settings) are written as for text probes.
 ``icp-lens prune --model DIR --scores scores.csv --out DIR2 --top-k K``
     When ``--model`` is a vision-language checkpoint (its config has ``vision_config``),
     the selected neurons and heads are pruned with
     :func:`icp_lens.pruning.multimodal.export_pruned_llava` (zero ablation; ``--mode mean``
     fixes vision and projector units at their mean over the ``--probe`` images, folded into
-    ``fc2``'s, ``out_proj``'s or the projector's ``linear_2``'s bias; the language model's ``down_proj`` and ``o_proj`` have no bias, so
-    mean mode refuses its units). The checkpoint (model + processor + ``plan.json``) is
-    reloaded with ``transformers`` alone and compared with the same ablation done by hooks
+    ``fc2``'s, ``out_proj``'s or the projector's ``linear_2``'s bias; the language model's
+    ``down_proj`` and ``o_proj`` have no bias, so mean mode refuses its units). The checkpoint
+    (model + processor + ``plan.json``) is reloaded with ``transformers`` alone and compared with the same ablation done by hooks
     on the bridge, on the ``--probe`` images (or seeded random pixels). Selected
     ``image_direction`` rows are folded into the projector's last linear layer (or the
     vision embeddings, or the vision layer's ``out_proj`` / ``fc2``, where they were fitted) instead
@@ -92,8 +92,9 @@ def _image_direction_site(sites: list[str] | None, wanted: bool, layers: list[in
     if sites[0] not in VISION_OUT_HOOKS:
         return sites[0], None
     if layers is None or len(layers) != 1:
+        given = "none" if layers is None else ",".join(map(str, layers))
         raise ValueError(f"--direction-sites {sites[0]} is one vision layer's output: give that layer with "
-                         f"--layers L (one layer), got {'none' if layers is None else ','.join(map(str, layers))}")
+                         f"--layers L (one layer), got {given}")  # fmt: skip
     return sites[0], layers[0]
 
 
@@ -293,10 +294,11 @@ def _prune_image_directions(args: argparse.Namespace, features: list[Any]) -> in
                                      plan=plan)  # fmt: skip
     seconds = time.perf_counter() - start
     what = "held at their means" if args.mode == "mean" else "projected out"
-    into = {VISION_EMBED_HOOK: "the vision embeddings", PROJECTOR_HOOK: "the projector"}.get(
-        chosen.hook_name, f"the linear layer that writes {chosen.hook_name}")
+    sites = {VISION_EMBED_HOOK: "the vision embeddings", PROJECTOR_HOOK: "the projector"}
+    into = sites.get(chosen.hook_name, f"the linear layer that writes {chosen.hook_name}")
+    plan_file = args.out / "plan.json"
     summary = [f"folded {len(idx)} image-token direction(s), {what}, into {into} -> {args.out}",
-               f"export took {seconds:.2f} s; plan (with the directions' digest) written to {args.out / 'plan.json'}"]
+               f"export took {seconds:.2f} s; plan (with the directions' digest) written to {plan_file}"]  # fmt: skip
     return _print_export(args, plan, {"digest": report.digest, "changed_weights": report.changed_weights}, seconds,
                          report, summary, "the edit as a hook on the bridge")  # fmt: skip
 

@@ -70,8 +70,9 @@ def extra_module(model: HookedModel, name: str) -> Any:
             return hf.get_submodule(path)
         except AttributeError:
             continue
-    raise ValueError(f"{name} is made from a LLaVA-style projector's act module ({' or '.join(EXTRA_HOOK_POINTS[name])} "
-                     f"of the bridge's original_model), which {type(model).__name__} does not have")  # fmt: skip
+    paths = " or ".join(EXTRA_HOOK_POINTS[name])
+    raise ValueError(f"{name} is made from a LLaVA-style projector's act module ({paths} of the bridge's "
+                     f"original_model), which {type(model).__name__} does not have")  # fmt: skip
 
 
 def _add_extra(module: Any, name: str, fn: HookFn, direction: Direction) -> Any:

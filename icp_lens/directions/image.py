@@ -123,11 +123,13 @@ def image_direction_hook(site: str, layer: int | None = None) -> str:
     if site not in IMAGE_DIRECTION_SITES:
         raise ValueError(f"unknown image direction site {site!r}; valid: {list(IMAGE_DIRECTION_SITES)}")
     if (site in VISION_OUT_HOOKS) != (layer is not None):
-        need = f"one layer of the vision tower (layer=L)" if site in VISION_OUT_HOOKS else "no layer"
+        need = "one layer of the vision tower (layer=L)" if site in VISION_OUT_HOOKS else "no layer"
         raise ValueError(f"image direction site {site!r} takes {need}, got layer={layer}")
     if layer is not None and layer < 0:
         raise ValueError(f"layer must be >= 0, got {layer}")
     return IMAGE_DIRECTION_SITES[site].format(layer=layer)
+
+
 _FORMAT = "icp_lens.image_directions/1"
 
 

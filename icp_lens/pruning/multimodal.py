@@ -15,7 +15,8 @@ Units are named by the bridge's hook points, as
 :func:`icp_lens.scoring.image_scores.score_image_units` reports them:
 ``vision_encoder.encoder_layers.L.mlp.hook_post`` / ``...attn.hook_z`` (vision tower) and
 ``vision_projector.hook_hidden`` (the projector's hidden neurons, a hook point
-:mod:`icp_lens.hooks` adds) and ``blocks.L.mlp.hook_post`` / ``blocks.L.attn.hook_z`` (language model). :func:`export_pruned_llava` edits a copy,
+:mod:`icp_lens.hooks` adds) and ``blocks.L.mlp.hook_post`` / ``blocks.L.attn.hook_z``
+(language model). :func:`export_pruned_llava` edits a copy,
 writes it with its processor all at once, reloads it with ``transformers`` alone and
 checks its logits against the same ablation done at run time with hooks on the bridge.
 """
@@ -36,7 +37,8 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 __all__ = [
-    "LlavaPruneReport", "MEAN_FOLDABLE_PREFIXES", "llava_mlp_out", "llava_out_proj", "unit_columns", "prune_llava_neurons",
+    "LlavaPruneReport", "MEAN_FOLDABLE_PREFIXES",
+    "llava_mlp_out", "llava_out_proj", "unit_columns", "prune_llava_neurons",
     "prune_llava_units", "export_pruned_llava", "compare_with_bridge",
 ]  # fmt: skip
 
