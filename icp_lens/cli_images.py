@@ -16,8 +16,9 @@
     what that vision layer's attention or MLP writes); where the rows carry
     ``image_causal_counterfactual`` (other object, same background) the directions are made
     orthogonal to the object's leading direction first (``--keep-causal none`` turns that off);
-    their vectors are written beside the table as ``<stem>.image_directions.safetensors``. The table and its provenance (``.meta.json``:
-    model fingerprint, probe digest, settings) are written as for text probes.
+    their vectors are written beside the table as ``<stem>.image_directions.safetensors``.
+    The table and its provenance (``.meta.json``: model fingerprint, probe digest, settings)
+    are written as for text probes.
 ``icp-lens prune --model DIR --scores scores.csv --out DIR2 --top-k K``
     When ``--model`` is a vision-language checkpoint (its config has ``vision_config``),
     the selected neurons and heads are pruned with
@@ -25,14 +26,14 @@
     fixes vision and projector units at their mean over the ``--probe`` images, folded into
     ``fc2``'s, ``out_proj``'s or the projector's ``linear_2``'s bias; the language model's
     ``down_proj`` and ``o_proj`` have no bias, so mean mode refuses its units). The checkpoint
-    (model + processor + ``plan.json``) is reloaded with ``transformers`` alone and compared with the same ablation done by hooks
-    on the bridge, on the ``--probe`` images (or seeded random pixels). Selected
-    ``image_direction`` rows are folded into the projector's last linear layer (or the
-    vision embeddings, or the vision layer's ``out_proj`` / ``fc2``, where they were fitted) instead
-    (``--mode mean``: coordinates held at their fitted means; ``zero``: projected out), read
-    from the table's ``.image_directions.safetensors`` and verified against the same edit
-    as a hook; ``plan.json`` records their digest. Units and directions are pruned in
-    separate runs.
+    (model + processor + ``plan.json``) is reloaded with ``transformers`` alone and compared
+    with the same ablation done by hooks on the bridge, on the ``--probe`` images (or seeded
+    random pixels). Selected ``image_direction`` rows are folded into the projector's last
+    linear layer (or the vision embeddings, or the vision layer's ``out_proj`` / ``fc2``,
+    where they were fitted) instead (``--mode mean``: coordinates held at their fitted means;
+    ``zero``: projected out), read from the table's ``.image_directions.safetensors`` and
+    verified against the same edit as a hook; ``plan.json`` records their digest. Units and
+    directions are pruned in separate runs.
 
 Options of the text paths that have no meaning here are refused by name.
 """
