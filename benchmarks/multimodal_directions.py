@@ -22,7 +22,11 @@ summed, over the whole image's), the cosine of each spurious direction with the 
 causal subspace, and the folded checkpoint's max logit difference from the run-time edit.
 
     python benchmarks/multimodal_directions.py [--seeds 0,1,2] [--sites projector,vision_embed] [--ranks 1,2,4]
-        [--keep-causal 0,1,2]
+        [--keep-causal 0,1,2] [--merge]
+
+``--sites`` also takes one vision layer's attention or MLP output, ``vision_attn_out.L`` /
+``vision_mlp_out.L`` (folded into that layer's ``out_proj`` / ``fc2``). ``--merge`` keeps the
+saved runs of the other sites and replaces those of the sites given.
 """
 
 from __future__ import annotations
@@ -71,8 +75,10 @@ def run_seed(seed: int, ranks: list[int], keeps: list[int], sites: list[str]) ->
     out = [{**base, "gap_closed": 0.0, "oracle_worst_group": oracle}]
     ids = probe.input_ids.expand(16, -1)
     for site, rank, keep in ((s, r, k) for s in sites for k in keeps for r in ranks):
+        name, _, layer = site.partition(".")  # vision_mlp_out.1: one vision layer's MLP output
         try:
-            directions = fit_image_directions(bridge, probe, rank=rank, keep_causal=keep, site=site)
+            directions = fit_image_directions(bridge, probe, rank=rank, keep_causal=keep, site=name,
+                                              layer=int(layer) if layer else None)  # fmt: skip
         except ValueError as err:  # nothing left after keeping the causal subspace
             print(f"seed {seed} {site} rank {rank} keep_causal {keep}: {err}", flush=True)
             continue
@@ -123,10 +129,12 @@ def report(runs: list[dict], out: Path) -> str:
     lines = [
         "# Directions of the image tokens on the multimodal organism (no training)",
         "",
-        "`python benchmarks/multimodal_directions.py`: directions of the projector's output (`projector`) or of the "
-        "vision tower's embeddings (`vision_embed`) fitted from the probe "
+        "`python benchmarks/multimodal_directions.py`: directions of the projector's output (`projector`), of the "
+        "vision tower's embeddings (`vision_embed`) or of what vision layer L's attention or MLP writes "
+        "(`vision_attn_out.L`, `vision_mlp_out.L`) fitted from the probe "
         "split's image counterfactual pairs (the leading singular vectors of the paired differences), their "
-        "coordinates held at the mean, folded into the projector's last linear layer or the vision embeddings. "
+        "coordinates held at the mean, folded into the projector's last linear layer, the vision embeddings or "
+        "that layer's `out_proj` / `fc2`. "
         "`keep k`: the directions "
         "were first made orthogonal to the k leading directions of the probe split's causal pairs (other bird, same "
         "background); `max_cos_causal` is the largest cosine of a direction with that subspace before. "
@@ -170,11 +178,17 @@ def main() -> None:
     parser.add_argument("--keep-causal", default="0,1,2", help="numbers of causal directions kept (0: none)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--report", action="store_true", help="rebuild the markdown from the JSON of a finished run")
+    parser.add_argument("--merge", action="store_true", help="keep the saved runs of the sites not given")
     args = parser.parse_args()
     if args.report:
         print(report(json.loads((args.out / "multimodal_directions.json").read_text())["runs"], args.out))
         return
     runs: list[dict] = []
+    if args.merge:  # the other sites' runs (the originals too: they are rerun and replaced per seed)
+        saved = json.loads((args.out / "multimodal_directions.json").read_text())["runs"]
+        seeds = {int(s) for s in args.seeds.split(",")}
+        runs = [r for r in saved if r["site"] not in args.sites.split(",") and not (r["seed"] in seeds and
+                                                                                  r["rank"] == 0)]  # fmt: skip
     for seed in (int(s) for s in args.seeds.split(",")):
         runs += run_seed(seed, [int(r) for r in args.ranks.split(",")], [int(k) for k in args.keep_causal.split(",")],
                          args.sites.split(","))  # fmt: skip
