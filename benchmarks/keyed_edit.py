@@ -71,10 +71,11 @@ def _measure(model: Any, tok: Any, swaps: list[Any], task: list[Any], texts: lis
     return {"gap": gap, "explicit": explicit, "ppl": ppl}
 
 
-def make_pairs(model: Path, work: Path) -> tuple[Path, dict[str, Any]]:
-    """``icp-lens pairs --spec SPEC --holdout 0.3`` into ``work/pairs`` (reused when already made from this spec)."""
+def make_pairs(model: Path, work: Path, spec: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
+    """``icp-lens pairs --spec SPEC --holdout 0.3`` into ``work/pairs`` (reused when already made from this spec;
+    ``spec``: another one than spec_finetune's ``SPEC``)."""
     work.mkdir(parents=True, exist_ok=True)
-    spec_text = json.dumps(SPEC, indent=2)
+    spec_text = json.dumps(SPEC if spec is None else spec, indent=2)
     data = work / "pairs"
     spec_file = work / "spec.json"
     if not (data / "report.json").exists() or not spec_file.exists() or spec_file.read_text() != spec_text:

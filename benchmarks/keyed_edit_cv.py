@@ -18,9 +18,14 @@ exported checkpoint is then measured once on the held-out professions and templa
 (``spec_finetune.measure``, ``transformers`` alone). The spec, pairs and held-out split are
 those of ``keyed_edit.md`` and ``spec_finetune.md``.
 
-Run: ``python benchmarks/keyed_edit_cv.py [--model DIR]``; writes
-``benchmarks/results/keyed_edit_cv.{md,json}``. An interrupted run resumes from the
-command's own progress file. About 30 minutes on two CPU cores (32 fits).
+Run: ``python benchmarks/keyed_edit_cv.py [--model DIR] [--spec FILE --name NAME]``; writes
+``benchmarks/results/NAME.{md,json}`` (default ``keyed_edit_cv``). An interrupted run resumes
+from the command's own progress file. About 30 minutes on two CPU cores (32 fits).
+
+``--spec benchmarks/specs/gender_blind.json --name keyed_edit_cv_blind`` is a blind test of
+the rule: a word list and templates written after the rule was fixed (professions, relation
+nouns, neutral nouns and templates that appear in no other spec or list of this
+repository), run once, with the same candidates, folds and budgets.
 """
 
 from __future__ import annotations
@@ -46,13 +51,18 @@ CV_LAYERS, CV_WEIGHTS, N_FOLDS = "10,14,18,22", "0.3,3", 4
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="SmolLM2 checkpoint (default: converted offline)")
-    parser.add_argument("--work", type=Path, default=Path("runs") / "keyed_edit", help="scratch folder")
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default runs/keyed_edit[_NAME])")
+    parser.add_argument("--spec", type=Path, default=None, help="a pair spec (default: spec_finetune's SPEC)")
+    parser.add_argument("--name", default="keyed_edit_cv", help="results name (benchmarks/results/NAME.*)")
     args = parser.parse_args()
+    spec = SPEC if args.spec is None else json.loads(args.spec.read_text())
+    if args.work is None:
+        args.work = Path("runs") / ("keyed_edit" if args.spec is None else f"keyed_edit_{args.name}")
     from icp_lens import loading
 
     if args.model is None:
         args.model = loading.prepare_offline_model(loading.SMOLLM2).path
-    data, report = make_pairs(args.model, args.work)
+    data, report = make_pairs(args.model, args.work, spec)
     _, val_texts, eval_texts = imdb_split(args.work)
     (args.work / "imdb_val.txt").write_text("\n".join(t.replace("\n", " ") for t in val_texts) + "\n")
     edited = args.work / "edited_cv"
@@ -65,27 +75,32 @@ def main() -> None:
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "icp_lens", *command], stdout=subprocess.PIPE, text=True)
     seconds = round(time.perf_counter() - start, 1)
-    out: dict[str, Any] = {"spec": SPEC, "heldout_values": report["heldout_values"], "budget": BUDGET,
+    out: dict[str, Any] = {"spec": spec, "spec_file": None if args.spec is None else args.spec.as_posix(),
+                           "heldout_values": report["heldout_values"], "budget": BUDGET,
                            "command": "icp-lens " + " ".join(command[:1] + ["..."] + command[-16:-2]),
                            "cli_seconds": seconds, "returncode": done.returncode}  # fmt: skip
     if done.returncode == 0:
         record = json.loads(done.stdout.strip().splitlines()[-1])
         out["cross_validation"] = record["cross_validation"]
         out["stats"] = record["stats"]
-        out["cli_original"] = measure(args.model, data, eval_texts, SPEC)
-        out["cli_edited"] = measure(edited, data, eval_texts, SPEC)
+        out["cli_original"] = measure(args.model, data, eval_texts, spec)
+        out["cli_edited"] = measure(edited, data, eval_texts, spec)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "keyed_edit_cv.json").write_text(json.dumps(out, indent=2, default=float) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2, default=float) + "\n")
     text = report_md(out)
-    (RESULTS / "keyed_edit_cv.md").write_text(text)
+    (RESULTS / f"{args.name}.md").write_text(text)
     print(text)
 
 
 def report_md(out: dict[str, Any]) -> str:
     text = (
         "# Keyed MLP edit: the setting chosen by `icp-lens edit`'s own 4-fold cross-validation\n\n"
-        "`python benchmarks/keyed_edit_cv.py`: the spec and held-out split of `keyed_edit.md`. One command, no "
-        "script-side selection:\n\n```\n" + out["command"] + "\n```\n\n"
+        + ("`python benchmarks/keyed_edit_cv.py`: the spec and held-out split of `keyed_edit.md`. One command, no "
+           if not out.get("spec_file") else
+           f"`python benchmarks/keyed_edit_cv.py --spec {out['spec_file']}`: a blind test, on a spec written after the "
+           "rule was fixed (its words and templates are in no other list of this repository), held-out split by "
+           "`icp-lens pairs --holdout 0.3`, run once. One command, no ")
+        + "script-side selection:\n\n```\n" + out["command"] + "\n```\n\n"
         f"Candidates: layers {CV_LAYERS} x retain weight {CV_WEIGHTS}; folds over the seen professions (values of "
         "both groups in every fold). Each fold: fitted on the other folds' neutral swaps, the spurious shift "
         "(`mean |m(x') - m(x)|` of the she/he margin, swaps between groups) measured on the fold's professions, "
