@@ -28,6 +28,8 @@ VARIANTS = {  # name -> (objective, omega, other settings; the library's default
     "cimrl": ("cimrl", (1.0, 0.3, 1.0), {}),
     "cimrl, x + delta every row": ("cimrl", (1.0, 0.3, 1.0), {"intervention_rows": 1.0}),
     "cimrl, stop-gradient views": ("cimrl", (1.0, 0.3, 1.0), {"stop_gradient": True}),
+    "cimrl, views on three quarters": ("cimrl", (1.0, 0.3, 1.0), {"view_rows": 0.75}),
+    "cimrl, views on half": ("cimrl", (1.0, 0.3, 1.0), {"view_rows": 0.5}),
 }
 
 

@@ -86,6 +86,9 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--intervention-rows", type=float, default=None,
                    help="image probes: share of each batch given an x + delta copy by CIMRL's intervention term "
                         "(default: MultimodalTrainConfig's)")  # fmt: skip
+    p.add_argument("--view-rows", type=float, default=None,
+                   help="image probes: share of the rows with a background swap whose swap enters each step "
+                        "(default: MultimodalTrainConfig's)")  # fmt: skip
     p.add_argument("--stop-gradient", action="store_true",
                    help="image probes: CIMRL's contrastive views as a fixed target (no backward through them)",
                    )  # fmt: skip
@@ -274,7 +277,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if images:
         return run_image_training(args)
     image_options = {"--omega": args.omega is not None, "--intervention-rows": args.intervention_rows is not None,
-                     "--stop-gradient": args.stop_gradient}  # fmt: skip
+                     "--view-rows": args.view_rows is not None, "--stop-gradient": args.stop_gradient}  # fmt: skip
     if args.objective in _IMAGE_ONLY or any(image_options.values()):
         what = f"--objective {args.objective}" if args.objective in _IMAGE_ONLY else next(
             name for name, given in image_options.items() if given)  # fmt: skip

@@ -11,7 +11,8 @@ organism --variant waterbirds``), ``icp-lens train`` loads ``--model`` with
 images, needs no group labels: its contrastive term reads the ``image_counterfactual``
 of the rows that have one). ``--omega W1,W2,W3`` weights CIMRL's contrastive,
 disentanglement and intervention terms (default 1,0.3,1); ``--intervention-rows F``
-the share of each batch that gets an ``x + delta`` copy and ``--stop-gradient`` the
+the share of each batch that gets an ``x + delta`` copy, ``--view-rows F`` the share of
+the rows with a background swap whose swap enters the step, and ``--stop-gradient`` the
 contrastive views as a fixed target (see :class:`MultimodalTrainConfig`). ``--objective invariance
 --scores TABLE [--top-k K] [--lambda L]`` is ICP's objective on the ``K`` (default 16)
 highest rows of an image score table (``icp-lens score`` on image probes).
@@ -132,6 +133,7 @@ def run_image_training(args: argparse.Namespace) -> int:
             lr=args.lr or 1e-3, omega=omega, seed=args.seed, units=_units(args),
             lam=args.lam if args.lam is not None else 1.0, stop_gradient=args.stop_gradient,
             **({} if args.intervention_rows is None else {"intervention_rows": args.intervention_rows}),
+            **({} if args.view_rows is None else {"view_rows": args.view_rows}),
         )  # fmt: skip
         device = resolve_device(args.device)
         model = AutoModelForImageTextToText.from_pretrained(str(args.model)).eval().to(device)
@@ -157,7 +159,8 @@ def run_image_training(args: argparse.Namespace) -> int:
     passed = error <= 1e-4
     payload = {
         "out": str(args.out), "objective": config.objective, "omega": list(config.omega),
-        "intervention_rows": config.intervention_rows, "stop_gradient": config.stop_gradient, "steps": result.steps,
+        "intervention_rows": config.intervention_rows, "view_rows": config.view_rows,
+        "stop_gradient": config.stop_gradient, "steps": result.steps,
         "seconds": round(result.seconds, 2), "final_terms": result.final_terms,
         "evaluated_on": "val" if val is not None else "train", "before": before, "after": after,
         "verification": {"max_abs_logit_diff": error, "passed": passed},

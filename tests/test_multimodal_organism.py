@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -553,15 +554,17 @@ def test_image_paths_refuse_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_cimrl_step_cost_settings_change_the_rows_not_the_values(waterbirds) -> None:
-    """``intervention_rows`` gives only a share of the batch an ``x + delta`` copy; ``stop_gradient`` runs the
-    contrastive views in a pass of their own without gradient. The loss values of a first step are unchanged."""
+    """``intervention_rows`` gives only a share of the batch an ``x + delta`` copy; ``view_rows`` keeps the
+    background swaps of a share of the rows that have one; ``stop_gradient`` runs the contrastive views in a
+    pass of their own without gradient. The loss values of a first step are unchanged where the rows are."""
     from icp_lens.training.multimodal import MultimodalTrainConfig, data_from_probes, train_multimodal
 
     org, _ = waterbirds
     data = _subset(data_from_probes(org.data_path("train"), org.load_processor()), slice(0, 48))
     n_cf = None
     runs = {}
-    settings = {"full": {"intervention_rows": 1.0}, "cheap": {"stop_gradient": True, "intervention_rows": 0.25}}
+    settings = {"full": {"intervention_rows": 1.0}, "cheap": {"stop_gradient": True, "intervention_rows": 0.25},
+                "views": {"intervention_rows": 1.0, "view_rows": 0.5}}  # fmt: skip
     for name, extra in settings.items():
         model = org.load_hf()
         calls: list[tuple[int, bool]] = []
@@ -589,8 +592,15 @@ def test_cimrl_step_cost_settings_change_the_rows_not_the_values(waterbirds) -> 
     for term in ("task", "contrastive", "disentangle"):
         assert cheap_terms[term] == pytest.approx(full_terms[term], rel=1e-4, abs=1e-6)
     assert cheap_terms["intervention"] != full_terms["intervention"]  # four rows of sixteen
-    with pytest.raises(ValueError, match="intervention_rows must be in"):
-        dataclasses.replace(config, intervention_rows=0.0)
+    # x, the views of the first half (rounded up) of the rows that have one, x + delta for every row
+    view_terms, view_calls = runs["views"]
+    assert view_calls == [(16, True), (16 + math.ceil(n_cf / 2) + 16, True)]
+    for term in ("task", "disentangle", "intervention"):
+        assert view_terms[term] == pytest.approx(full_terms[term], rel=1e-4, abs=1e-6)
+    assert view_terms["contrastive"] != pytest.approx(full_terms["contrastive"], rel=1e-3)  # fewer pairs
+    for name in ("intervention_rows", "view_rows"):
+        with pytest.raises(ValueError, match=f"{name} must be in"):
+            dataclasses.replace(config, **{name: 0.0})
 
 
 def test_image_directions_fit_edit_fold_and_effects(waterbirds) -> None:
@@ -752,6 +762,15 @@ def test_image_directions_keep_the_objects_direction(waterbirds, tmp_path: Path)
         _orthogonal_to(plain.vectors[:1].double(), plain.vectors[:1].double())
 
 
+def _causal_probe(waterbirds):
+    """The organism, its bridge, the probe split with causal images, and 24 rows with an image counterfactual."""
+    from icp_lens.training.multimodal import data_from_probes
+
+    org, _ = waterbirds
+    probe = data_from_probes(org.data_path("probe"), org.load_processor(), causal=True)
+    return org, org.load_bridge(), probe, probe.has_counterfactual.nonzero().flatten()[:24]
+
+
 def test_vision_embedding_directions_fold_exactly_and_through_the_cli(waterbirds, tmp_path: Path, capsys) -> None:
     """Directions of the vision tower's embeddings: the fold into the patch convolution, class and position
     embeddings equals the hook at run time; ``score --direction-sites vision_embed`` -> ``prune`` writes it."""
@@ -765,12 +784,7 @@ def test_vision_embedding_directions_fold_exactly_and_through_the_cli(waterbirds
         load_image_directions,
         sidecar_path,
     )  # fmt: skip
-    from icp_lens.training.multimodal import data_from_probes
-
-    org, _ = waterbirds
-    bridge = org.load_bridge()
-    probe = data_from_probes(org.data_path("probe"), org.load_processor(), causal=True)
-    rows = probe.has_counterfactual.nonzero().flatten()[:24]
+    org, bridge, probe, rows = _causal_probe(waterbirds)
     dirs = fit_image_directions(bridge, probe, rows=rows, rank=2, site="vision_embed")
     assert dirs.hook_name == VISION_EMBED_HOOK and dirs.vectors.shape == (2, 32)  # the vision tower's width
     pixels, ids = org.pixel_values("test_balanced")[:8], probe.input_ids.expand(8, -1)
@@ -816,12 +830,7 @@ def test_vision_layer_output_directions_fold_exactly_and_through_the_cli(waterbi
         load_image_directions,
         sidecar_path,
     )  # fmt: skip
-    from icp_lens.training.multimodal import data_from_probes
-
-    org, _ = waterbirds
-    bridge = org.load_bridge()
-    probe = data_from_probes(org.data_path("probe"), org.load_processor(), causal=True)
-    rows = probe.has_counterfactual.nonzero().flatten()[:24]
+    org, bridge, probe, rows = _causal_probe(waterbirds)
     pixels, ids = org.pixel_values("test_balanced")[:8], probe.input_ids.expand(8, -1)
     with torch.no_grad():
         plain = org.load_hf()(input_ids=ids, pixel_values=pixels).logits
@@ -870,8 +879,8 @@ def test_vision_layer_output_directions_fold_exactly_and_through_the_cli(waterbi
 
 
 def test_image_paths_create_no_tensor_without_a_device(waterbirds) -> None:
-    """Image directions (both sites), unit scores of both towers and a few CIMRL steps under the device guard
-    (``tests/device_guard.py``): no tensor factory called from icp_lens without ``device=``."""
+    """Image directions (three sites), unit scores of both towers and the projector and a few CIMRL steps under
+    the device guard (``tests/device_guard.py``): no tensor factory called from icp_lens without ``device=``."""
     from device_guard import ImplicitDeviceGuard
 
     from icp_lens.directions.image import fit_image_directions, image_direction_scores
@@ -883,12 +892,12 @@ def test_image_paths_create_no_tensor_without_a_device(waterbirds) -> None:
     with ImplicitDeviceGuard() as guard:
         probe = data_from_probes(org.data_path("probe"), org.load_processor(), causal=True)
         rows = probe.has_counterfactual.nonzero().flatten()[:16].tolist()
-        for site in ("projector", "vision_embed"):
-            dirs = fit_image_directions(bridge, probe, rows=rows, site=site)
+        for site, layer in (("projector", None), ("vision_embed", None), ("vision_mlp_out", 1)):
+            dirs = fit_image_directions(bridge, probe, rows=rows, site=site, layer=layer)
             image_direction_scores(bridge, probe, dirs, rows=rows, n_boot=10)
         small = _subset(probe, slice(0, 16))
-        score_image_units(bridge, small, kinds=["vision_neuron", "head"], method="hybrid", verify_top=4,
-                          progress=False)  # fmt: skip
+        score_image_units(bridge, small, kinds=["vision_neuron", "projector_neuron", "head"], method="hybrid",
+                          verify_top=4, progress=False)  # fmt: skip
         train_multimodal(org.load_hf(), small, MultimodalTrainConfig(objective="cimrl", steps=3, batch_size=8))
     assert guard.seen > 0, "the guard saw no factory call from icp_lens: it was not active"
     assert not guard.found, "tensors created without device= (they land on the CPU):\n" + guard.report()

@@ -129,6 +129,10 @@ class MultimodalTrainConfig:
     #: within 0.01 of the best counterfactual accuracy (benchmarks/multimodal_table.py --select-cost;
     #: 0.25 failed on one organism of three)
     intervention_rows: float = 0.5
+    #: share of the batch's rows that have a background swap whose swap ``x~`` enters the step (the first
+    #: ``ceil(share * n)`` of them; the contrastive pairs and the invariance term's patched rows). 1 keeps
+    #: every swap; a smaller share makes the step cheaper, with fewer positive pairs and negatives for InfoNCE
+    view_rows: float = 1.0
     #: the contrastive term's counterfactual views ``x~`` as a fixed target (stop-gradient, as the key
     #: encoder of MoCo or the target branch of BYOL/SimSiam): one forward pass without a backward
     #: through them. Not with ``invariance``, whose patched rows read the views' activations inside the
@@ -149,8 +153,9 @@ class MultimodalTrainConfig:
             raise ValueError(f"unknown objective {self.objective!r}; valid: {MM_OBJECTIVES}")
         if self.steps < 1 or self.batch_size < 2 or self.lr <= 0:
             raise ValueError(f"steps >= 1, batch_size >= 2 and lr > 0 needed: {self}")
-        if not 0.0 < self.intervention_rows <= 1.0:
-            raise ValueError(f"intervention_rows must be in (0, 1], got {self.intervention_rows}")
+        for name in ("intervention_rows", "view_rows"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         if self.attribution_every < 1:
             raise ValueError(f"attribution_every must be >= 1, got {self.attribution_every}")
         if len(self.omega) != 3 or min(self.omega) < 0:
@@ -285,6 +290,8 @@ def train_multimodal(
             rows = torch.zeros(b, dtype=torch.bool, device="cpu")
             if paired:
                 rows = data.has_counterfactual[idx]
+                if config.view_rows < 1.0:  # the first ceil(share * n) rows that have a swap
+                    rows &= rows.cumsum(0) <= math.ceil(config.view_rows * int(rows.sum()))
                 if int(rows.sum()) >= 2:
                     stack.append(data.counterfactual[idx][rows].to(device))
                 else:
