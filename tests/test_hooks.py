@@ -83,3 +83,15 @@ def test_capturing_reads_standard_shapes(micro, micro_tokens) -> None:
         "blocks.1.attn.hook_v": (3, 6, 2, 4),
     }
     assert active_hook_count(micro) == 0
+
+
+def test_the_projectors_made_hook_point_is_refused_on_a_model_without_one(micro, micro_tokens) -> None:
+    """``vision_projector.hook_hidden`` is made from a LLaVA projector's act module (tests/test_multimodal_organism
+    checks it there); a text model, bridge or HookedTransformer, has none: a clear error, no hook left behind."""
+    with pytest.raises(ValueError, match="made from a LLaVA-style projector's act module"):
+        with hooked(micro, [("blocks.0.mlp.hook_post", lambda a, hook: a), ("vision_projector.hook_hidden", print)]):
+            pass
+    assert active_hook_count(micro) == 0
+    with capturing(micro, ["blocks.0.mlp.hook_post"]) as store:
+        micro(micro_tokens)
+    assert tuple(store["blocks.0.mlp.hook_post"].shape) == (3, 6, 16)
