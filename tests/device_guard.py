@@ -112,6 +112,11 @@ class ImplicitDeviceGuard(TorchFunctionMode):
             frame = frame.f_back
         return tuple(out)
 
+    def assert_clean(self) -> None:
+        """Fail unless the guard saw factory calls from icp_lens (it was active) and none without ``device=``."""
+        assert self.seen > 0, "the guard saw no factory call from icp_lens: it was not active"
+        assert not self.found, "tensors created without device= (they land on the CPU):\n" + self.report()
+
     def report(self) -> str:
         """Each distinct offender once, by file and line, with how often it was called."""
         counts: dict[str, int] = {}

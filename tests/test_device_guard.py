@@ -28,11 +28,6 @@ def _run_as(module: str, source: str, name: str = "make"):
     return namespace[name]
 
 
-def _assert_clean(guard: ImplicitDeviceGuard) -> None:
-    assert guard.seen > 0, "the guard saw no factory call from icp_lens: it was not active"
-    assert not guard.found, "tensors created without device= (they land on the CPU):\n" + guard.report()
-
-
 # -- the guard itself ----------------------------------------------------------------------------------------------
 
 
@@ -47,7 +42,7 @@ def test_the_guard_catches_a_device_less_factory_in_the_package() -> None:
     ]
     assert "<icp_lens._guard_selftest>:2 in make(): torch.zeros without device=" in guard.report()
     with pytest.raises(AssertionError, match="torch.zeros without device="):
-        _assert_clean(guard)
+        guard.assert_clean()
 
 
 def test_the_guard_accepts_explicit_devices_and_tensors_that_follow_their_input() -> None:
@@ -113,7 +108,7 @@ def test_scoring_creates_no_tensor_without_a_device(micro) -> None:
         attribution_effects(micro, probes, features, "mean", method="ig", ig_steps=2, ig_paths="feature",
                             progress=False)  # fmt: skip
         probe_means(micro, probes, features)
-    _assert_clean(guard)
+    guard.assert_clean()
 
 
 # -- the main paths on an organism --------------------------------------------------------------------------------
@@ -141,7 +136,7 @@ def test_organism_build_creates_no_tensor_without_a_device(tmp_path: Path, monke
     with ImplicitDeviceGuard() as guard:
         organism = build_organism(tmp_path / "org", steps=5, device="cpu")
     assert organism.device == "cpu" and json.loads((organism.path / "report.json").read_text())["device"] == "cpu"
-    _assert_clean(guard)
+    guard.assert_clean()
 
 
 @pytest.mark.slow
@@ -155,7 +150,7 @@ def test_organism_scoring_creates_no_tensor_without_a_device(organism_bridge) ->
         score(bridge, probes, method="exact", kinds=("direction",), layers=[1], n_boot=20, progress=False)
         tokens = score_tokens(bridge, probes, n_boot=20, progress=False)
         token_ablation_mode(bridge, probes, list(tokens.frame["index"][:2]))
-    _assert_clean(guard)
+    guard.assert_clean()
 
 
 @pytest.mark.slow
@@ -173,7 +168,7 @@ def test_organism_pruning_creates_no_tensor_without_a_device(organism_bridge, tm
                          token_mode="mean")  # fmt: skip
         apply_plan(organism.model_dir, plan, tmp_path / "pruned", prompts=[ex.prompt for ex in probes.examples[:8]],
                    reference=bridge)  # fmt: skip
-    _assert_clean(guard)
+    guard.assert_clean()
 
 
 @pytest.mark.slow
@@ -189,7 +184,7 @@ def test_organism_training_creates_no_tensor_without_a_device(organism_bridge) -
         features = [Feature("neuron", 0, 3), Feature("head", 1, 0)]
         Trainer(bridge, train, TrainConfig(objective="invariance", **settings), features=features, val=val).fit()
         Trainer(bridge, train, TrainConfig(objective="groupdro", **settings)).fit()
-    _assert_clean(guard)
+    guard.assert_clean()
 
 
 @pytest.mark.slow
@@ -202,4 +197,4 @@ def test_organism_evaluation_creates_no_tensor_without_a_device(organism_bridge)
     with ImplicitDeviceGuard() as guard:
         report = evaluate(model, tokenizer, organism.probes("test_balanced")[:64], n_boot=20)
     assert report.group_accuracy
-    _assert_clean(guard)
+    guard.assert_clean()

@@ -86,6 +86,7 @@ __all__ = [
     "VISION_OUT_HOOKS",
     "image_direction_hook",
     "ImageDirections",
+    "site_tokens",
     "projector_tokens",
     "fit_image_directions",
     "applying_image_directions",
@@ -175,12 +176,13 @@ class ImageDirections:
 
 
 @torch.no_grad()
-def projector_tokens(
+def site_tokens(
     model: Any, ids: Tensor, pixels: Float[Tensor, "n 3 h w"], *, batch_size: int = 64, hook_name: str = PROJECTOR_HOOK
 ) -> Float[Tensor, "n tokens d"]:
-    """The projector's output for each image (``[n, image tokens, d_model]``, fp32 on the CPU), on the bridge.
+    """The activation at ``hook_name`` for each image (``[n, tokens, d]``, fp32 on the CPU), on the bridge.
 
-    ``hook_name``: another site of :data:`IMAGE_DIRECTION_SITES` (e.g. the vision embeddings).
+    By default the projector's output (``[n, image tokens, d_model]``); any hook of
+    :func:`image_direction_hook` (the vision embeddings, a vision layer's output) works.
     """
     device = next(model.parameters()).device
     out = []
@@ -192,6 +194,10 @@ def projector_tokens(
             raise ValueError(f"{hook_name} did not fire on this model; image direction sites: {IMAGE_DIRECTION_SITES}")
         out.append(cache[hook_name].float().cpu())
     return torch.cat(out)
+
+
+#: the name :func:`site_tokens` had when the projector was the only site (kept for callers)
+projector_tokens = site_tokens
 
 
 def _paired(data: Any, rows: Tensor | None, *, causal: bool = False) -> Tensor:
@@ -236,16 +242,16 @@ def fit_image_directions(
                          "data_from_probes(..., causal=True)")  # fmt: skip
     subset = None if rows is None else torch.as_tensor(rows, device="cpu")
     paired = _paired(data, subset)
-    h = projector_tokens(model, data.input_ids, data.pixel_values[paired], batch_size=batch_size, hook_name=hook)
-    h_cf = projector_tokens(model, data.input_ids, data.counterfactual[paired], batch_size=batch_size, hook_name=hook)
+    h = site_tokens(model, data.input_ids, data.pixel_values[paired], batch_size=batch_size, hook_name=hook)
+    h_cf = site_tokens(model, data.input_ids, data.counterfactual[paired], batch_size=batch_size, hook_name=hook)
     d = h.shape[-1]
     vectors = paired_svd((h_cf - h).reshape(-1, d), rank)  # every image token of every pair a row
     cos = None
     if keep_causal:
         causal_rows = _paired(data, subset, causal=True)
-        h_c = projector_tokens(model, data.input_ids, data.pixel_values[causal_rows], batch_size=batch_size,
+        h_c = site_tokens(model, data.input_ids, data.pixel_values[causal_rows], batch_size=batch_size,
                                hook_name=hook)  # fmt: skip
-        h_c_cf = projector_tokens(model, data.input_ids, data.causal[causal_rows], batch_size=batch_size,
+        h_c_cf = site_tokens(model, data.input_ids, data.causal[causal_rows], batch_size=batch_size,
                                   hook_name=hook)  # fmt: skip
         kept = paired_svd((h_c_cf - h_c).reshape(-1, d), keep_causal)
         vectors, cos = _orthogonal_to(vectors, kept)
