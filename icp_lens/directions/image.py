@@ -217,7 +217,7 @@ def fit_image_directions(
     model: Any, data: Any, *, rank: int = 1, rows: Sequence[int] | Tensor | None = None, batch_size: int = 64,
     keep_causal: int | None = None, site: str = "projector", layer: int | None = None,
 ) -> ImageDirections:  # fmt: skip
-    """Fit ``rank`` directions of the projector's output from image counterfactual pairs (see the module doc).
+    """Fit ``rank`` directions of the image tokens at one ``site`` from image counterfactual pairs (module doc).
 
     ``model`` is a ``TransformerBridge`` on a LLaVA-style model; ``data`` a
     :class:`~icp_lens.training.multimodal.MultimodalData` (``data_from_probes``) whose rows
@@ -250,9 +250,9 @@ def fit_image_directions(
     if keep_causal:
         causal_rows = _paired(data, subset, causal=True)
         h_c = site_tokens(model, data.input_ids, data.pixel_values[causal_rows], batch_size=batch_size,
-                               hook_name=hook)  # fmt: skip
+                          hook_name=hook)  # fmt: skip
         h_c_cf = site_tokens(model, data.input_ids, data.causal[causal_rows], batch_size=batch_size,
-                                  hook_name=hook)  # fmt: skip
+                             hook_name=hook)  # fmt: skip
         kept = paired_svd((h_c_cf - h_c).reshape(-1, d), keep_causal)
         vectors, cos = _orthogonal_to(vectors, kept)
     means = torch.cat([h, h_cf]).reshape(-1, d).double().mean(0) @ vectors.T
