@@ -15,11 +15,14 @@ Methods (``uses``: what each needs beyond labelled images):
   (group labels);
 - ``icp ablate top-K``: the K units (neurons of both towers' MLPs) with the largest
   image-counterfactual effect on 64 probe images (``image_patch_effects``, no group
-  labels) set to their mean over those images at run time on the bridge (no training,
-  no export: pruning and export for this architecture are not built yet);
+  labels) set to their mean over those images at run time on the bridge (no training;
+  ``icp-lens prune --mode mean`` writes the same ablation into the weights, with
+  position-independent means); ``icp ablate top-K projector``: the same for the
+  projector's 64 hidden neurons (``vision_projector.hook_hidden``);
 - ``icp direction SITE``: ICP by a direction instead of units, no training: one direction of
   the image tokens at ``SITE`` (``projector``: the projector's output; ``vision_embed``: the
-  vision tower's embeddings) fitted from the probe split's background swaps, made orthogonal
+  vision tower's embeddings; ``vision_mlp_out.0``: what the vision tower's first MLP writes)
+  fitted from the probe split's background swaps, made orthogonal
   to the bird's direction (the probe split's causal images), its coordinate held at the mean
   and folded into the weights (``fit_image_directions`` / ``fold_image_directions`` with the
   defaults of ``icp-lens score --kinds image_direction`` and ``prune --kinds image_direction
@@ -82,11 +85,14 @@ COST_SETTINGS = {"full": (False, 1.0, 1.0), "stop-gradient views": (True, 1.0, 1
                  "x + delta on half the rows, views on half": (False, 0.5, 0.5),
                  "x + delta on a quarter of the rows": (False, 0.25, 1.0)}  # fmt: skip
 COST_TOLERANCE = 0.01  # the cheapest setting within this much of the best validation score is chosen
-DIRECTION_METHODS = {"icp direction projector": "projector", "icp direction vision_embed": "vision_embed"}
-METHODS = ("erm", "jtt", "groupdro", "icp ablate top-8", "icp ablate top-32", *DIRECTION_METHODS, "invariance top-16",
+DIRECTION_METHODS = {"icp direction projector": "projector", "icp direction vision_embed": "vision_embed",
+                     "icp direction vision_mlp_out.0": "vision_mlp_out.0"}  # fmt: skip
+METHODS = ("erm", "jtt", "groupdro", "icp ablate top-8", "icp ablate top-32", "icp ablate top-8 projector",
+           *DIRECTION_METHODS, "invariance top-16",
            "invariance top-64", "contrastive", "disentangle", "intervention", "cimrl", *ABLATIONS)
 UNIT_HOOKS = ("vision_encoder.encoder_layers.0.mlp.hook_post", "vision_encoder.encoder_layers.1.mlp.hook_post",
               "blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post")
+PROJECTOR_HOOKS = ("vision_projector.hook_hidden",)  # the projector's hidden neurons (icp_lens.hooks makes it)
 USES = {"erm": "labels", "jtt": "labels", "groupdro": "group labels", "contrastive": "image counterfactuals",
         "disentangle": "labels", "intervention": "labels", "cimrl": "image counterfactuals",
         "invariance": "image counterfactuals (scored units)"}  # fmt: skip
@@ -103,8 +109,8 @@ def _scores(model, test, test_id) -> dict[str, float]:
             "id_accuracy": id_acc, "background_drop": id_acc - avg}  # fmt: skip
 
 
-def _ablated_scores(org, processor, test, test_id, k: int) -> dict[str, float]:
-    """Mean-ablate the top-k units by image-counterfactual effect (probe split) and score on the bridge."""
+def _ablated_scores(org, processor, test, test_id, k: int, hooks: tuple[str, ...] = UNIT_HOOKS) -> dict[str, float]:
+    """Mean-ablate the top-k units of ``hooks`` by image-counterfactual effect (probe split), score on the bridge."""
     import torch
 
     from icp_lens.hooks import capturing, hooked
@@ -115,11 +121,11 @@ def _ablated_scores(org, processor, test, test_id, k: int) -> dict[str, float]:
     probe = data_from_probes(org.data_path("probe"), processor)
     rows = probe.has_counterfactual.nonzero().flatten()[:64]
     effects = image_patch_effects(bridge, probe.input_ids, probe.pixel_values[rows], probe.counterfactual[rows],
-                                  probe.label_ids, list(UNIT_HOOKS), per_unit=True)  # fmt: skip
+                                  probe.label_ids, list(hooks), per_unit=True)  # fmt: skip
     top = effects.nlargest(k, "abs_effect")
-    with torch.no_grad(), capturing(bridge, list(UNIT_HOOKS)) as cache:
+    with torch.no_grad(), capturing(bridge, list(hooks)) as cache:
         bridge(probe.input_ids.expand(len(rows), -1), pixel_values=probe.pixel_values[rows])
-    means = {h: cache[h].mean(0) for h in UNIT_HOOKS}  # [pos, d]: per position, over the probe images
+    means = {h: cache[h].mean(0) for h in hooks}  # [pos, d]: per position, over the probe images
     units = top.groupby("hook_name")["index"].apply(list).to_dict()
 
     def ablate(name: str):
@@ -135,12 +141,15 @@ def _ablated_scores(org, processor, test, test_id, k: int) -> dict[str, float]:
 
 
 def _direction_scores(org, processor, test, test_id, site: str) -> dict[str, float]:
-    """Fit one image direction at ``site`` on the probe split (the bird's kept), fold it into the weights, score."""
+    """Fit one image direction at ``site`` (``vision_mlp_out.L``: one vision layer's MLP output) on the probe split
+    (the bird's kept), fold it into the weights, score."""
     from icp_lens.directions.image import fit_image_directions, fold_image_directions
     from icp_lens.training.multimodal import data_from_probes
 
+    name, _, layer = site.partition(".")
     probe = data_from_probes(org.data_path("probe"), processor, causal=True)
-    directions = fit_image_directions(org.load_bridge(), probe, rank=1, site=site)
+    directions = fit_image_directions(org.load_bridge(), probe, rank=1, site=name,
+                                      layer=int(layer) if layer else None)  # fmt: skip
     model = org.load_hf()
     fold_image_directions(model, directions)
     return _scores(model, test, test_id)
@@ -162,8 +171,9 @@ def _scored_units(org, processor, k: int) -> tuple:
 def _edit(method: str) -> tuple[str, Callable[..., dict[str, float]]] | None:
     """A no-training method's ``uses`` and its scorer ``(org, processor, test, test_id) -> scores``, else None."""
     if method.startswith("icp ablate top-"):
-        k = int(method.rsplit("-", 1)[1])
-        return "image counterfactuals (64 probe images)", lambda *split: _ablated_scores(*split, k)
+        k, _, where = method.removeprefix("icp ablate top-").partition(" ")
+        hooks = PROJECTOR_HOOKS if where == "projector" else UNIT_HOOKS
+        return "image counterfactuals (64 probe images)", lambda *split: _ablated_scores(*split, int(k), hooks)
     if method in DIRECTION_METHODS:
         site = DIRECTION_METHODS[method]
         return "image counterfactuals, causal images (probe split)", lambda *split: _direction_scores(*split, site)
