@@ -501,7 +501,9 @@ def test_invariance_on_scored_units_patches_them_from_the_counterfactual(waterbi
     swapped = org.pixel_values("test_balanced", counterfactual=True)[:6]
     ids = _prompt_ids(org.load_processor(), 18)
     vision, text = "vision_encoder.encoder_layers.0.mlp.hook_post", "blocks.1.mlp.hook_post"
-    units = {vision: [3, 40], text: [7, 100, 158], "blocks.0.attn.hook_z": [1]}
+    # neurons of both towers, a head, and the projector's hidden neurons
+    units = {vision: [3, 40], text: [7, 100, 158], "blocks.0.attn.hook_z": [1],
+             "vision_projector.hook_hidden": [6, 39]}  # fmt: skip
     # the trainer's stacked pass [x, x~, x patched] = the bridge on x with those units taken from x~
     pre = [(llava_out_proj(hf, hook), _resample(unit_columns(hf, hook, idx), 6, 6)) for hook, idx in units.items()]
     with torch.no_grad(), module_hooks(pre=pre):
