@@ -96,10 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="how direction features are fitted (default leace: the least-squares eraser)",
     )  # fmt: skip
     score.add_argument(
-        "--direction-sites", type=_csv_list, default=["resid_pre"],
-        help="resid_pre (whole residual stream), attn_out, mlp_out, z (every head's output) or z.H; on image "
-             "probes one of projector (default), vision_embed, or vision_attn_out / vision_mlp_out of the one "
-             "vision layer given by --layers",
+        "--direction-sites", type=_csv_list, default=None,
+        help="resid_pre (whole residual stream; the default), attn_out, mlp_out, z (every head's output) or "
+             "z.H; on image probes one of projector (the default there), vision_embed, or vision_attn_out / "
+             "vision_mlp_out of the one vision layer given by --layers",
     )  # fmt: skip
     score.add_argument("--direction-rank", type=int, default=1, help="directions per site and layer (default 1)")
     score.add_argument(
@@ -198,6 +198,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
         return run_image_scoring(args)
     args.kinds = args.kinds or ["neuron", "head"]
+    args.direction_sites = args.direction_sites or ["resid_pre"]  # the text default (image probes: projector)
     verify = int(args.verify_top) if args.verify_top >= 1 or args.verify_top == 0 else float(args.verify_top)
     start = time.perf_counter()
     dtype = resolve_dtype(args.dtype)

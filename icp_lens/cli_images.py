@@ -79,11 +79,11 @@ def is_vision_language(model_dir: str | Path) -> bool:
 
 
 def _image_direction_site(sites: list[str] | None, wanted: bool, layers: list[int] | None) -> tuple[str, int | None]:
-    """The one ``--direction-sites`` value of image directions (``resid_pre``, the text default: ``projector``)
-    and its layer (``--layers``, one layer, for the vision tower's module outputs)."""
+    """The one ``--direction-sites`` value of image directions (none given: ``projector``) and its layer
+    (``--layers``, one layer, for the vision tower's module outputs)."""
     from icp_lens.directions.image import IMAGE_DIRECTION_SITES, VISION_OUT_HOOKS
 
-    if sites is None or list(sites) == ["resid_pre"]:
+    if sites is None:
         return "projector", None
     if not wanted:
         raise ValueError("--direction-sites applies to --kinds image_direction on image probes")
