@@ -41,6 +41,7 @@ __all__ = [
     "barrier",
     "current",
     "gather_rows",
+    "gather_rows_with_grad",
     "init_from_env",
     "is_main",
     "launched_by_torchrun",
@@ -173,3 +174,32 @@ def gather_rows(local: Tensor, mine: Sequence[int], n_rows: int) -> Tensor:
     if len(mine):
         full[torch.as_tensor(list(mine), dtype=torch.long, device=local.device)] = local
     return all_reduce_sum(full)
+
+
+def gather_rows_with_grad(local: Tensor, mine: Sequence[int], n_rows: int) -> Tensor:
+    """:func:`gather_rows` that gradients flow back through, to the rank that owns each row.
+
+    For a loss that reads every rank's rows (InfoNCE's negatives): each rank computes its
+    share of the loss on the gathered tensor, and backward sums the gathered tensor's
+    gradient over the ranks (one ``all_reduce``) and hands each rank the rows it owns, so
+    the ranks' parameter gradients sum to the one-process gradient. Every rank must call
+    it, in the same order, and back-propagate through it (a rank without rows passes an
+    empty ``mine``). Outside a group: :func:`gather_rows`.
+    """
+    import torch
+
+    class _Gather(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, rows: Tensor) -> Tensor:  # type: ignore[override]
+            ctx.shape = rows.shape
+            return gather_rows(rows, mine, n_rows)
+
+        @staticmethod
+        def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+            total = all_reduce_sum(grad.contiguous())
+            out = torch.zeros(ctx.shape, dtype=grad.dtype, device=grad.device)
+            if len(mine):
+                out.copy_(total[torch.as_tensor(list(mine), dtype=torch.long, device=grad.device)])
+            return out
+
+    return _Gather.apply(local)

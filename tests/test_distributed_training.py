@@ -3,7 +3,8 @@
 Each launch pays torch's start-up in two processes, so one launch of ``tests/ddp_worker.py``
 runs several training jobs through the Python API (full fine-tuning, LoRA, an uneven
 batch split with a batch smaller than the group, a mixed-shape pair batch with the
-retain term, an objective that warns), and the command line is launched through
+retain term, GroupDRO and InfoNCE, whose terms read other ranks' rows, evenly and
+unevenly split, and an intervention that warns), and the command line is launched through
 ``torchrun --nproc-per-node 2 --no-python icp-lens train`` for the export and the resume.
 
 The micro-Llama has no attention biases: GPT-2's key bias gets a gradient that is zero
@@ -74,8 +75,19 @@ def test_two_processes_reproduce_one_process_and_warn_where_they_cannot(micro_di
          "retain": str(tmp_path / "retain.txt"),
          "config": {**BASE, "objective": "invariance", "extra_terms": {"consistency": 0.5}, "pair_batch_size": 5,
                     "features_per_step": 1, "retain_weight": 1.0, "retain_batch_size": 3, "retain_tokens": 4}},
-        {"name": "groupdro", "model": gpt2, "train": path["train"], "config": {**BASE, "objective": "groupdro",
-                                                                              "max_steps": 2}},
+        # the terms that read other ranks' rows: GroupDRO's global group means, InfoNCE's gathered negatives;
+        # the uneven runs end an epoch on a batch of one (rank 1 runs a stand-in row), the mixed one on pair
+        # sub-batches of one row
+        {"name": "groupdro", "model": llama, "train": path["train"], "config": {**BASE, "objective": "groupdro"}},
+        {"name": "groupdro_uneven", "model": llama, "train": path["odd"],
+         "config": {**BASE, "objective": "groupdro", "batch_size": 4, "max_steps": 8, "epochs": 2}},
+        {"name": "contrastive", "model": llama, "train": path["train"], "config": {**BASE, "objective": "contrastive"}},
+        {"name": "contrastive_uneven", "model": llama, "train": path["odd"],
+         "config": {**BASE, "objective": "contrastive", "batch_size": 4, "max_steps": 8, "epochs": 2}},
+        {"name": "contrastive_mixed", "model": llama, "train": path["plain"], "pairs": path["pairs"],
+         "config": {**BASE, "objective": "contrastive", "pair_batch_size": 5}},
+        {"name": "resample_batch", "model": gpt2, "train": path["train"], "features": FEATURES,
+         "config": {**BASE, "objective": "invariance", "interventions": ["resample_batch"], "max_steps": 2}},
     ]  # fmt: skip
     spec = tmp_path / "spec.json"
     (tmp_path / "two").mkdir()
@@ -90,8 +102,8 @@ def test_two_processes_reproduce_one_process_and_warn_where_they_cannot(micro_di
         rank0 = load_file(str(tmp_path / "two" / f"{name}.rank0.safetensors"))
         rank1 = load_file(str(tmp_path / "two" / f"{name}.rank1.safetensors"))
         assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # the ranks never drift apart
-        if name == "groupdro":
-            assert len(two["warnings"]) == 1 and "groupdro" in two["warnings"][0]
+        if name == "resample_batch":
+            assert len(two["warnings"]) == 1 and "resample_batch" in two["warnings"][0]
             continue
         assert two["warnings"] == []
         run_job(job, tmp_path / "one")

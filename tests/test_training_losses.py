@@ -106,6 +106,18 @@ def test_info_nce() -> None:
     close(L.info_nce(3 * eye, eye, temperature=0.5), math.log(1 + math.exp(-2)))
     with pytest.raises(ValueError, match="temperature must be > 0"):
         L.info_nce(eye, eye, temperature=0.0)
+    # one rank's anchors against every row's positives (data parallelism): row 1 of eye(3) picks row 1
+    # among three positives, 1 similar and 2 orthogonal: log(1 + 2 e^-1); the mean of rows 0 and 2 of the
+    # whole batch's loss is that of those anchors with their targets
+    eye3 = torch.eye(3)
+    close(L.info_nce(eye3[1:2], eye3, temperature=1.0, targets=torch.tensor([1])), math.log(1 + 2 * math.exp(-1)))
+    whole = L.info_nce(eye3 + 0.3, eye3, temperature=0.7, reduction="none")
+    part = L.info_nce(eye3[[0, 2]] + 0.3, eye3, temperature=0.7, targets=torch.tensor([0, 2]))
+    close(part, float(whole[[0, 2]].mean()))
+    with pytest.raises(ValueError, match="targets of shape"):
+        L.info_nce(eye3[:2], eye3, temperature=1.0, targets=torch.tensor([0]))
+    with pytest.raises(ValueError, match="not symmetric"):
+        L.info_nce(eye3[:2], eye3, temperature=1.0, targets=torch.tensor([0, 1]), symmetric=True)
 
 
 def test_logit_pairing_and_candidate_logits() -> None:

@@ -23,16 +23,30 @@ could intercept. A rank whose slice of a batch is empty runs no forward on it an
 zeros; a parameter that no rank gave a gradient keeps ``grad=None`` (AdamW skips it, as
 in one process). :func:`broadcast_parameters` starts every rank from rank 0's weights.
 
+Two terms read other ranks' rows, and :class:`StepSync` tells the loss where this rank's
+rows sit in the global batch:
+
+* ``groupdro``'s group weights are updated from the global batch's group means: each
+  rank all-reduces its per-group loss sums (divided by the global batch's counts, which
+  every rank knows), updates ``q`` as one process would, identically everywhere, and
+  back-propagates its own part ``sum_g q_g (its group-g sum) / count_g``;
+* the ``contrastive`` term's InfoNCE negatives are all the batch's rows: the positives are
+  gathered from every rank (:func:`~icp_lens.distributed.gather_rows_with_grad`, whose
+  backward sums the gathered gradient across ranks and returns each rank its rows), and
+  each rank scores its anchors against all of them.
+
+A rank with no rows of such a piece runs one stand-in row whose terms weigh 0, so every
+rank makes the same collective calls in the same order.
+
 So N processes reproduce one process's run (same data order, same loss curve and weights
-to float32 round-off) for ``erm``, ``jtt``, ``consistency``, ``cda``, ``clp`` and
-``invariance`` with the ``resample``, ``mean`` and ``zero`` interventions (the feature and
-intervention draws come from a generator seeded per step and do not depend on the batch
-size; ``resample``'s first patched position is taken over the global batch). What cannot
-be split row by row, :func:`reproducibility_warnings` names and ``fit`` warns about once:
-``groupdro`` (group weights from the batch's group means), ``contrastive`` (InfoNCE
-negatives are the other rows), the ``resample_batch`` intervention (the value of another
-row), ``pair_fraction < 1`` (the head of each rank's slice is not a slice of the global
-head) and active dropout (masks drawn for the global batch).
+to float32 round-off) for ``erm``, ``jtt``, ``groupdro``, ``consistency``, ``cda``, ``clp``,
+``contrastive`` and ``invariance`` with the ``resample``, ``mean`` and ``zero``
+interventions (the feature and intervention draws come from a generator seeded per step
+and do not depend on the batch size; ``resample``'s first patched position is taken over
+the global batch). What cannot be split row by row, :func:`reproducibility_warnings`
+names and ``fit`` warns about once: the ``resample_batch`` intervention (the value of
+another row), ``pair_fraction < 1`` (the head of each rank's slice is not a slice of the
+global head) and active dropout (masks drawn for the global batch).
 
 Around the steps (:mod:`icp_lens.training.loop`): every rank evaluates the whole
 validation set and fits the same means and JTT error set (redundant, but the
@@ -43,12 +57,14 @@ barrier, and ``fit(resume=True)`` resumes every rank from the same checkpoint.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
-from icp_lens.distributed import Ranks, all_reduce_sum
+from icp_lens.distributed import Ranks, all_reduce_sum, gather_rows_with_grad
 from icp_lens.training.data import TrainBatch
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -56,6 +72,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from icp_lens.training.trainer import Trainer
 
 __all__ = [
+    "StepSync",
     "broadcast_parameters",
     "distributed_step_terms",
     "local_rows",
@@ -67,6 +84,47 @@ __all__ = [
 
 #: the logged names, in the order one process logs them
 _ORDER = ("task", "invariance", "consistency", "cda", "clp", "contrastive", "loss", "retain")
+
+
+@dataclass(frozen=True)
+class StepSync:
+    """Where one rank's rows sit in one piece of a global step, for the terms that read other ranks' rows.
+
+    ``anchor_rows`` is the size of the global batch whose rows the pair terms anchor on (this
+    rank holds rows ``rank, rank + N, ...``); ``group_counts`` the global training batch's
+    examples per group (GroupDRO; ``None`` otherwise); ``gathers`` whether InfoNCE gathers
+    its positives from every rank. ``task_idle`` / ``anchor_idle``: this rank holds no rows
+    of the training / anchor batch and runs a stand-in row whose terms weigh 0.
+    """
+
+    ranks: Ranks
+    anchor_rows: int
+    group_counts: Tensor | None = None
+    gathers: bool = False
+    task_idle: bool = False
+    anchor_idle: bool = False
+
+    @property
+    def positions(self) -> list[int]:
+        """This rank's anchor rows' places in the global anchor batch."""
+        return [] if self.anchor_idle else list(range(self.ranks.rank, self.anchor_rows, self.ranks.world_size))
+
+    def info_nce(
+        self, z: Float[Tensor, "rows d"], z_positive: Float[Tensor, "rows d"], *, temperature: float
+    ) -> Tensor:
+        """This rank's anchors' InfoNCE against the positives of every rank (its mean over its rows).
+
+        A stand-in rank still gathers, and returns 0 times the gathered sum: its backward
+        then joins the other ranks' (the gradient's ``all_reduce``).
+        """
+        from icp_lens.training import losses as L
+
+        mine = self.positions
+        everything = gather_rows_with_grad(z_positive.float()[: len(mine)], mine, self.anchor_rows)
+        if not mine:
+            return 0.0 * everything.sum()
+        targets = torch.as_tensor(mine, dtype=torch.long, device=z.device)
+        return L.info_nce(z, everything, temperature=temperature, targets=targets)
 
 
 def local_rows(batch: TrainBatch, ranks: Ranks) -> TrainBatch | None:
@@ -157,6 +215,12 @@ def _scaled(weights: dict[str, float], task: float, rows: float, cda: float, kee
     return {n: w * share.get(n, rows) for n, w in weights.items() if n in keep}
 
 
+def _group_counts(batch: TrainBatch, n_groups: int) -> Tensor:
+    """Examples per group in the global batch (ids ``-1``, no group, left out)."""
+    ids = batch.group_id[batch.group_id >= 0].long().cpu()
+    return torch.bincount(ids, minlength=n_groups).float()
+
+
 def distributed_step_terms(
     trainer: Trainer, batch: TrainBatch, parts: list[TrainBatch | None], gen: torch.Generator, ranks: Ranks
 ) -> dict[str, float]:
@@ -173,8 +237,13 @@ def distributed_step_terms(
     loss = trainer.loss
     weights = dict(loss.weights)
     pair_names = tuple(n for n in weights if n != "task")
+    groupdro = trainer.config.objective == "groupdro" and loss.group_q is not None
+    gathers = "contrastive" in weights and trainer.config.pair_fraction == 1.0
+    synced = groupdro or gathers  # terms that read other ranks' rows: every rank runs every piece
+    counts = _group_counts(batch, loss.n_groups) if groupdro else None
     mine = local_rows(batch, ranks)
-    task_share = _weight_share(mine, batch)
+    # GroupDRO's task term is already this rank's part of the global one (StepSync), not a mean to weigh
+    task_share = 1.0 if groupdro else _weight_share(mine, batch)
     total_pairs = sum(p.size for p in parts if p is not None)
     out: dict[str, float] = {}
 
@@ -185,12 +254,12 @@ def distributed_step_terms(
         return trainer._pair_loss
 
     def run(fn: BatchLoss, scaled: dict[str, float], x: TrainBatch, pairs: TrainBatch | None, start: int | None,
-            shares: dict[str, float]) -> None:  # fmt: skip
-        fn.weights, fn.shared_start = scaled, start
+            shares: dict[str, float], sync: StepSync | None = None) -> None:  # fmt: skip
+        fn.weights, fn.shared_start, fn.sync = scaled, start, sync
         try:
             terms = fn(x, gen, pairs)
         finally:
-            fn.weights, fn.shared_start = weights, None
+            fn.weights, fn.shared_start, fn.sync = weights, None, None
         terms["loss"].backward()
         out["loss"] = out.get("loss", 0.0) + float(terms["loss"].detach())
         for name, value in terms.items():
@@ -203,26 +272,44 @@ def distributed_step_terms(
             return None
         return shared_prefix(anchor.tokens, anchor.spurious)
 
+    def sync_for(anchor: TrainBatch, task_idle: bool, anchor_idle: bool, groups: bool) -> StepSync | None:
+        if not synced:
+            return None
+        return StepSync(ranks, anchor.size, counts if groups else None, gathers, task_idle, anchor_idle)
+
     for k, part in enumerate(parts):
         if part is None:  # the pair terms on the training batch's own rows
-            if mine is not None:
-                rows = mine.size / batch.size
-                shares = {n: (task_share if n in ("task", "cda") else rows) for n in (*weights, "task")}
-                run(loss, _scaled(weights, task_share, rows, task_share, tuple(weights)), mine, None,
-                    start_of(batch), shares)  # fmt: skip
+            if mine is None and not synced:
+                continue
+            rows = 0.0 if mine is None else mine.size / batch.size
+            shares = {n: (task_share if n in ("task", "cda") else rows) for n in (*weights, "task")}
+            sync = sync_for(batch, mine is None, mine is None, groupdro)
+            run(loss, _scaled(weights, task_share, rows, task_share, tuple(weights)),
+                batch.head(1) if mine is None else mine, None, start_of(batch), shares, sync)  # fmt: skip
             continue
         piece = local_rows(part, ranks)
         rows = 0.0 if piece is None else piece.size / total_pairs
         cda = (part.size / total_pairs) * _weight_share(piece, part)
         pair_shares = {n: (cda if n == "cda" else rows) for n in pair_names}
-        with_task = k == 0 and mine is not None
-        if with_task and piece is not None:
-            run(loss, _scaled(weights, task_share, rows, cda, tuple(weights)), mine, piece, start_of(part),
-                {"task": task_share, **pair_shares})  # fmt: skip
-        elif with_task:
-            run(loss, _scaled(weights, task_share, rows, cda, ("task",)), mine, None, None, {"task": task_share})
-        elif piece is not None and pair_names:
-            run(pair_loss(), _scaled(weights, 0.0, rows, cda, pair_names), piece, None, start_of(part), pair_shares)
+        if synced and (k == 0 or pair_names):  # every rank runs the piece, a stand-in row where it has none
+            stand_in = part.head(1)
+            if k == 0:
+                run(loss, _scaled(weights, task_share, rows, cda, tuple(weights)), batch.head(1) if mine is None
+                    else mine, stand_in if piece is None else piece, start_of(part), {"task": task_share,
+                    **pair_shares}, sync_for(part, mine is None, piece is None, groupdro))  # fmt: skip
+            else:
+                run(pair_loss(), _scaled(weights, 0.0, rows, cda, pair_names), stand_in if piece is None else piece,
+                    None, start_of(part), pair_shares, sync_for(part, True, piece is None, False))  # fmt: skip
+        else:
+            with_task = k == 0 and mine is not None
+            if with_task and piece is not None:
+                run(loss, _scaled(weights, task_share, rows, cda, tuple(weights)), mine, piece, start_of(part),
+                    {"task": task_share, **pair_shares})  # fmt: skip
+            elif with_task:
+                run(loss, _scaled(weights, task_share, rows, cda, ("task",)), mine, None, None, {"task": task_share})
+            elif piece is not None and pair_names:
+                run(pair_loss(), _scaled(weights, 0.0, rows, cda, pair_names), piece, None, start_of(part),
+                    pair_shares)  # fmt: skip
         if len(parts) > 1 and part.size < ranks.world_size:  # a rank skipped this piece: align the draws
             sync_generator(gen)
     return out
@@ -233,12 +320,9 @@ def reproducibility_warnings(trainer: Trainer) -> list[str]:
     cfg = trainer.config
     weights = trainer.loss.weights
     reasons = []
-    if cfg.objective == "groupdro":
-        reasons.append("groupdro weighs each group by its mean loss over the batch, and each rank updates the group "
-                       "weights from its own slice")  # fmt: skip
-    if "contrastive" in weights:
-        reasons.append("the contrastive term's InfoNCE negatives are the other rows of the batch, and each rank "
-                       "sees its slice only")  # fmt: skip
+    if "contrastive" in weights and cfg.pair_fraction < 1.0:
+        reasons.append("the contrastive term's InfoNCE negatives are gathered from every rank only when "
+                       "pair_fraction is 1")  # fmt: skip
     if "invariance" in weights and "resample_batch" in cfg.interventions:
         reasons.append("the resample_batch intervention takes each feature's value on another row of the batch "
                        "(each rank's slice has other rows)")  # fmt: skip

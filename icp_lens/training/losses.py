@@ -220,19 +220,29 @@ def info_nce(
     temperature: float = 0.1,
     symmetric: bool = False,
     reduction: Reduction = "mean",
+    targets: Int[Tensor, " batch"] | None = None,
 ) -> Tensor:
     """InfoNCE: row ``i`` of ``z`` must pick row ``i`` of ``z_positive`` among all rows.
 
     Similarities are cosine similarities divided by ``temperature``; the other batch
     items are the negatives. ``symmetric`` averages both directions (z -> z_positive and
-    back), as in SimCLR/CLIP.
+    back), as in SimCLR/CLIP. ``targets`` (not with ``symmetric``) names row ``i``'s
+    positive among the rows of a ``z_positive`` that may hold more rows than ``z``: one
+    rank's anchors against the positives of the whole batch, under data parallelism.
     """
-    if z.shape != z_positive.shape or z.dim() != 2:
+    if targets is not None:
+        if symmetric or z.dim() != 2 or z_positive.dim() != 2 or z.shape[1] != z_positive.shape[1]:
+            raise ValueError(f"info_nce with targets takes [batch, d] anchors and [rows, d] positives (not symmetric), "
+                             f"got {tuple(z.shape)} and {tuple(z_positive.shape)}")  # fmt: skip
+        if targets.shape != (z.shape[0],):
+            raise ValueError(f"targets of shape {tuple(targets.shape)} for {z.shape[0]} anchors")
+    elif z.shape != z_positive.shape or z.dim() != 2:
         raise ValueError(f"info_nce takes two [batch, d] tensors, got {tuple(z.shape)} and {tuple(z_positive.shape)}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     sim = F.normalize(z.float(), dim=-1) @ F.normalize(z_positive.float(), dim=-1).T / temperature
-    targets = torch.arange(z.shape[0], device=z.device)
+    if targets is None:
+        targets = torch.arange(z.shape[0], device=z.device)
     loss = F.cross_entropy(sim, targets, reduction="none")
     if symmetric:
         loss = 0.5 * (loss + F.cross_entropy(sim.T, targets, reduction="none"))

@@ -75,6 +75,7 @@ from icp_lens.training.forward import StepForward
 
 if TYPE_CHECKING:  # pragma: no cover
     from icp_lens.training.config import TrainConfig
+    from icp_lens.training.ddp import StepSync
 
 __all__ = [
     "Objective",
@@ -164,6 +165,9 @@ class BatchLoss:
         # data-parallel training (:mod:`icp_lens.training.ddp`) sets this to the global batch's first
         # position where a counterfactual differs from its prompt, so each rank patches what one process would
         self.shared_start: int | None = None
+        # ... and this to where this rank's rows sit in the global batch, for the terms that read other
+        # ranks' rows (GroupDRO's group means, InfoNCE's negatives)
+        self.sync: StepSync | None = None
         n_layers = model_dims(model).n_layers
         self.representation = config.representation or (
             f"blocks.{n_layers - 1}.hook_resid_post" if "contrastive" in self.weights else "logits"
@@ -243,6 +247,26 @@ class BatchLoss:
             per_example = L.answer_cross_entropy(last, batch.answer, candidates=cands, reduction="none")
         return per_example
 
+    def _synced_groupdro(self, per_example: Tensor, group_id: Tensor, sync: StepSync) -> Tensor:
+        """This rank's part of GroupDRO's loss, the group weights updated from the global group means.
+
+        The global batch's group sums are this rank's sums plus the other ranks' (an
+        ``all_reduce``), divided by the global batch's counts; ``q`` is then updated as in one
+        process, identically on every rank, and this rank's part of ``sum_g q_g loss_g`` is
+        ``sum_g q_g (its sum of group g) / count_g``: the parts sum to the one-process loss.
+        """
+        from icp_lens.distributed import all_reduce_sum
+
+        assert self.group_q is not None
+        valid = group_id >= 0 if not sync.task_idle else torch.zeros_like(group_id, dtype=torch.bool)
+        local = torch.zeros(self.n_groups, dtype=per_example.dtype, device=per_example.device)
+        local = local.index_add(0, group_id[valid], per_example[valid])
+        counts = sync.group_counts.to(local.device, local.dtype).clamp_min(1.0)
+        g_loss = all_reduce_sum(local.detach()) / counts
+        present = sync.group_counts.to(local.device) > 0
+        self.group_q = L.group_dro_update(self.group_q.to(g_loss.device), g_loss, present, eta=self.config.groupdro_eta)
+        return (self.group_q * local / counts).sum()
+
     # -- the step ---------------------------------------------------------------------
     def __call__(self, batch: TrainBatch, gen: torch.Generator, pairs: TrainBatch | None = None) -> dict[str, Tensor]:
         """Loss terms of ``batch`` (detached) and ``loss``, their weighted sum (with gradients).
@@ -278,7 +302,9 @@ class BatchLoss:
         logits_x, last_x, cap_x = out["x"]
         per_example = self._task(last_x, batch, logits_x)
         terms: dict[str, Tensor] = {}
-        if cfg.objective == "groupdro" and self.group_q is not None:
+        if cfg.objective == "groupdro" and self.group_q is not None and self.sync is not None:
+            terms["task"] = self._synced_groupdro(per_example, batch.group_id, self.sync)
+        elif cfg.objective == "groupdro" and self.group_q is not None:
             g_loss, present = L.group_losses(per_example, batch.group_id, self.n_groups)
             self.group_q = L.group_dro_update(self.group_q.to(g_loss.device), g_loss, present, eta=cfg.groupdro_eta)
             terms["task"] = (self.group_q * g_loss).sum()
@@ -306,7 +332,10 @@ class BatchLoss:
         if "contrastive" in w and ("cf" in out or "do" in out):
             other = out["cf"] if "cf" in out else out["do"]
             z_other = self._represent(other[1], other[2], anchor)
-            terms["contrastive"] = L.info_nce(rep_a, z_other, temperature=cfg.nce_temperature)
+            if self.sync is not None and self.sync.gathers:  # negatives from every rank's rows
+                terms["contrastive"] = self.sync.info_nce(rep_a, z_other, temperature=cfg.nce_temperature)
+            else:
+                terms["contrastive"] = L.info_nce(rep_a, z_other, temperature=cfg.nce_temperature)
         if cfg.objective == "cda" and "cda" in w and "cda" not in terms:  # no counterfactuals here: plain task loss
             w = {**w, "task": 1.0}
         total = sum((w[name] * value for name, value in terms.items() if name in w), 0.0)
