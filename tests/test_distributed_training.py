@@ -4,7 +4,8 @@ Each launch pays torch's start-up in two processes, so one launch of ``tests/ddp
 runs several training jobs through the Python API (full fine-tuning, LoRA, an uneven
 batch split with a batch smaller than the group, a mixed-shape pair batch with the
 retain term, GroupDRO and InfoNCE, whose terms read other ranks' rows, evenly and
-unevenly split, and an intervention that warns), and the command line is launched through
+unevenly split, resample_batch and pair_fraction, which read the global batch, and
+dropout, which warns), and the command line is launched through
 ``torchrun --nproc-per-node 2 --no-python icp-lens train`` for the export and the resume.
 
 The micro-Llama has no attention biases: GPT-2's key bias gets a gradient that is zero
@@ -86,8 +87,19 @@ def test_two_processes_reproduce_one_process_and_warn_where_they_cannot(micro_di
          "config": {**BASE, "objective": "contrastive", "batch_size": 4, "max_steps": 8, "epochs": 2}},
         {"name": "contrastive_mixed", "model": llama, "train": path["plain"], "pairs": path["pairs"],
          "config": {**BASE, "objective": "contrastive", "pair_batch_size": 5}},
-        {"name": "resample_batch", "model": gpt2, "train": path["train"], "features": FEATURES,
-         "config": {**BASE, "objective": "invariance", "interventions": ["resample_batch"], "max_steps": 2}},
+        # settings that read the global batch: resample_batch's source rows; pair_fraction's head (batches of 10
+        # and 3 with heads of 3 and 1: 2 + 1 rows, where each rank's own share would give 2 + 2, then rank 1
+        # holds a row of the last batch but none of its head; batches of 5, 5, 3 for InfoNCE gathering the head)
+        {"name": "resample_batch", "model": llama, "train": path["train"], "features": FEATURES,
+         "config": {**BASE, "objective": "invariance", "interventions": ["resample_batch"]}},
+        {"name": "pair_fraction", "model": llama, "train": path["odd"], "features": FEATURES,
+         "config": {**BASE, "objective": "invariance", "extra_terms": {"consistency": 0.5}, "pair_fraction": 0.3,
+                    "batch_size": 10, "max_steps": 2}},
+        {"name": "pair_fraction_contrastive", "model": llama, "train": path["odd"],
+         "config": {**BASE, "objective": "contrastive", "pair_fraction": 0.4, "batch_size": 5, "max_steps": 6,
+                    "epochs": 2}},
+        {"name": "dropout", "model": gpt2, "train": path["train"], "config": {**BASE, "objective": "erm",
+                                                                             "dropout": 0.1, "max_steps": 2}},
     ]  # fmt: skip
     spec = tmp_path / "spec.json"
     (tmp_path / "two").mkdir()
@@ -102,8 +114,8 @@ def test_two_processes_reproduce_one_process_and_warn_where_they_cannot(micro_di
         rank0 = load_file(str(tmp_path / "two" / f"{name}.rank0.safetensors"))
         rank1 = load_file(str(tmp_path / "two" / f"{name}.rank1.safetensors"))
         assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # the ranks never drift apart
-        if name == "resample_batch":
-            assert len(two["warnings"]) == 1 and "resample_batch" in two["warnings"][0]
+        if name == "dropout":
+            assert len(two["warnings"]) == 1 and "dropout" in two["warnings"][0]
             continue
         assert two["warnings"] == []
         run_job(job, tmp_path / "one")

@@ -36,17 +36,19 @@ rows sit in the global batch:
   each rank scores its anchors against all of them.
 
 A rank with no rows of such a piece runs one stand-in row whose terms weigh 0, so every
-rank makes the same collective calls in the same order.
+rank makes the same collective calls in the same order. Two more settings read the
+global batch, which every rank holds: ``pair_fraction < 1`` anchors the pair terms on the
+head of the global batch (each rank on its rows of that head, a head of its own rows),
+and the ``resample_batch`` intervention rolls the global batch's rows to find each row's
+source (the tokens of another rank's row, run through the model here).
 
 So N processes reproduce one process's run (same data order, same loss curve and weights
 to float32 round-off) for ``erm``, ``jtt``, ``groupdro``, ``consistency``, ``cda``, ``clp``,
-``contrastive`` and ``invariance`` with the ``resample``, ``mean`` and ``zero``
-interventions (the feature and intervention draws come from a generator seeded per step
-and do not depend on the batch size; ``resample``'s first patched position is taken over
-the global batch). What cannot be split row by row, :func:`reproducibility_warnings`
-names and ``fit`` warns about once: the ``resample_batch`` intervention (the value of
-another row), ``pair_fraction < 1`` (the head of each rank's slice is not a slice of the
-global head) and active dropout (masks drawn for the global batch).
+``contrastive`` and ``invariance`` with every intervention, at any ``pair_fraction`` (the
+feature and intervention draws come from a generator seeded per step and do not depend on
+the batch size; ``resample``'s first patched position is taken over the global batch).
+What does not, :func:`reproducibility_warnings` names and ``fit`` warns about once: active
+dropout (masks drawn per rank for its slice, not for the global batch).
 
 Around the steps (:mod:`icp_lens.training.loop`): every rank evaluates the whole
 validation set and fits the same means and JTT error set (redundant, but the
@@ -90,24 +92,40 @@ _ORDER = ("task", "invariance", "consistency", "cda", "clp", "contrastive", "los
 class StepSync:
     """Where one rank's rows sit in one piece of a global step, for the terms that read other ranks' rows.
 
-    ``anchor_rows`` is the size of the global batch whose rows the pair terms anchor on (this
-    rank holds rows ``rank, rank + N, ...``); ``group_counts`` the global training batch's
-    examples per group (GroupDRO; ``None`` otherwise); ``gathers`` whether InfoNCE gathers
-    its positives from every rank. ``task_idle`` / ``anchor_idle``: this rank holds no rows
-    of the training / anchor batch and runs a stand-in row whose terms weigh 0.
+    ``anchor`` is the global batch whose rows the pair terms anchor on (its head, under
+    ``pair_fraction < 1``); this rank holds its rows ``rank, rank + N, ...``.
+    ``group_counts`` are the global training batch's examples per group (GroupDRO;
+    ``None`` otherwise); ``gathers`` says whether InfoNCE gathers its positives from every
+    rank. ``task_idle`` / ``anchor_idle``: this rank holds no rows of the training / anchor
+    batch and runs a stand-in row whose terms weigh 0.
     """
 
     ranks: Ranks
-    anchor_rows: int
+    anchor: TrainBatch
     group_counts: Tensor | None = None
     gathers: bool = False
     task_idle: bool = False
     anchor_idle: bool = False
 
     @property
+    def anchor_rows(self) -> int:
+        """Rows of the global anchor batch."""
+        return self.anchor.size
+
+    @property
     def positions(self) -> list[int]:
         """This rank's anchor rows' places in the global anchor batch."""
         return [] if self.anchor_idle else list(range(self.ranks.rank, self.anchor_rows, self.ranks.world_size))
+
+    @property
+    def local_head(self) -> int:
+        """How many of this rank's rows (a head of them) the pair terms anchor on; 1 for a stand-in."""
+        return max(1, len(self.positions))
+
+    def shifted_tokens(self, shift: int) -> Tensor:
+        """This rank's rows of the global anchor's tokens rolled by ``shift`` rows (``resample_batch``'s source)."""
+        rolled = self.anchor.tokens.roll(shift % self.anchor_rows, dims=0)
+        return rolled[self.positions] if self.positions else rolled[:1]
 
     def info_nce(
         self, z: Float[Tensor, "rows d"], z_positive: Float[Tensor, "rows d"], *, temperature: float
@@ -235,10 +253,11 @@ def distributed_step_terms(
     from icp_lens.training.objectives import BatchLoss
 
     loss = trainer.loss
+    cfg = trainer.config
     weights = dict(loss.weights)
     pair_names = tuple(n for n in weights if n != "task")
-    groupdro = trainer.config.objective == "groupdro" and loss.group_q is not None
-    gathers = "contrastive" in weights and trainer.config.pair_fraction == 1.0
+    groupdro = cfg.objective == "groupdro" and loss.group_q is not None
+    gathers = "contrastive" in weights
     synced = groupdro or gathers  # terms that read other ranks' rows: every rank runs every piece
     counts = _group_counts(batch, loss.n_groups) if groupdro else None
     mine = local_rows(batch, ranks)
@@ -253,9 +272,9 @@ def distributed_step_terms(
         trainer._pair_loss.features, trainer._pair_loss.means = loss.features, loss.means
         return trainer._pair_loss
 
-    def run(fn: BatchLoss, scaled: dict[str, float], x: TrainBatch, pairs: TrainBatch | None, start: int | None,
-            shares: dict[str, float], sync: StepSync | None = None) -> None:  # fmt: skip
-        fn.weights, fn.shared_start, fn.sync = scaled, start, sync
+    def run(fn: BatchLoss, scaled: dict[str, float], x: TrainBatch, pairs: TrainBatch | None, sync: StepSync,
+            shares: dict[str, float]) -> None:  # fmt: skip
+        fn.weights, fn.shared_start, fn.sync = scaled, start_of(sync.anchor), sync
         try:
             terms = fn(x, gen, pairs)
         finally:
@@ -272,45 +291,50 @@ def distributed_step_terms(
             return None
         return shared_prefix(anchor.tokens, anchor.spurious)
 
-    def sync_for(anchor: TrainBatch, task_idle: bool, anchor_idle: bool, groups: bool) -> StepSync | None:
-        if not synced:
-            return None
-        return StepSync(ranks, anchor.size, counts if groups else None, gathers, task_idle, anchor_idle)
+    def anchored(whole: TrainBatch, rows: TrainBatch | None) -> tuple[TrainBatch, TrainBatch | None]:
+        """The global rows the pair terms read (the head under pair_fraction) and this rank's of them."""
+        head = whole if cfg.pair_fraction >= 1.0 else whole.head(max(1, round(cfg.pair_fraction * whole.size)))
+        n = len(range(ranks.rank, head.size, ranks.world_size)) if rows is not None else 0
+        return head, (rows.head(n) if n else None)
 
     for k, part in enumerate(parts):
         if part is None:  # the pair terms on the training batch's own rows
             if mine is None and not synced:
                 continue
-            rows = 0.0 if mine is None else mine.size / batch.size
-            shares = {n: (task_share if n in ("task", "cda") else rows) for n in (*weights, "task")}
-            sync = sync_for(batch, mine is None, mine is None, groupdro)
-            run(loss, _scaled(weights, task_share, rows, task_share, tuple(weights)),
-                batch.head(1) if mine is None else mine, None, start_of(batch), shares, sync)  # fmt: skip
+            head, own = anchored(batch, mine)
+            rows = 0.0 if own is None else own.size / head.size
+            cda = _weight_share(own, head)
+            shares = {n: (task_share if n == "task" else cda if n == "cda" else rows) for n in (*weights, "task")}
+            sync = StepSync(ranks, head, counts, gathers, task_idle=mine is None, anchor_idle=own is None)
+            keep = tuple(weights) if own is not None or synced else ("task",)
+            run(loss, _scaled(weights, task_share, rows, cda, keep), batch.head(1) if mine is None else mine, None,
+                sync, shares)  # fmt: skip
             continue
-        piece = local_rows(part, ranks)
-        rows = 0.0 if piece is None else piece.size / total_pairs
-        cda = (part.size / total_pairs) * _weight_share(piece, part)
+        head, own = anchored(part, local_rows(part, ranks))
+        rows = 0.0 if own is None else (part.size / total_pairs) * (own.size / head.size)
+        cda = (part.size / total_pairs) * _weight_share(own, head)
         pair_shares = {n: (cda if n == "cda" else rows) for n in pair_names}
+        piece = local_rows(part, ranks) if own is not None else None
         if synced and (k == 0 or pair_names):  # every rank runs the piece, a stand-in row where it has none
-            stand_in = part.head(1)
+            stand_in = part.head(1) if piece is None else piece
             if k == 0:
+                sync = StepSync(ranks, head, counts, gathers, task_idle=mine is None, anchor_idle=own is None)
                 run(loss, _scaled(weights, task_share, rows, cda, tuple(weights)), batch.head(1) if mine is None
-                    else mine, stand_in if piece is None else piece, start_of(part), {"task": task_share,
-                    **pair_shares}, sync_for(part, mine is None, piece is None, groupdro))  # fmt: skip
+                    else mine, stand_in, sync, {"task": task_share, **pair_shares})  # fmt: skip
             else:
-                run(pair_loss(), _scaled(weights, 0.0, rows, cda, pair_names), stand_in if piece is None else piece,
-                    None, start_of(part), pair_shares, sync_for(part, True, piece is None, False))  # fmt: skip
+                sync = StepSync(ranks, head, None, gathers, task_idle=True, anchor_idle=own is None)
+                run(pair_loss(), _scaled(weights, 0.0, rows, cda, pair_names), stand_in, None, sync, pair_shares)
         else:
             with_task = k == 0 and mine is not None
+            sync = StepSync(ranks, head)
             if with_task and piece is not None:
-                run(loss, _scaled(weights, task_share, rows, cda, tuple(weights)), mine, piece, start_of(part),
+                run(loss, _scaled(weights, task_share, rows, cda, tuple(weights)), mine, piece, sync,
                     {"task": task_share, **pair_shares})  # fmt: skip
             elif with_task:
-                run(loss, _scaled(weights, task_share, rows, cda, ("task",)), mine, None, None, {"task": task_share})
+                run(loss, _scaled(weights, task_share, rows, cda, ("task",)), mine, None, sync, {"task": task_share})
             elif piece is not None and pair_names:
-                run(pair_loss(), _scaled(weights, 0.0, rows, cda, pair_names), piece, None, start_of(part),
-                    pair_shares)  # fmt: skip
-        if len(parts) > 1 and part.size < ranks.world_size:  # a rank skipped this piece: align the draws
+                run(pair_loss(), _scaled(weights, 0.0, rows, cda, pair_names), piece, None, sync, pair_shares)
+        if len(parts) > 1 and head.size < ranks.world_size:  # a rank skipped this piece: align the draws
             sync_generator(gen)
     return out
 
@@ -318,17 +342,7 @@ def distributed_step_terms(
 def reproducibility_warnings(trainer: Trainer) -> list[str]:
     """Why N processes would not reproduce one process's run of ``trainer`` (empty: they will)."""
     cfg = trainer.config
-    weights = trainer.loss.weights
     reasons = []
-    if "contrastive" in weights and cfg.pair_fraction < 1.0:
-        reasons.append("the contrastive term's InfoNCE negatives are gathered from every rank only when "
-                       "pair_fraction is 1")  # fmt: skip
-    if "invariance" in weights and "resample_batch" in cfg.interventions:
-        reasons.append("the resample_batch intervention takes each feature's value on another row of the batch "
-                       "(each rank's slice has other rows)")  # fmt: skip
-    if cfg.pair_fraction < 1.0:
-        reasons.append("pair_fraction < 1 computes the pair terms on the head of each rank's slice, not on a slice "
-                       "of the global head")  # fmt: skip
     dropout = [m.p for m in trainer.model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
     if dropout or (cfg.lora and cfg.lora_dropout > 0):
         reasons.append("dropout is active (its masks are drawn per rank for the slice, not for the global batch); "

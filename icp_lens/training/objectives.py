@@ -215,8 +215,12 @@ class BatchLoss:
             if name == "resample":
                 source = batch.spurious
             else:  # another example of the batch: a random cyclic shift, so no row keeps its own
-                shift = 1 + int(torch.randint(max(1, batch.size - 1), (1,), generator=gen, device="cpu"))
-                source = batch.tokens.roll(shift % batch.size, dims=0)
+                n = batch.size if self.sync is None else self.sync.anchor_rows  # (the global batch's, of a rank)
+                shift = 1 + int(torch.randint(max(1, n - 1), (1,), generator=gen, device="cpu"))
+                if self.sync is None:
+                    source = batch.tokens.roll(shift % n, dims=0)
+                else:
+                    source = self.sync.shifted_tokens(shift).to(batch.tokens.device)
             align = "exact" if source.shape[1] == batch.tokens.shape[1] else "right"
             activations = capture_prefix(self.model, feats, source)
             interventions = {f: Resample(f.select(activations[f.hook_name]), align) for f in feats}
@@ -279,7 +283,9 @@ class BatchLoss:
         cfg = self.config
         anchor = pairs if pairs is not None else batch
         if cfg.pair_fraction < 1.0:  # pair terms on part of the batch: a cheaper step
-            anchor = anchor.head(max(1, round(cfg.pair_fraction * anchor.size)))
+            # (one rank of many: its rows of the global batch's head, a head of its own rows)
+            size = self.sync.local_head if self.sync is not None else max(1, round(cfg.pair_fraction * anchor.size))
+            anchor = anchor.head(size)
             if pairs is not None:
                 pairs = anchor
         has_cf = anchor.spurious is not None
