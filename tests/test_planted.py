@@ -68,6 +68,31 @@ def test_bad_specs_are_refused() -> None:
         PlantedFinetune(mixed_precision="fp8")
 
 
+def test_auto_precision_is_bf16_only_where_bfloat16_is_fast(monkeypatch) -> None:
+    """``auto`` resolves per device (and so names its own cache entry); an explicit bf16 where it is slow warns."""
+    import torch
+
+    from icp_lens import devices
+
+    cpu = torch.device("cpu")
+    logged: list[str] = []
+    for fast, expected in ((True, "bf16"), (False, "no")):
+        monkeypatch.setattr(devices, "fast_bfloat16", lambda _d, fast=fast: fast)
+        spec = planted.resolve_precision(PlantedSpec(), cpu, logged.append)
+        assert spec.finetune.mixed_precision == expected
+    # the bf16 resolution is the reference spec itself: caches built before "auto" existed stay valid
+    assert planted.resolve_precision(PlantedSpec(), cpu).digest() != PlantedSpec().digest()
+    reference = PlantedSpec(finetune=PlantedFinetune(mixed_precision="bf16"))
+    monkeypatch.setattr(devices, "fast_bfloat16", lambda _d: True)
+    assert planted.resolve_precision(PlantedSpec(), cpu).digest() == reference.digest()
+    assert len(logged) == 1 and "float32" in logged[0]
+    monkeypatch.setattr(devices, "fast_bfloat16", lambda _d: False)
+    kept = planted.resolve_precision(reference, cpu, logged.append)
+    assert kept.finetune.mixed_precision == "bf16" and "emulated" in logged[-1]
+    # the real check answers for this machine without failing
+    assert isinstance(devices.fast_bfloat16(cpu), bool) and devices.fast_bfloat16(torch.device("meta")) is False
+
+
 def test_small_build_is_cached_and_padding_free(smollm2_dir: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: F811
     """A reduced build (30 reviews, LoRA on 2 blocks, fp32): files, report, cache reuse, refusal."""
     texts = planted._texts("imdb")[:30]

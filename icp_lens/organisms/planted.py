@@ -48,7 +48,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,9 @@ __all__ = [
     "PlantedFinetune",
     "PlantedSpec",
     "PlantedOrganism",
+    "MIXED_PRECISION",
     "build_planted",
+    "resolve_precision",
     "planted_accuracy",
 ]
 
@@ -116,9 +118,20 @@ class PlantedTask:
             raise ValueError("template needs the slots {cue} and {text}")
 
 
+MIXED_PRECISION = ("auto", "bf16", "no")
+
+
 @dataclass(frozen=True)
 class PlantedFinetune:
-    """LoRA fine-tune of the last ``lora_layers`` blocks on the answer-token loss (AdamW, warm-up, constant lr)."""
+    """LoRA fine-tune of the last ``lora_layers`` blocks on the answer-token loss (AdamW, warm-up, constant lr).
+
+    ``mixed_precision``: ``bf16`` (bfloat16 autocast, the reference build), ``no`` (float32)
+    or ``auto``, which :func:`build_planted` resolves to ``bf16`` where bfloat16 is fast on
+    the device (:func:`~icp_lens.devices.fast_bfloat16`: a GPU, an AVX-512 or AMX CPU) and to
+    ``no`` elsewhere (a CPU with AVX2 only emulates bfloat16, about 30x slower: hours instead
+    of minutes). The resolved value is part of the spec and its digest, so the two builds
+    are cached apart.
+    """
 
     epochs: int = 3
     batch_size: int = 8
@@ -128,11 +141,11 @@ class PlantedFinetune:
     lora_layers: int = 10
     weight_decay: float = 0.0
     warmup_steps: int = 10
-    mixed_precision: str = "bf16"
+    mixed_precision: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.mixed_precision not in ("bf16", "no"):
-            raise ValueError(f"mixed_precision must be 'bf16' or 'no', got {self.mixed_precision!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
 
 
 @dataclass(frozen=True)
@@ -380,6 +393,30 @@ def _built_on(saved: dict[str, Any]) -> str:
     return str(saved.get("device", "cpu"))  # reports written before the key existed are CPU builds
 
 
+def resolve_precision(spec: PlantedSpec, device: Any, log: Callable[[str], None] | None = None) -> PlantedSpec:
+    """``spec`` with ``mixed_precision="auto"`` resolved for ``device`` (``bf16`` where bfloat16 is fast, else ``no``).
+
+    An explicit ``bf16`` where bfloat16 is emulated is kept, with a warning in ``log``.
+    """
+    import torch
+
+    from icp_lens.devices import fast_bfloat16
+
+    log = log or (lambda _m: None)
+    where = torch.device(device) if not isinstance(device, torch.device) else device
+    fast = fast_bfloat16(where)
+    chosen = spec.finetune.mixed_precision
+    if chosen == "auto":
+        chosen = "bf16" if fast else "no"
+        if not fast:
+            log(f"mixed precision: float32 ({where.type} has no fast bfloat16; bf16 would run emulated, about 30x "
+                "slower). This build differs from the bf16 reference build and is cached apart")  # fmt: skip
+    elif chosen == "bf16" and not fast:
+        log(f"warning: bfloat16 autocast runs emulated on this {where.type} (no AVX-512/AMX bfloat16): expect the "
+            "fine-tunes about 30x slower than in float32 (mixed_precision='auto' or 'no')")  # fmt: skip
+    return replace(spec, finetune=replace(spec.finetune, mixed_precision=chosen))
+
+
 def build_planted(
     out_dir: str | Path | None = None,
     *,
@@ -404,8 +441,8 @@ def build_planted(
     from icp_lens.devices import resolve_device
 
     where = resolve_device(device)
-    spec = spec or PlantedSpec()
     log = log or (lambda _m: None)
+    spec = resolve_precision(spec or PlantedSpec(), where, log)
     path = (Path(out_dir) if out_dir is not None else _default_dir(spec, where.type)).expanduser().resolve()
     report_path = path / "report.json"
     if report_path.exists() and not force:
