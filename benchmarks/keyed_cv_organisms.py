@@ -14,12 +14,20 @@ no group label and no test prompt is read. The exported checkpoint is then measu
 the test splits against the original and the oracle (trained without the shortcut):
 worst-group gap closed = (worst after - worst before) / (oracle worst - worst before).
 
-Run: ``python benchmarks/keyed_cv_organisms.py``; writes
-``benchmarks/results/keyed_cv_organisms.{md,json}``. A few minutes on two CPU cores.
+``--planted`` adds the real model with a planted shortcut (``icp-lens organism --variant
+imdb-smollm2``: SmolLM2-135M on IMDB reviews with a reviewer name), with the candidates
+layers 5, 13, 21, 29 each alone x retain weight 0.3, 3 (every fourth of the 30 blocks; a
+fold there takes minutes, so the grid is half the one ``directions_table.py`` chose from
+with validation group labels) and retain = 64 training prompts, as there.
+
+Run: ``python benchmarks/keyed_cv_organisms.py [--planted]``; writes
+``benchmarks/results/keyed_cv_organisms.{md,json}``. A few minutes on two CPU cores
+(about an hour more with ``--planted``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -32,6 +40,8 @@ import pandas as pd
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ORGANISMS = (("tag", "llama", 0), ("lexical", "neox", 3), ("lexical", "gpt2", 0))
+#: the real model's candidates (every fourth block) and retain prompts
+PLANTED_LAYERS, PLANTED_RETAIN = (5, 13, 21, 29), 64
 #: the command's perplexity budget; where no candidate meets it, the run is repeated once with the second (the
 #: finished folds are reused) and the row says so: the budget is a user's choice, reported, never hidden
 BUDGETS = (0.03, 0.10)
@@ -51,25 +61,41 @@ def _accuracies(model_dir: Path, splits: dict[str, list[Any]]) -> dict[str, dict
     return out
 
 
-def main() -> None:
+def _organisms(planted: bool) -> list[tuple[str, Any, str, int]]:
+    """(row name, organism, --cv-layers, retain prompts) of each organism to run."""
     from transformers import AutoConfig
 
     from icp_lens.organisms import build_organism
 
-    rows = []
-    saved = RESULTS / "keyed_cv_organisms.json"
-    previous = {r["organism"]: r for r in json.loads(saved.read_text()) if "error" not in r} if saved.exists() else {}
+    out = []
     for variant, arch, seed in ORGANISMS:
         org = build_organism(variant=variant, arch=arch, seed=seed)
         n = int(AutoConfig.from_pretrained(str(org.model_dir)).num_hidden_layers)
-        layers = ",".join([*map(str, range(n)), "+".join(map(str, range(n)))])
+        out.append((f"{variant} x {arch} seed {seed}", org, ",".join([*map(str, range(n)),
+                    "+".join(map(str, range(n)))]), 256))  # fmt: skip
+    if planted:
+        from icp_lens.organisms.planted import build_planted
+
+        org = build_planted(log=print)  # mixed precision auto: the float32 build where bfloat16 is slow
+        name = f"imdb x smollm2 seed {org.spec.seed} ({org.spec.finetune.mixed_precision})"
+        out.append((name, org, ",".join(map(str, PLANTED_LAYERS)), PLANTED_RETAIN))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--planted", action="store_true", help="also the real model (imdb-smollm2; about an hour)")
+    args = parser.parse_args()
+    rows = []
+    saved = RESULTS / "keyed_cv_organisms.json"
+    previous = {r["organism"]: r for r in json.loads(saved.read_text()) if "error" not in r} if saved.exists() else {}
+    for key, org, layers, n_retain in _organisms(args.planted):
         splits = {s: org.probes(s) for s in ("test_id", "test_balanced")}
-        work = Path(tempfile.mkdtemp(prefix=f"icp-cv-{variant}-{arch}-"))
-        (work / "retain.txt").write_text("\n".join(ex.prompt for ex in org.probes("train")[:256]) + "\n")
+        work = Path(tempfile.mkdtemp(prefix="icp-cv-"))
+        (work / "retain.txt").write_text("\n".join(ex.prompt for ex in org.probes("train")[:n_retain]) + "\n")
         command = ["edit", "--model", str(org.model_dir), "--pairs", str(org.data_path("probe")), "--target", "mean",
                    "--cv-layers", layers, "--cv-retain-weights", "0.3,3", "--cv-by", "pair", "--cv-folds", "4",
                    "--retain", str(work / "retain.txt"), "--out", str(work / "edited"), "--json"]  # fmt: skip
-        key = f"{variant} x {arch} seed {seed}"
         if key in previous:
             rows.append(previous[key])
             continue
@@ -117,7 +143,9 @@ def main() -> None:
         "probes have no guard prompts), perplexity rise <= 3%; where no candidate meets it the command is repeated "
         "with <= 10% (column `max_ppl_rise`): the perplexity texts carry the spurious tag, so removing its effect "
         "moves their predictions too. Measured on the test splits. Worst-group gap closed = (after - before) / "
-        "(oracle - before).\n\n"
+        "(oracle - before). The imdb x smollm2 row (`--planted`: the real model with a planted reviewer name; its "
+        "build's mixed precision in brackets) takes candidates layers 5, 13, 21, 29 each alone x retain weight "
+        "0.3, 3 and retain = 64 training prompts (perplexity on every third: 21 reviews), for time.\n\n"
         "| " + " | ".join(frame.columns) + " |\n|" + "---|" * len(frame.columns) + "\n"
         + "\n".join("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r) + " |"
                     for r in frame.itertuples(index=False))

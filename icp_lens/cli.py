@@ -119,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--verify-top", type=float, default=100, help="hybrid: features verified exactly (N or 0-1)")
     score.add_argument("--layers", type=_layers, default=None, help="e.g. 0,1,5 or 0-3 (default: all)")
     score.add_argument("--batch-size", type=int, default=32)
+    score.add_argument(
+        "--features-per-pass", type=int, default=64,
+        help="exact passes patch up to N features at once (batch size x N rows per forward pass; halved and "
+             "retried on out-of-memory, finished work kept); the table does not depend on it (default 64)",
+    )  # fmt: skip
     score.add_argument("--metric", choices=["logit_diff", "answer_prob", "kl"], default="logit_diff")
     score.add_argument("--weight", choices=["uniform", "flips"], default="uniform")
     score.add_argument("--no-causal", action="store_true", help="skip the causal effects (selectivity)")
@@ -225,6 +230,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         grad_drop=args.grad_drop,
         directions=_direction_fit(args) if "direction" in args.kinds else None,
         shard=args.shard,
+        features_per_pass=args.features_per_pass,
     )
     settings = {k: getattr(args, k) for k in ("method", "kinds", "layers", "intervention", "verify_top", "metric",
                                               "weight", "no_causal", "qk_fix", "grad_drop", "directions",

@@ -110,6 +110,8 @@ CASES: list[tuple[str, list[str], str]] = [
      "a_file is a file, not a folder"),
     ("score: --out without .csv/.parquet", ["score", "--model", "{model}", "--probe", "{probe}", "--out", "{root}/s"],
      "--out must end in .csv or .parquet"),
+    ("score: --features-per-pass 0", ["score", "--model", "{model}", "--probe", "{probe}", "--out", "{root}/s.csv",
+                                      "--features-per-pass", "0"], "features_per_pass must be >= 1, got 0"),
     ("prune: an empty score CSV",
      ["prune", "--model", "{model}", "--scores", "{empty_csv}", "--top-k", "1", "--out", "{root}/o1"],
      "empty.csv is empty: a score table needs the columns"),
@@ -178,6 +180,27 @@ def test_bad_input_is_one_sentence_with_rc_2(name: str, argv: list[str], fragmen
     assert rc == 2, (name, rc, err[-2000:])
     assert "Traceback" not in err
     assert f"icp-lens {argv[0]}: error:" in err and fragment in err, err
+
+
+def test_features_per_pass_reaches_the_exact_scorer_and_leaves_the_table_alone(files, tmp_path, monkeypatch) -> None:
+    """``score --features-per-pass 1`` patches one feature per pass; the table equals the default run's (64)."""
+    import pandas as pd
+
+    from icp_lens.scoring import exact
+
+    seen: list[int] = []
+    original = exact.exact_effects
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["features_per_pass"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(exact, "exact_effects", spy)
+    out = tmp_path / "one.csv"
+    assert main(["score", "--model", str(files["other_model"]), "--probe", str(files["probe"]), "--out", str(out),
+                 "--method", "exact", "--quiet", "--features-per-pass", "1"]) == 0  # fmt: skip
+    assert seen and set(seen) == {1}
+    pd.testing.assert_frame_equal(pd.read_csv(out), pd.read_csv(files["other_table"]), rtol=0, atol=1e-6)
 
 
 def test_force_prunes_a_table_from_another_model_with_a_warning(files, tmp_path, capsys) -> None:

@@ -102,6 +102,7 @@ def score(
     directions: Any = None,
     shard: tuple[int, int] | None = None,
     distributed: bool = True,
+    features_per_pass: int = 64,
 ) -> ScoreTable:
     """Score features by spuriousness; see the module docstring.
 
@@ -111,6 +112,10 @@ def score(
     exactly; ``checkpoint_dir`` keeps partial exact results so an interrupted run resumes.
     ``qk_fix`` / ``grad_drop``: the AtP* options of the attribution estimates
     (:mod:`icp_lens.scoring.attribution`); the exactly verified rows are unaffected.
+    ``features_per_pass``: the exact passes patch up to that many features at once
+    (``batch_size`` examples times that many rows per forward pass); on running out of
+    memory the pass is halved and retried, finished chunks kept
+    (:func:`~icp_lens.scoring.exact.exact_effects`). The table does not depend on it.
 
     ``shard=(i, n)`` scores shard ``i`` of ``n`` (0-based) and returns its partial table, for
     job arrays (one shard per GPU or node); :func:`icp_lens.scoring.shards.merge_tables`
@@ -134,6 +139,8 @@ def score(
     """
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; valid: {list(METHODS)}")
+    if features_per_pass < 1:
+        raise ValueError(f"features_per_pass must be >= 1, got {features_per_pass}")
     if shard is not None:
         check_shard(shard)
         if any(k in ("direction", "token") for k in kinds) and features is None:
@@ -152,7 +159,7 @@ def score(
                 score(model, probes, method=method, kinds=unit_kinds, layers=layers, interventions=interventions,
                       verify_top=verify_top, causal=causal, metric=metric, weight=weight, batch_size=batch_size,
                       n_boot=n_boot, seed=seed, checkpoint_dir=checkpoint_dir, progress=progress, qk_fix=qk_fix,
-                      grad_drop=grad_drop)
+                      grad_drop=grad_drop, features_per_pass=features_per_pass)
             )  # fmt: skip
         return concat_tables(tables)
     feats = list(features) if features is not None else all_features(model, kinds, layers)
@@ -186,9 +193,10 @@ def score(
             Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
             rank = "" if ranks is None else f".rank-{ranks.rank}-of-{ranks.world_size}"
             checkpoint = Path(checkpoint_dir) / f"exact_{spec.label.replace(':', '_')}{rank}.pt"
+        fpp = {"features_per_pass": features_per_pass}
         if ranks is None:
-            return exact_effects(model, probes, subset, spec, checkpoint=checkpoint, **common)
-        return _feature_parallel(model, probes, subset, spec, ranks, checkpoint=checkpoint, **common)
+            return exact_effects(model, probes, subset, spec, checkpoint=checkpoint, **fpp, **common)
+        return _feature_parallel(model, probes, subset, spec, ranks, checkpoint=checkpoint, **fpp, **common)
 
     def table(kind: Literal["exact", "attribution"], subset: list[Feature]) -> ScoreTable:
         effects = [run(kind, s, subset) for s in all_specs]
