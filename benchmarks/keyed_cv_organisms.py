@@ -33,6 +33,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -61,24 +63,28 @@ def _accuracies(model_dir: Path, splits: dict[str, list[Any]]) -> dict[str, dict
     return out
 
 
-def _organisms(planted: bool) -> list[tuple[str, Any, str, int]]:
-    """(row name, organism, --cv-layers, retain prompts) of each organism to run."""
-    from transformers import AutoConfig
-
+def _organisms(planted: bool) -> list[tuple[str, Callable[[], Any], Callable[[Any], str], int]]:
+    """(row name, organism builder, --cv-layers of the organism, retain prompts) of each organism to run."""
     from icp_lens.organisms import build_organism
 
-    out = []
-    for variant, arch, seed in ORGANISMS:
-        org = build_organism(variant=variant, arch=arch, seed=seed)
-        n = int(AutoConfig.from_pretrained(str(org.model_dir)).num_hidden_layers)
-        out.append((f"{variant} x {arch} seed {seed}", org, ",".join([*map(str, range(n)),
-                    "+".join(map(str, range(n)))]), 256))  # fmt: skip
-    if planted:
-        from icp_lens.organisms.planted import build_planted
+    def every_layer(org: Any) -> str:
+        from transformers import AutoConfig
 
-        org = build_planted(log=print)  # mixed precision auto: the float32 build where bfloat16 is slow
-        name = f"imdb x smollm2 seed {org.spec.seed} ({org.spec.finetune.mixed_precision})"
-        out.append((name, org, ",".join(map(str, PLANTED_LAYERS)), PLANTED_RETAIN))
+        n = int(AutoConfig.from_pretrained(str(org.model_dir)).num_hidden_layers)
+        return ",".join([*map(str, range(n)), "+".join(map(str, range(n)))])
+
+    out: list[tuple[str, Callable[[], Any], Callable[[Any], str], int]] = [
+        (f"{variant} x {arch} seed {seed}", partial(build_organism, variant=variant, arch=arch, seed=seed),
+         every_layer, 256)
+        for variant, arch, seed in ORGANISMS
+    ]  # fmt: skip
+    if planted:
+        from icp_lens.organisms.planted import PlantedSpec, build_planted, resolve_precision
+
+        spec = resolve_precision(PlantedSpec(), "cpu")  # auto: the float32 build where bfloat16 is slow
+        name = f"imdb x smollm2 seed {spec.seed} ({spec.finetune.mixed_precision})"
+        out.append((name, partial(build_planted, spec=spec, log=print),
+                    lambda _org: ",".join(map(str, PLANTED_LAYERS)), PLANTED_RETAIN))  # fmt: skip
     return out
 
 
@@ -89,16 +95,18 @@ def main() -> None:
     rows = []
     saved = RESULTS / "keyed_cv_organisms.json"
     previous = {r["organism"]: r for r in json.loads(saved.read_text()) if "error" not in r} if saved.exists() else {}
-    for key, org, layers, n_retain in _organisms(args.planted):
+    for key, build, cv_layers, n_retain in _organisms(args.planted):
+        if key in previous:
+            rows.append(previous[key])
+            continue
+        org = build()
+        layers = cv_layers(org)
         splits = {s: org.probes(s) for s in ("test_id", "test_balanced")}
         work = Path(tempfile.mkdtemp(prefix="icp-cv-"))
         (work / "retain.txt").write_text("\n".join(ex.prompt for ex in org.probes("train")[:n_retain]) + "\n")
         command = ["edit", "--model", str(org.model_dir), "--pairs", str(org.data_path("probe")), "--target", "mean",
                    "--cv-layers", layers, "--cv-retain-weights", "0.3,3", "--cv-by", "pair", "--cv-folds", "4",
                    "--retain", str(work / "retain.txt"), "--out", str(work / "edited"), "--json"]  # fmt: skip
-        if key in previous:
-            rows.append(previous[key])
-            continue
         start = time.perf_counter()
         budget = BUDGETS[0]
         done = subprocess.run([sys.executable, "-m", "icp_lens", *command], capture_output=True, text=True)

@@ -326,7 +326,7 @@ def distributed_step_terms(
                 run(pair_loss(), _scaled(weights, 0.0, rows, cda, pair_names), stand_in, None, sync, pair_shares)
         else:
             with_task = k == 0 and mine is not None
-            sync = StepSync(ranks, head)
+            sync = StepSync(ranks, head, anchor_idle=own is None)
             if with_task and piece is not None:
                 run(loss, _scaled(weights, task_share, rows, cda, tuple(weights)), mine, piece, sync,
                     {"task": task_share, **pair_shares})  # fmt: skip
