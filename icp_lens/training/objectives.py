@@ -165,8 +165,8 @@ class BatchLoss:
         # data-parallel training (:mod:`icp_lens.training.ddp`) sets this to the global batch's first
         # position where a counterfactual differs from its prompt, so each rank patches what one process would
         self.shared_start: int | None = None
-        # ... and this to where this rank's rows sit in the global batch, for the terms that read other
-        # ranks' rows (GroupDRO's group means, InfoNCE's negatives)
+        # ... and this to where this rank's rows sit in the global batch, for what reads other ranks' rows
+        # (GroupDRO's group means, InfoNCE's negatives, pair_fraction's head, resample_batch's sources)
         self.sync: StepSync | None = None
         n_layers = model_dims(model).n_layers
         self.representation = config.representation or (
@@ -308,7 +308,8 @@ class BatchLoss:
         logits_x, last_x, cap_x = out["x"]
         per_example = self._task(last_x, batch, logits_x)
         terms: dict[str, Tensor] = {}
-        if cfg.objective == "groupdro" and self.group_q is not None and self.sync is not None:
+        synced_groups = self.sync is not None and self.sync.group_counts is not None  # one rank of many
+        if cfg.objective == "groupdro" and self.group_q is not None and synced_groups:
             terms["task"] = self._synced_groupdro(per_example, batch.group_id, self.sync)
         elif cfg.objective == "groupdro" and self.group_q is not None:
             g_loss, present = L.group_losses(per_example, batch.group_id, self.n_groups)
