@@ -235,8 +235,10 @@ def _scaled(weights: dict[str, float], task: float, rows: float, cda: float, kee
 
 def _group_counts(batch: TrainBatch, n_groups: int) -> Tensor:
     """Examples per group in the global batch (ids ``-1``, no group, left out)."""
-    ids = batch.group_id[batch.group_id >= 0].long().cpu()
-    return torch.bincount(ids, minlength=n_groups).float()
+    from icp_lens.training.losses import group_sums
+
+    ids = batch.group_id.long().cpu()
+    return group_sums(torch.zeros(ids.shape), ids, n_groups)[1]
 
 
 def distributed_step_terms(
@@ -310,11 +312,12 @@ def distributed_step_terms(
             run(loss, _scaled(weights, task_share, rows, cda, keep), batch.head(1) if mine is None else mine, None,
                 sync, shares)  # fmt: skip
             continue
-        head, own = anchored(part, local_rows(part, ranks))
+        piece = local_rows(part, ranks)
+        head, own = anchored(part, piece)
+        piece = piece if own is not None else None  # a rank with rows of the part but none of its head has none
         rows = 0.0 if own is None else (part.size / total_pairs) * (own.size / head.size)
         cda = (part.size / total_pairs) * _weight_share(own, head)
         pair_shares = {n: (cda if n == "cda" else rows) for n in pair_names}
-        piece = local_rows(part, ranks) if own is not None else None
         if synced and (k == 0 or pair_names):  # every rank runs the piece, a stand-in row where it has none
             stand_in = part.head(1) if piece is None else piece
             if k == 0:

@@ -269,13 +269,10 @@ def weighted_mean(values: Float[Tensor, " batch"], weights: Float[Tensor, " batc
     return (values * weights).sum() / total
 
 
-def group_losses(
+def group_sums(
     values: Float[Tensor, " batch"], group_ids: Int[Tensor, " batch"], n_groups: int
-) -> tuple[Float[Tensor, " n_groups"], Tensor]:
-    """Mean loss of each group in the batch and which groups are present (``[n_groups]`` bool).
-
-    Absent groups get loss 0. Examples with group id ``-1`` (no group) are ignored.
-    """
+) -> tuple[Float[Tensor, " n_groups"], Float[Tensor, " n_groups"]]:
+    """Sum of ``values`` and number of examples in each group (group id ``-1``: no group, ignored)."""
     if (group_ids >= n_groups).any():
         raise ValueError(f"group ids must be < n_groups={n_groups}")
     valid = group_ids >= 0
@@ -284,8 +281,18 @@ def group_losses(
     counts = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add(
         0, ids, torch.ones_like(values[valid])
     )
-    present = counts > 0
-    return sums / counts.clamp_min(1.0), present
+    return sums, counts
+
+
+def group_losses(
+    values: Float[Tensor, " batch"], group_ids: Int[Tensor, " batch"], n_groups: int
+) -> tuple[Float[Tensor, " n_groups"], Tensor]:
+    """Mean loss of each group in the batch and which groups are present (``[n_groups]`` bool).
+
+    Absent groups get loss 0. Examples with group id ``-1`` (no group) are ignored.
+    """
+    sums, counts = group_sums(values, group_ids, n_groups)
+    return sums / counts.clamp_min(1.0), counts > 0
 
 
 def group_dro_update(

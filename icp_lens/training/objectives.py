@@ -262,9 +262,9 @@ class BatchLoss:
         from icp_lens.distributed import all_reduce_sum
 
         assert self.group_q is not None
-        valid = group_id >= 0 if not sync.task_idle else torch.zeros_like(group_id, dtype=torch.bool)
-        local = torch.zeros(self.n_groups, dtype=per_example.dtype, device=per_example.device)
-        local = local.index_add(0, group_id[valid], per_example[valid])
+        # a stand-in row (a rank without rows) belongs to no group: it adds nothing
+        local, _ = L.group_sums(per_example, group_id if not sync.task_idle else -torch.ones_like(group_id),
+                                self.n_groups)  # fmt: skip
         counts = sync.group_counts.to(local.device, local.dtype).clamp_min(1.0)
         g_loss = all_reduce_sum(local.detach()) / counts
         present = sync.group_counts.to(local.device) > 0
