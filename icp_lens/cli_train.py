@@ -92,6 +92,9 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--stop-gradient", action="store_true",
                    help="image probes: CIMRL's contrastive views as a fixed target (no backward through them)",
                    )  # fmt: skip
+    p.add_argument("--attention", choices=["auto", "model", "eager", "sdpa"], default=None,
+                   help="image probes: the attention kernel while training (default auto: eager on the CPU for "
+                        "prompts under 128 positions, where it is faster; else the model's own)")  # fmt: skip
     p.add_argument("--lambda", dest="lam", type=float, default=None,
                    help="regulariser weight (invariance: task + L*inv, default 1; consistency: "
                         "L*task + (1-L)*d, default 0.5; the pair recipe: 0.15)")  # fmt: skip
@@ -277,7 +280,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if images:
         return run_image_training(args)
     image_options = {"--omega": args.omega is not None, "--intervention-rows": args.intervention_rows is not None,
-                     "--view-rows": args.view_rows is not None, "--stop-gradient": args.stop_gradient}  # fmt: skip
+                     "--view-rows": args.view_rows is not None, "--stop-gradient": args.stop_gradient,
+                     "--attention": args.attention is not None}  # fmt: skip
     if args.objective in _IMAGE_ONLY or any(image_options.values()):
         what = f"--objective {args.objective}" if args.objective in _IMAGE_ONLY else next(
             name for name, given in image_options.items() if given)  # fmt: skip

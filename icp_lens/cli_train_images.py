@@ -13,7 +13,8 @@ of the rows that have one). ``--omega W1,W2,W3`` weights CIMRL's contrastive,
 disentanglement and intervention terms (default 1,0.3,1); ``--intervention-rows F``
 the share of each batch that gets an ``x + delta`` copy, ``--view-rows F`` the share of
 the rows with a background swap whose swap enters the step, and ``--stop-gradient`` the
-contrastive views as a fixed target (see :class:`MultimodalTrainConfig`). ``--objective invariance
+contrastive views as a fixed target, ``--attention auto|model|eager|sdpa`` the attention kernel
+while training (see :class:`MultimodalTrainConfig`). ``--objective invariance
 --scores TABLE [--top-k K] [--lambda L]`` is ICP's objective on the ``K`` (default 16)
 highest rows of an image score table (``icp-lens score`` on image probes).
 ``--max-steps``, ``--batch-size``, ``--lr``, ``--seed`` and ``--device`` apply; ``--val
@@ -134,6 +135,7 @@ def run_image_training(args: argparse.Namespace) -> int:
             lam=args.lam if args.lam is not None else 1.0, stop_gradient=args.stop_gradient,
             **({} if args.intervention_rows is None else {"intervention_rows": args.intervention_rows}),
             **({} if args.view_rows is None else {"view_rows": args.view_rows}),
+            **({} if getattr(args, "attention", None) is None else {"attention": args.attention}),
         )  # fmt: skip
         device = resolve_device(args.device)
         model = AutoModelForImageTextToText.from_pretrained(str(args.model)).eval().to(device)
@@ -160,7 +162,7 @@ def run_image_training(args: argparse.Namespace) -> int:
     payload = {
         "out": str(args.out), "objective": config.objective, "omega": list(config.omega),
         "intervention_rows": config.intervention_rows, "view_rows": config.view_rows,
-        "stop_gradient": config.stop_gradient, "steps": result.steps,
+        "stop_gradient": config.stop_gradient, "attention": result.attention, "steps": result.steps,
         "seconds": round(result.seconds, 2), "final_terms": result.final_terms,
         "evaluated_on": "val" if val is not None else "train", "before": before, "after": after,
         "verification": {"max_abs_logit_diff": error, "passed": passed},
@@ -168,7 +170,10 @@ def run_image_training(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(payload, indent=2))
     else:
-        print(f"{config.objective} (images): {result.steps} steps in {result.seconds:.1f} s")
+        print(
+            f"{config.objective} (images): {result.steps} steps in {result.seconds:.1f} s "
+            f"(attention: {result.attention or 'the model default'})"
+        )
         where = "val" if val is not None else "train"
         for name in after:
             print(f"{where} {name:22s} {before[name]:.3f} -> {after[name]:.3f}")

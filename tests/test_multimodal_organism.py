@@ -195,6 +195,7 @@ def test_cimrl_and_erm_through_train_and_eval(waterbirds, tmp_path: Path, capsys
     base = ["train", "--model", str(org.model_dir), "--train", train, "--val", test, "--json", "--max-steps", "150"]
     code, cimrl = _run([*base, "--out", str(tmp_path / "cimrl")], capsys)  # no --objective: cimrl for images
     assert code == 0 and cimrl["objective"] == "cimrl" and cimrl["verification"]["passed"]
+    assert cimrl["attention"] == "eager"  # auto: eager on the CPU for this short prompt
     assert set(cimrl["final_terms"]) == {"task", "contrastive", "disentangle", "intervention"}
     assert cimrl["before"]["worst_group_accuracy"] <= 0.1 and cimrl["after"]["worst_group_accuracy"] >= 0.7
     code, erm = _run([*base, "--objective", "erm", "--out", str(tmp_path / "erm")], capsys)
@@ -603,6 +604,65 @@ def test_cimrl_step_cost_settings_change_the_rows_not_the_values(waterbirds) -> 
     for name in ("intervention_rows", "view_rows"):
         with pytest.raises(ValueError, match=f"{name} must be in"):
             dataclasses.replace(config, **{name: 0.0})
+
+
+def test_training_sets_the_attention_kernel_and_puts_the_models_back(waterbirds, tmp_path: Path, capsys) -> None:
+    """``attention`` picks the kernel for the run (``auto``: eager on the CPU for this 19-position prompt), in
+    both towers; the two kernels give the same first step; the model's own kernel is back afterwards, also
+    when the run fails; a bad choice is refused with the valid ones, ``--attention`` on text probes too."""
+    from icp_lens.training.attention import EAGER_MAX_POSITIONS, attention_kernel, resolve_attention
+    from icp_lens.training.multimodal import MultimodalTrainConfig, data_from_probes, train_multimodal
+
+    assert resolve_attention("auto", device_type="cpu", positions=19) == "eager"
+    assert resolve_attention("auto", device_type="cpu", positions=EAGER_MAX_POSITIONS) is None  # long: model's own
+    assert resolve_attention("auto", device_type="cuda", positions=19) is None
+    assert resolve_attention("model", device_type="cpu", positions=19) is None
+    assert resolve_attention("sdpa", device_type="cuda", positions=900) == "sdpa"
+    with pytest.raises(ValueError, match=r"unknown attention 'flash'; valid: \('auto', 'model', 'eager', 'sdpa'\)"):
+        resolve_attention("flash", device_type="cpu", positions=19)
+    with pytest.raises(ValueError, match="unknown attention 'flash'"):
+        MultimodalTrainConfig(attention="flash")
+
+    org, _ = waterbirds
+    data = _subset(data_from_probes(org.data_path("train"), org.load_processor()), slice(0, 48))
+
+    def kernels(model) -> tuple[str, str, str]:
+        c = model.config
+        return c._attn_implementation, c.text_config._attn_implementation, c.vision_config._attn_implementation
+
+    runs = {}
+    for choice in ("auto", "eager", "sdpa", "model"):
+        model = org.load_hf()
+        assert kernels(model) == ("sdpa",) * 3  # what transformers loads by default
+        seen: list[tuple[str, str, str]] = []
+        handle = model.register_forward_pre_hook(lambda module, args, seen=seen, m=model: seen.append(kernels(m)))
+        try:
+            config = MultimodalTrainConfig(objective="cimrl", steps=1, batch_size=16, seed=3, attention=choice)
+            result = train_multimodal(model, data, config)
+        finally:
+            handle.remove()
+        expected = {"auto": "eager", "model": "sdpa"}.get(choice, choice)
+        assert result.attention == expected and seen and set(seen) == {(expected,) * 3}
+        assert kernels(model) == ("sdpa",) * 3  # put back
+        runs[choice] = result.final_terms
+    for term, value in runs["sdpa"].items():  # the same function: rounding apart, the same first step
+        assert runs["eager"][term] == pytest.approx(value, rel=1e-4, abs=1e-6)
+        assert runs["auto"][term] == runs["eager"][term] and runs["model"][term] == value
+
+    model = org.load_hf()
+    with pytest.raises(ValueError, match="needs group labels"):  # fails inside the run
+        train_multimodal(model, dataclasses.replace(data, groups=None), MultimodalTrainConfig(objective="groupdro"))
+    assert kernels(model) == ("sdpa",) * 3
+    with pytest.raises(RuntimeError, match="boom"), attention_kernel(model, "eager"):
+        assert kernels(model) == ("eager",) * 3
+        raise RuntimeError("boom")
+    assert kernels(model) == ("sdpa",) * 3
+
+    text = tmp_path / "text.jsonl"
+    text.write_text('{"prompt": "a b", "answer": " c", "alternatives": [" d"]}\n')
+    assert main(["train", "--model", str(org.model_dir), "--train", str(text), "--out", str(tmp_path / "o"),
+                 "--attention", "eager"]) == 2  # fmt: skip
+    assert "--attention needs image probes" in capsys.readouterr().err
 
 
 def test_image_directions_fit_edit_fold_and_effects(waterbirds) -> None:

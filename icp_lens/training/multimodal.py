@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -51,6 +51,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from icp_lens.training import losses as L
+from icp_lens.training.attention import ATTENTION_CHOICES, attention_kernel, resolve_attention
 from icp_lens.training.cimrl import (
     attribution_counterfactual,
     attribution_mask,
@@ -147,6 +148,10 @@ class MultimodalTrainConfig:
     #: weight of the term
     units: tuple[tuple[str, tuple[int, ...]], ...] = ()
     lam: float = 1.0
+    #: the attention kernel for the run (:mod:`icp_lens.training.attention`): ``auto`` (eager on the CPU for
+    #: prompts under 128 positions, where it is faster, else the model's own), ``model``, ``eager`` or ``sdpa``;
+    #: the model's own kernel is put back afterwards
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         if self.objective not in MM_OBJECTIVES:
@@ -165,6 +170,8 @@ class MultimodalTrainConfig:
                              "a score table")  # fmt: skip
         if self.lam < 0:
             raise ValueError(f"lam must be >= 0, got {self.lam}")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"unknown attention {self.attention!r}; valid: {ATTENTION_CHOICES}")
 
     def weights(self) -> dict[str, float]:
         """The weight of each auxiliary term under this objective (``omega`` for ``cimrl``)."""
@@ -179,12 +186,14 @@ class MultimodalTrainConfig:
 
 @dataclass(frozen=True)
 class MultimodalTrainResult:
-    """What a run did: steps, seconds, and the mean of each loss term over the last 20 steps."""
+    """What a run did: steps, seconds, the mean of each loss term over the last 20 steps, and the
+    attention kernel it trained with (``None``: the model's own, not named by its config)."""
 
     objective: str
     steps: int
     seconds: float
     final_terms: dict[str, float]
+    attention: str | None = None
 
 
 def _forward(model: Any, ids: Tensor, pixels: Tensor, label_ids: list[int]) -> tuple[Tensor, Tensor]:
@@ -235,8 +244,19 @@ def train_multimodal(
     """Fine-tune ``model`` in place under ``config.objective``; the model is left in eval mode.
 
     Runs ``config.steps`` AdamW steps on batches drawn (seeded) from ``data``. Rows
-    without a spurious counterfactual image take no part in the contrastive term.
+    without a spurious counterfactual image take no part in the contrastive term. The
+    attention kernel is ``config.attention``'s for the run and the model's own afterwards.
     """
+    device = next(model.parameters()).device
+    kernel = resolve_attention(config.attention, device_type=device.type, positions=int(data.input_ids.shape[-1]))
+    with attention_kernel(model, kernel) as used:
+        result = _train(model, data, config, progress)
+    return replace(result, attention=used)
+
+
+def _train(
+    model: Any, data: MultimodalData, config: MultimodalTrainConfig, progress: str | None
+) -> MultimodalTrainResult:
     from tqdm.auto import tqdm
 
     from icp_lens.hooks import module_hooks
