@@ -18,7 +18,12 @@ while training (see :class:`MultimodalTrainConfig`). ``--objective invariance
 --scores TABLE [--top-k K] [--lambda L]`` is ICP's objective on the ``K`` (default 16)
 highest rows of an image score table (``icp-lens score`` on image probes).
 ``--max-steps``, ``--batch-size``, ``--lr``, ``--seed`` and ``--device`` apply; ``--val
-FILE`` (image probes) adds worst-group accuracy before and after. The checkpoint (model +
+FILE`` (image probes) adds worst-group accuracy before and after, and with ``--early-stopping
+counterfactual_accuracy`` (``--eval-every N``, default 25; ``--patience P``) selects the
+checkpoint on it: the weights with the best share of ``--val`` rows answered right on the
+image and on its ``image_counterfactual`` (no group labels; give a validation split, not the
+test set). CIMRL on the organisms needs this: without it, whether the invariance still holds
+at the last step turns on float rounding. The checkpoint (model +
 processor) is written all at once, then reloaded with ``transformers`` alone and its
 logits compared with the trained model's (``verification``). Options of the text
 trainer that have no meaning here (LoRA, retain text, stage 2, ...) are refused by name.
@@ -45,8 +50,8 @@ _INVARIANCE_OPTIONS = ("scores", "top_k", "lam")
 _TEXT_ONLY = {
     "scores": None, "top_k": None, "prune_top_k": 0, "lora": None, "lora_r": None, "pairs": None, "retain": None,
     "retain_weight": None, "stage2_steps": None, "rescore_every": None, "task_loss": None, "representation": None,
-    "epochs": None, "lam": None, "resume": False, "early_stopping": None, "dropout": None, "save_dtype": None,
-    "weight_decay": 0.0, "grad_clip": 1.0, "warmup_ratio": 0.1, "eval_every": None, "checkpoint_dir": None,
+    "epochs": None, "lam": None, "resume": False, "dropout": None, "save_dtype": None,
+    "weight_decay": 0.0, "grad_clip": 1.0, "warmup_ratio": 0.1, "checkpoint_dir": None,
     "checkpoint_every": None, "keep_checkpoints": False, "divergence": "kl", "intervention": ["resample"],
 }  # fmt: skip
 
@@ -82,6 +87,13 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"{', '.join(given)} do(es) not apply to image probes (the multimodal trainer)")
     if args.objective == "invariance" and args.scores is None:
         raise ValueError("--objective invariance needs --scores TABLE (from `icp-lens score` on image probes)")
+    stop = getattr(args, "early_stopping", None)
+    if stop is not None and stop != "counterfactual_accuracy":
+        raise ValueError(f"--early-stopping {stop} does not apply to image probes; valid: ['counterfactual_accuracy']")
+    if stop is not None and args.val is None:
+        raise ValueError("--early-stopping needs --val FILE (image probes with image_counterfactual)")
+    if getattr(args, "eval_every", None) is not None and stop is None:
+        raise ValueError("--eval-every on image probes needs --early-stopping counterfactual_accuracy")
     check_target(args.out, overwrite=args.overwrite, source=args.model)
 
 
@@ -136,17 +148,24 @@ def run_image_training(args: argparse.Namespace) -> int:
             **({} if args.intervention_rows is None else {"intervention_rows": args.intervention_rows}),
             **({} if args.view_rows is None else {"view_rows": args.view_rows}),
             **({} if getattr(args, "attention", None) is None else {"attention": args.attention}),
+            **({} if getattr(args, "eval_every", None) is None else {"eval_every": args.eval_every}),
+            patience=args.patience if getattr(args, "early_stopping", None) else None,
         )  # fmt: skip
         device = resolve_device(args.device)
         model = AutoModelForImageTextToText.from_pretrained(str(args.model)).eval().to(device)
         processor = AutoProcessor.from_pretrained(str(args.model))
         data = data_from_probes(args.train, processor)
         val = data_from_probes(args.val, processor) if args.val is not None else None
+        select = val if getattr(args, "early_stopping", None) else None
+        if select is not None and select.has_counterfactual is None:
+            raise ValueError(f"--early-stopping counterfactual_accuracy: --val {args.val} has no image_counterfactual")
     except (ValueError, OSError) as err:  # OSError covers check_target's FileExistsError
         print(f"icp-lens train: error: {err}", file=sys.stderr)
         return 2
     before = _worst_group(model, val if val is not None else data)
-    result = train_multimodal(model, data, config, progress=None if args.quiet or args.json else config.objective)
+    result = train_multimodal(
+        model, data, config, progress=None if args.quiet or args.json else config.objective, val=select
+    )
     after = _worst_group(model, val if val is not None else data)
     model.to("cpu")  # written and verified on the CPU, in float32
     with atomic_directory(args.out) as tmp:
@@ -163,6 +182,7 @@ def run_image_training(args: argparse.Namespace) -> int:
         "out": str(args.out), "objective": config.objective, "omega": list(config.omega),
         "intervention_rows": config.intervention_rows, "view_rows": config.view_rows,
         "stop_gradient": config.stop_gradient, "attention": result.attention, "steps": result.steps,
+        "best_step": result.best_step, "val_scores": [list(v) for v in result.val_scores],
         "seconds": round(result.seconds, 2), "final_terms": result.final_terms,
         "evaluated_on": "val" if val is not None else "train", "before": before, "after": after,
         "verification": {"max_abs_logit_diff": error, "passed": passed},

@@ -665,6 +665,66 @@ def test_training_sets_the_attention_kernel_and_puts_the_models_back(waterbirds,
     assert "--attention needs image probes" in capsys.readouterr().err
 
 
+def test_validation_keeps_the_best_checkpoint_by_counterfactual_accuracy(waterbirds, tmp_path: Path, capsys) -> None:
+    """With ``val``, every ``eval_every`` steps the label-free counterfactual accuracy is measured, the best
+    weights are loaded at the end (the model scores what its best evaluation scored), ``patience`` stops the
+    run; the CLI does the same with ``--early-stopping counterfactual_accuracy`` and refuses what it cannot."""
+    from icp_lens.training.multimodal import (
+        MultimodalTrainConfig,
+        counterfactual_accuracy,
+        data_from_probes,
+        train_multimodal,
+    )
+
+    org, _ = waterbirds
+    processor = org.load_processor()
+    data = _subset(data_from_probes(org.data_path("train"), processor), slice(0, 256))
+    probe = _subset(data_from_probes(org.data_path("probe"), processor), slice(0, 96))
+    before = counterfactual_accuracy(org.load_hf(), probe)
+    # by hand: the rows with a counterfactual, right on both images
+    model = org.load_hf()
+    rows = probe.has_counterfactual
+    from icp_lens.training.multimodal import predict_classes
+
+    both = (predict_classes(model, probe)[rows] == probe.labels[rows]) & (
+        predict_classes(model, probe, counterfactual=True)[rows] == probe.labels[rows])  # fmt: skip
+    assert before == pytest.approx(both.float().mean().item()) and before < 0.3  # the shortcut holds
+
+    config = MultimodalTrainConfig(objective="cimrl", steps=12, batch_size=16, eval_every=4, seed=1)
+    result = train_multimodal(model, data, config, val=probe)
+    assert [s for s, _ in result.val_scores] == [4, 8, 12] and result.steps == 12
+    best = max(v for _, v in result.val_scores)
+    assert result.best_step == next(s for s, v in result.val_scores if v == best)
+    assert counterfactual_accuracy(model, probe) == pytest.approx(best)  # the best weights are loaded
+    last = org.load_hf()
+    plain = train_multimodal(last, data, config)  # no val: the last step, no evaluations
+    assert plain.val_scores == () and plain.best_step is None
+    assert counterfactual_accuracy(last, probe) == pytest.approx(result.val_scores[-1][1])  # same run, last step
+
+    stopping = dataclasses.replace(config, steps=40, eval_every=2, patience=1)
+    stopped = train_multimodal(org.load_hf(), data, stopping, val=probe)
+    index = [v for _, v in stopped.val_scores].index(max(v for _, v in stopped.val_scores))
+    assert stopped.steps < 40 and len(stopped.val_scores) == index + 2  # one evaluation without a better score
+    with pytest.raises(ValueError, match="eval_every and patience must be >= 1"):
+        dataclasses.replace(config, patience=0)
+    with pytest.raises(ValueError, match="needs rows with a spurious counterfactual image"):
+        counterfactual_accuracy(model, dataclasses.replace(probe, counterfactual=None, has_counterfactual=None))
+
+    base = ["train", "--model", str(org.model_dir), "--train", str(org.data_path("train")), "--max-steps", "8",
+            "--batch-size", "16", "--json"]  # fmt: skip
+    val = ["--val", str(org.data_path("probe"))]
+    code, out = _run([*base, *val, "--early-stopping", "counterfactual_accuracy", "--eval-every", "4",
+                      "--out", str(tmp_path / "a")], capsys)  # fmt: skip
+    assert code == 0 and [s for s, _ in out["val_scores"]] == [4, 8] and out["best_step"] in (4, 8)
+    assert out["after"]["flip_rate"] is not None and out["verification"]["passed"]
+    refused = {("--early-stopping", "worst_group_accuracy", *val): "valid: ['counterfactual_accuracy']",
+               ("--early-stopping", "counterfactual_accuracy"): "--early-stopping needs --val FILE",
+               ("--eval-every", "4"): "--eval-every on image probes needs --early-stopping"}  # fmt: skip
+    for extra, message in refused.items():
+        assert main([*base, *extra, "--out", str(tmp_path / "b")]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_image_directions_fit_edit_fold_and_effects(waterbirds) -> None:
     """A direction of the image tokens (the projector's output): diff-means by hand, the edit holds its coordinate
     at the mean, the fold into the projector computes what the run-time hook computes, and its resample effect."""

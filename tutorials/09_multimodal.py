@@ -178,7 +178,11 @@ with applying_image_directions(bridge, embed):
 # Both fine-tune the organism on its training split for the same steps. CIMRL's three
 # terms: InfoNCE between an image and its background swap (a targeted perturbation), the
 # modality-disentanglement heads with their orthogonality penalty, and KL consistency under
-# counterfactuals built from input-gradient attributions. No group labels.
+# counterfactuals built from input-gradient attributions. No group labels. Both keep the
+# checkpoint with the best *counterfactual accuracy* on the probe split (validation: right on
+# the image and on its background swap), measured every 25 steps (`val=probe`; the CLI's
+# `--val PROBE --early-stopping counterfactual_accuracy`): CIMRL's invariance can come and go
+# with more steps, and the last step alone is a gamble.
 
 # %%
 train = data_from_probes(org.data_path("train"), processor)
@@ -193,8 +197,8 @@ def worst_group(model) -> dict[str, float]:
 rows = {"original": worst_group(org.load_hf()), "oracle": worst_group(org.load_hf(oracle=True))}
 for objective in ("erm", "cimrl"):
     model = org.load_hf()
-    result = train_multimodal(model, train, MultimodalTrainConfig(objective=objective, steps=100))
-    rows[objective] = {**worst_group(model), "seconds": result.seconds}
+    result = train_multimodal(model, train, MultimodalTrainConfig(objective=objective, steps=100), val=probe)
+    rows[objective] = {**worst_group(model), "best_step": result.best_step, "seconds": result.seconds}
 table = pd.DataFrame(rows).T
 table
 
