@@ -420,7 +420,7 @@ def _train(
                 val_scores.append((step + 1, score))
                 if best is None or score > best[0]:
                     best = (score, {k: v.detach().clone() for k, v in model.state_dict().items()})
-                elif config.patience is not None and len(val_scores) - _best_index(val_scores) > config.patience:
+                elif config.patience is not None and len(val_scores) - _best_index(val_scores) >= config.patience:
                     break
     if best is not None:
         model.load_state_dict(best[1])
