@@ -310,12 +310,11 @@ def _seed_splits(seed: int) -> tuple:
 
 def _counterfactual_accuracy(model, probe) -> tuple[float, float]:
     """The share of probe images answered right both as they are and with the background swapped; accuracy."""
-    from icp_lens.training.multimodal import predict_classes
+    from icp_lens.training.multimodal import counterfactual_accuracy, predict_classes
 
     rows = probe.has_counterfactual
     right = predict_classes(model, probe)[rows] == probe.labels[rows]
-    right_cf = predict_classes(model, probe, counterfactual=True)[rows] == probe.labels[rows]
-    return (right & right_cf).float().mean().item(), right.float().mean().item()
+    return counterfactual_accuracy(model, probe), right.float().mean().item()
 
 
 def select_omega(seeds: list[int], steps: int, out: Path) -> dict:

@@ -707,8 +707,11 @@ def test_validation_keeps_the_best_checkpoint_by_counterfactual_accuracy(waterbi
     assert stopped.steps < 40 and len(stopped.val_scores) == index + 2  # one evaluation without a better score
     with pytest.raises(ValueError, match="eval_every and patience must be >= 1"):
         dataclasses.replace(config, patience=0)
+    no_swaps = dataclasses.replace(probe, counterfactual=None, has_counterfactual=None)
     with pytest.raises(ValueError, match="needs rows with a spurious counterfactual image"):
-        counterfactual_accuracy(model, dataclasses.replace(probe, counterfactual=None, has_counterfactual=None))
+        counterfactual_accuracy(model, no_swaps)
+    with pytest.raises(ValueError, match="val needs rows with a spurious counterfactual image"):
+        train_multimodal(model, data, config, val=no_swaps)
 
     base = ["train", "--model", str(org.model_dir), "--train", str(org.data_path("train")), "--max-steps", "8",
             "--batch-size", "16", "--json"]  # fmt: skip

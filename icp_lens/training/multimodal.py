@@ -277,6 +277,8 @@ def train_multimodal(
     whether it has by step 150 turns on float rounding (one seed of five failed under one
     attention kernel and not under the other).
     """
+    if val is not None and (val.has_counterfactual is None or not bool(val.has_counterfactual.any())):
+        raise ValueError("val needs rows with a spurious counterfactual image (image_counterfactual) to select on")
     device = next(model.parameters()).device
     kernel = resolve_attention(config.attention, device_type=device.type, positions=int(data.input_ids.shape[-1]))
     with attention_kernel(model, kernel) as used:
